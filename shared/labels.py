@@ -1,0 +1,11 @@
+"""Class names and task names: the one place they are spelled."""
+
+CLASS_NAMES: tuple[str, ...] = ("normal", "benign", "malignant")
+"""Output order of every classifier this project trains and serves."""
+
+LESION_CLASSES: frozenset[str] = frozenset({"benign", "malignant"})
+"""Findings for which /diagnose goes on to segment."""
+
+TASK_CLASSIFICATION = "classification"
+TASK_SEGMENTATION = "segmentation"
+TASKS: tuple[str, ...] = (TASK_CLASSIFICATION, TASK_SEGMENTATION)
