@@ -258,3 +258,27 @@ def resolve_artifact(model_dir: Path, task: str, pinned: str | None = None) -> A
     if not verified:
         raise ArtifactNotFoundError(f"no verified {task} model in the model directory")
     return max(verified, key=lambda info: (str(info.metadata["created_at"]), info.version))
+
+
+# The manifest (metadata.json) of every artifact. Fields marked * are filled in by
+# publish_artifact; the rest come from the training job.
+#
+#   schema_version*  1
+#   task*            "classification" | "segmentation"
+#   version*         folder name
+#   model_file*      "model.pt"
+#   sha256*          of model.pt
+#   created_at       ISO 8601 UTC; decides which version is newest
+#   name             human name of the model, e.g. "efficientnet_lite0-cls"
+#   architecture     registry name of the network, e.g. "efficientnet_lite0", "attention_unet"
+#   class_names      classification only: output order, e.g. ["normal", "benign", "malignant"]
+#   preprocessing    Preprocessing.to_metadata()
+#   input            {"channels", "height", "width", "dtype": "float32",
+#                     "value_range": description, "source": "8-bit grayscale (shared.decoding)"}
+#   output           classification: {"type": "logits", "shape": [K]}
+#                    segmentation:   {"type": "logits", "shape": [1, H, W], "threshold": t}
+#   metrics          evaluation metrics ({"validation": {...}, "test": {...}})
+#   training         the training configuration (preset, epochs, optimiser, seed, ...)
+#   data_fingerprint {"sha256": ..., "n_images": ..., "split_file": ...}
+#   framework        {"torch": ..., "python": ...}
+#   intended_use     free text; research use, not a medical device
