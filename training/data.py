@@ -1,0 +1,260 @@
+"""BUSI-layout data sets: scanning the folder, near-duplicate grouping, the grouped split.
+
+Layout: `<root>/<class>/<name>.png` with `<name>_mask.png` and, for images with several lesions,
+`<name>_mask_1.png`, `<name>_mask_2.png`, ... which are OR-merged. Class folders are the names in
+shared.labels.CLASS_NAMES.
+
+BUSI has no patient ids and many near-duplicate images (the same lesion scanned twice, crops of
+one another, a few filed under two classes). Splitting image by image would put copies of a test
+image in the training set, so images are grouped by perceptual similarity (union-find over a DCT
+perceptual hash and a thumbnail correlation) and the split is made by group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from shared.decoding import decode_image
+from shared.labels import CLASS_NAMES
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of the data set. `key` is `<class>/<file name>`, stable across machines."""
+
+    key: str
+    image_path: Path
+    mask_paths: tuple[Path, ...]
+    label: int
+
+    @property
+    def class_name(self) -> str:
+        return CLASS_NAMES[self.label]
+
+
+def scan_dataset(root: Path) -> list[Sample]:
+    """All images under `root` in BUSI layout, sorted by key. Raises FileNotFoundError if empty."""
+    root = Path(root)
+    samples: list[Sample] = []
+    for label, class_name in enumerate(CLASS_NAMES):
+        folder = root / class_name
+        if not folder.is_dir():
+            continue
+        masks: dict[str, list[Path]] = {}
+        images: list[Path] = []
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in {".png", ".jpg", ".jpeg"}:
+                continue
+            match = _MASK_RE.match(path.stem)
+            if match:
+                masks.setdefault(match["stem"], []).append(path)
+            else:
+                images.append(path)
+        for path in images:
+            samples.append(
+                Sample(
+                    key=f"{class_name}/{path.name}",
+                    image_path=path,
+                    mask_paths=tuple(sorted(masks.get(path.stem, []))),
+                    label=label,
+                )
+            )
+    if not samples:
+        raise FileNotFoundError(f"no images in BUSI layout under {root}")
+    return sorted(samples, key=lambda s: s.key)
+
+
+def load_image(sample: Sample) -> np.ndarray:
+    """The (H, W) uint8 image, decoded exactly as the service decodes an upload."""
+    return decode_image(sample.image_path.read_bytes()).pixels
+
+
+def load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
+    """The OR-merge of the sample's masks as (H, W) uint8 0/255; all zero if it has none."""
+    merged = np.zeros(shape, dtype=bool)
+    for path in sample.mask_paths:
+        with Image.open(path) as im:
+            mask = np.asarray(im.convert("L"))
+        if mask.shape != shape:
+            mask = np.asarray(Image.fromarray(mask).resize(shape[::-1], Image.Resampling.NEAREST))
+        merged |= mask > 127
+    return np.where(merged, 255, 0).astype(np.uint8)
+
+
+def data_fingerprint(samples: list[Sample]) -> dict[str, object]:
+    """sha256 over every key and file content: identifies exactly which data trained a model."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(sample.key.encode())
+        for path in (sample.image_path, *sample.mask_paths):
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    counts = Counter(s.class_name for s in samples)
+    return {"sha256": digest.hexdigest(), "n_images": len(samples), "per_class": dict(counts)}
+
+
+# --- near-duplicate grouping ---------------------------------------------------------------------
+
+
+def _phash(pixels: np.ndarray) -> np.ndarray:
+    """64-bit DCT perceptual hash (as 64 booleans) of a grayscale image."""
+    from scipy.fft import dctn
+
+    small = np.asarray(
+        Image.fromarray(pixels).resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64
+    )
+    low = dctn(small, norm="ortho")[:8, :8].flatten()
+    return low > np.median(low[1:])
+
+
+def _thumbnail(pixels: np.ndarray, side: int = 24) -> np.ndarray:
+    small = np.asarray(
+        Image.fromarray(pixels).resize((side, side), Image.Resampling.BILINEAR), dtype=np.float64
+    ).flatten()
+    small -= small.mean()
+    norm = np.linalg.norm(small)
+    return small / norm if norm > 0 else small
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+
+def group_near_duplicates(
+    images: list[np.ndarray], max_hamming: int = 8, min_correlation: float = 0.95
+) -> list[int]:
+    """Group ids (0..G-1, in order of first appearance) joining images that look alike.
+
+    Two images are joined when their perceptual hashes differ in at most `max_hamming` of 64
+    bits, or when their 24x24 thumbnails correlate at `min_correlation` or more; groups are the
+    connected components (union-find), so chains of near-copies end up together.
+    """
+    hashes = np.stack([_phash(im) for im in images]).astype(np.int16)
+    thumbs = np.stack([_thumbnail(im) for im in images])
+    hamming = (hashes[:, None, :] != hashes[None, :, :]).sum(axis=2)
+    correlation = thumbs @ thumbs.T
+    similar = (hamming <= max_hamming) | (correlation >= min_correlation)
+    uf = _UnionFind(len(images))
+    for i, j in zip(*np.nonzero(np.triu(similar, k=1)), strict=True):
+        uf.union(int(i), int(j))
+    roots: dict[int, int] = {}
+    return [roots.setdefault(uf.find(i), len(roots)) for i in range(len(images))]
+
+
+def grouped_stratified_split(
+    labels: list[int],
+    groups: list[int],
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+) -> list[str]:
+    """Assign every item to train / val / test so that a group never straddles two splits.
+
+    A group is stratified by its most severe label (malignant > benign > normal), so a lesion
+    filed under two classes counts where it matters most. Groups are taken largest first (ties
+    shuffled by `seed`) and each goes to the split furthest below its target for that class.
+    """
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    rng = random.Random(seed)
+    order = list(members)
+    rng.shuffle(order)
+    order.sort(key=lambda g: -len(members[g]))
+    group_label = {g: max(labels[i] for i in members[g]) for g in members}
+    totals = Counter(group_label[g] for g in members for _ in members[g])
+    filled = {split: Counter() for split in SPLITS}
+    assignment: dict[int, str] = {}
+    for group in order:
+        label = group_label[group]
+        size = len(members[group])
+        deficits = [
+            (fractions[k] * totals[label] - filled[split][label], -k, split)
+            for k, split in enumerate(SPLITS)
+        ]
+        split = max(deficits)[2]
+        assignment[group] = split
+        filled[split][label] += size
+    return [assignment[g] for g in groups]
+
+
+def make_split(root: Path, seed: int = 0) -> dict[str, object]:
+    """Scan, group and split the data set under `root`; returns the split document."""
+    samples = scan_dataset(root)
+    images = [load_image(s) for s in samples]
+    labels = [s.label for s in samples]
+    groups = group_near_duplicates(images)
+    splits = grouped_stratified_split(labels, groups, seed=seed)
+    group_classes: dict[int, set[int]] = {}
+    for group, label in zip(groups, labels, strict=True):
+        group_classes.setdefault(group, set()).add(label)
+    sizes = Counter(groups)
+    summary = {
+        "n_images": len(samples),
+        "n_groups": len(sizes),
+        "n_groups_with_duplicates": sum(1 for n in sizes.values() if n > 1),
+        "n_images_in_duplicate_groups": sum(n for n in sizes.values() if n > 1),
+        "n_cross_class_groups": sum(1 for c in group_classes.values() if len(c) > 1),
+        "per_split": {
+            split: dict(
+                Counter(s.class_name for s, sp in zip(samples, splits, strict=True) if sp == split)
+            )
+            for split in SPLITS
+        },
+    }
+    log.info("split made: %s", json.dumps(summary))
+    return {
+        "seed": seed,
+        "fingerprint": data_fingerprint(samples),
+        "summary": summary,
+        "items": {
+            s.key: {"split": sp, "group": g}
+            for s, sp, g in zip(samples, splits, groups, strict=True)
+        },
+    }
+
+
+def save_split(document: dict[str, object], path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+
+
+def load_split(path: Path, samples: list[Sample]) -> dict[str, list[Sample]]:
+    """Samples per split from a split file. Raises ValueError when file and folder disagree."""
+    items = json.loads(Path(path).read_text())["items"]
+    keys = {s.key for s in samples}
+    if set(items) != keys:
+        missing, extra = len(keys - set(items)), len(set(items) - keys)
+        raise ValueError(
+            f"split file does not match the data folder ({missing} images not in the split, "
+            f"{extra} split entries without an image)"
+        )
+    out: dict[str, list[Sample]] = {split: [] for split in SPLITS}
+    for sample in samples:
+        out[items[sample.key]["split"]].append(sample)
+    return out
