@@ -12,5 +12,5 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
-apt-get install -y --no-install-recommends chromium
+apt-get install -y chromium
 /usr/bin/chromium --version
