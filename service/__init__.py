@@ -1,0 +1,1 @@
+"""The breast-ultrasound inference service (research use, not a medical device)."""

@@ -1,0 +1,78 @@
+"""Dependencies of the routes, as Annotated aliases: routes declare what they need."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+from starlette.datastructures import UploadFile
+
+from service.errors import MissingFileError, UnsupportedMediaTypeError
+from service.predictors import ImageRequest, Predictor
+from service.registry import ModelRegistry
+from service.runtime import Runtime
+
+# The declared format of each accepted media type; octet-stream (or none) means "sniff".
+MEDIA_TYPE_FORMATS = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "application/dicom": "dicom",
+}
+SNIFFED_MEDIA_TYPES = frozenset({"application/octet-stream", ""})
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_predictor(runtime: RuntimeDep) -> Predictor:
+    return runtime.predictor
+
+
+def get_registry(runtime: RuntimeDep) -> ModelRegistry:
+    return runtime.registry
+
+
+def get_request_id(request: Request) -> str:
+    return request.scope["state"]["request_id"]
+
+
+async def read_image(
+    request: Request,
+    frame: Annotated[
+        int, Query(ge=0, description="Frame of a multi-frame DICOM to analyse (0 = the first)")
+    ] = 0,
+) -> ImageRequest:
+    """The image of the request: the multipart field `file`, or else the raw body."""
+    media_type = _media_type(request.headers.get("content-type"))
+    if media_type == "multipart/form-data":
+        async with request.form(max_files=1, max_fields=4) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise MissingFileError("send the image in the multipart field `file`")
+            data = await upload.read()
+            # A part's type comes from the client's file name, so any other type is sniffed.
+            declared = MEDIA_TYPE_FORMATS.get(_media_type(upload.content_type))
+    elif media_type in MEDIA_TYPE_FORMATS or media_type in SNIFFED_MEDIA_TYPES:
+        data = await request.body()
+        declared = MEDIA_TYPE_FORMATS.get(media_type)
+    else:
+        raise UnsupportedMediaTypeError(
+            "send image/png, image/jpeg, application/dicom, application/octet-stream "
+            "or multipart/form-data"
+        )
+    facts = request.scope["state"].setdefault("log", {})
+    return ImageRequest(data=data, declared_format=declared, frame=frame, facts=facts)
+
+
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+RequestIdDep = Annotated[str, Depends(get_request_id)]
+ImageDep = Annotated[ImageRequest, Depends(read_image)]

@@ -1,0 +1,62 @@
+"""Prometheus metrics of one app instance, on its own CollectorRegistry so tests can build many."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
+
+# CPU inference of one image takes milliseconds to about a second; buckets cover that range.
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServiceMetrics:
+    """The service's metrics; see docs/operations.md for what each one means."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.request_latency = Histogram(
+            "busi_http_request_duration_seconds",
+            "Time from the first byte of a request to the last byte of its response.",
+            ["endpoint", "status"],
+            buckets=_REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage_latency = Histogram(
+            "busi_stage_duration_seconds",
+            "Time spent in one stage of the pipeline (decode, preprocess, inference, postprocess).",
+            ["stage", "task"],
+            buckets=_STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "busi_request_failures",
+            "Requests answered with an error, by the error code of the envelope.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.model_info = Gauge(
+            "busi_model_info",
+            "1 for each model version being served.",
+            ["task", "name", "version", "sha256"],
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "busi_model_reloads",
+            "Attempts to load a model version, by outcome (loaded, failed, rejected).",
+            ["task", "outcome"],
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "busi_ready", "1 when every model is loaded and warmed up.", registry=self.registry
+        )
+        self.inference_queue = Gauge(
+            "busi_inference_waiting",
+            "Requests waiting for the inference lock (forwards run one at a time).",
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

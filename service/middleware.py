@@ -1,0 +1,142 @@
+"""Pure ASGI middleware: request ids, the request log and latency metric, and the body limit.
+
+Pure ASGI (not BaseHTTPMiddleware) keeps the per-request overhead to a few function calls and
+lets the body limit count the bytes of each `http.request` message before anything parses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import BodyTooLargeError, error_response, internal_error
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger("service.access")
+error_log = logging.getLogger("service.errors")
+
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_QUIET_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def client_request_id(scope: Scope) -> str | None:
+    """The client's X-Request-ID if it is a short token of safe characters, else None."""
+    raw = _header(scope, b"x-request-id")
+    if raw is None:
+        return None
+    try:
+        value = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return value if _SAFE_REQUEST_ID.fullmatch(value) else None
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (echoed as X-Request-ID), times it, logs it, and turns an
+    unhandled exception into the generic 500 envelope."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = client_request_id(scope) or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["log"] = facts = {}
+        status = 500
+        response_started = False
+        id_header = (b"x-request-id", request_id.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            error_log.exception("unhandled error", extra={"request_id": request_id})
+            if response_started:
+                raise
+            await internal_error(scope)(scope, receive, send_with_id)
+        finally:
+            latency = time.perf_counter() - started
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_latency.labels(endpoint, str(status)).observe(latency)
+            code = state.get("error_code")
+            if code:
+                self.metrics.failures.labels(code).inc()
+            level = (
+                logging.DEBUG
+                if endpoint in _QUIET_ENDPOINTS and status < 500
+                else (logging.ERROR if status >= 500 else logging.INFO)
+            )
+            if log.isEnabledFor(level):
+                fields = {
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "endpoint": endpoint,
+                    "status": status,
+                    "latency_ms": round(latency * 1000, 2),
+                    **facts,
+                }
+                if code:
+                    fields["error_code"] = code
+                log.log(level, "%s %s %d", scope["method"], endpoint, status, extra=fields)
+
+
+class BodySizeLimitMiddleware:
+    """Answers 413 when a body is, or turns out to be, larger than `max_body_bytes`.
+
+    A declared Content-Length is checked before any byte is read; a chunked (or lying) body is
+    counted message by message, and reading stops with BodyTooLargeError at the first byte over
+    the limit, which service.errors maps to the same 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        mib = max_body_bytes / (1024 * 1024)
+        self.message = f"the request body is larger than the {mib:g} MiB limit"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            response = error_response(scope, 413, BodyTooLargeError.code, self.message)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLargeError(self.message)
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,308 @@
+"""The model registry: the verified TorchScript artifact being served for each task.
+
+At start-up the newest (or pinned) verified version of each task is loaded, checked against its
+manifest and warmed up. A background poller repeats that whenever the set of version folders (or
+a pin) changes: a new version is loaded and warmed beside the one serving, then swapped in with a
+single reference assignment, so a request keeps the model it started with. A version that fails
+verification, loading or warm-up is refused, logged and counted, and whatever was serving stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.metrics import ServiceMetrics
+from shared.artifacts import ArtifactInfo, list_versions, resolve_artifact, verify_artifact
+from shared.errors import ArtifactError, ArtifactIntegrityError, ModelUnavailableError
+from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_SEGMENTATION, TASKS
+from shared.preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+
+_WARMUP_FORWARDS = 2  # TorchScript's profiling executor specialises the graph on the 2nd call
+
+
+def configure_torch(threads: int) -> None:
+    """Size torch's thread pools for a CPU host. Call once, before the first forward."""
+    torch.set_num_threads(threads)
+    try:
+        # Requests are serialised through one lock, so inter-op parallelism only adds threads.
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process (a second app in the same process)
+        pass
+    # Denormal floats are orders of magnitude slower on x86 and change no prediction.
+    torch.set_flush_denormal(True)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified artifact, loaded, checked against its manifest and warmed up."""
+
+    info: ArtifactInfo
+    module: torch.jit.ScriptModule
+    preprocessing: Preprocessing
+    input_shape: tuple[int, int, int]  # channels, height, width
+    output_shape: tuple[int, ...]  # without the batch axis
+    class_names: tuple[str, ...] = ()  # classification only
+    output_type: str = "logits"
+    threshold: float = 0.5  # segmentation only
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def task(self) -> str:
+        return self.info.task
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+def _int_tuple(value: object, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ArtifactIntegrityError(f"manifest field {what} must be a list of positive integers")
+    return tuple(value)
+
+
+def _spec_from_manifest(info: ArtifactInfo) -> dict:
+    """The LoadedModel fields that come from the manifest. Raises ArtifactIntegrityError."""
+    meta = info.metadata
+    try:
+        preprocessing = Preprocessing.from_metadata(meta["preprocessing"])
+    except (TypeError, ValueError) as exc:
+        raise ArtifactIntegrityError(f"invalid preprocessing in the manifest: {exc}") from exc
+    spec_in = meta["input"] if isinstance(meta["input"], dict) else {}
+    input_shape = _int_tuple(
+        [spec_in.get("channels"), spec_in.get("height"), spec_in.get("width")], "input"
+    )
+    side = preprocessing.output_size
+    if input_shape != (preprocessing.channels, side, side):
+        raise ArtifactIntegrityError(
+            f"manifest input {list(input_shape)} disagrees with its preprocessing "
+            f"({preprocessing.channels} x {side} x {side})"
+        )
+    spec_out = meta["output"] if isinstance(meta["output"], dict) else {}
+    output_shape = _int_tuple(spec_out.get("shape"), "output.shape")
+    output_type = spec_out.get("type", "logits")
+    if output_type not in ("logits", "probability"):
+        raise ArtifactIntegrityError("manifest output.type must be 'logits' or 'probability'")
+    spec = {
+        "preprocessing": preprocessing,
+        "input_shape": input_shape,
+        "output_shape": output_shape,
+        "output_type": output_type,
+    }
+    if info.task == TASK_CLASSIFICATION:
+        class_names = tuple(meta.get("class_names") or ())
+        if sorted(class_names) != sorted(CLASS_NAMES):
+            raise ArtifactIntegrityError(f"class_names must be an ordering of {list(CLASS_NAMES)}")
+        if output_shape != (len(class_names),):
+            raise ArtifactIntegrityError("output.shape must be [number of class_names]")
+        spec["class_names"] = class_names
+    elif info.task == TASK_SEGMENTATION:
+        if len(output_shape) != 3 or output_shape[0] != 1:
+            raise ArtifactIntegrityError("segmentation output.shape must be [1, height, width]")
+        threshold = spec_out.get("threshold", 0.5)
+        if not isinstance(threshold, int | float) or not 0.0 < threshold < 1.0:
+            raise ArtifactIntegrityError("segmentation output.threshold must lie in (0, 1)")
+        spec["threshold"] = float(threshold)
+    return spec
+
+
+def load_model(info: ArtifactInfo, lock: threading.Lock | None = None) -> LoadedModel:
+    """Load a verified artifact on the CPU, check it against its manifest and warm it up.
+
+    `lock` serialises the warm-up forwards with the requests being served. Raises
+    ArtifactIntegrityError when the manifest is inconsistent, the file is not TorchScript, or a
+    forward fails or returns another shape than the manifest declares.
+    """
+    spec = _spec_from_manifest(info)
+    try:
+        module = torch.jit.load(str(info.model_path), map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError, ValueError, zip errors, ...
+        raise ArtifactIntegrityError("the model file is not a loadable TorchScript file") from exc
+    module.eval()
+    dummy = torch.zeros((1, *spec["input_shape"]), dtype=torch.float32)
+    expected = (1, *spec["output_shape"])
+    for _ in range(_WARMUP_FORWARDS):
+        try:
+            with lock or _NO_LOCK, torch.inference_mode():
+                output = module(dummy)
+        except Exception as exc:
+            raise ArtifactIntegrityError("the warm-up forward failed") from exc
+        if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
+            shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output)
+            raise ArtifactIntegrityError(
+                f"the warm-up forward returned {shape}, the manifest declares {list(expected)}"
+            )
+    return LoadedModel(info=info, module=module, **spec)
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
+class ModelRegistry:
+    """Which model serves each task, and the one lock every forward goes through.
+
+    The forwards of all tasks share one lock: each forward already uses all TORCH_THREADS, so
+    running two at once would only make both slower (and the latency of each less predictable).
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        pins: dict[str, str | None],
+        metrics: ServiceMetrics,
+        tasks: tuple[str, ...] = TASKS,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.tasks = tasks
+        self.metrics = metrics
+        self.inference_lock = threading.Lock()
+        self._pins = {task: pins.get(task) or None for task in tasks}
+        self._models: dict[str, LoadedModel] = {}
+        self._seen: dict[str, tuple[frozenset[str], str | None]] = {}
+        self._refused: dict[str, set[tuple[str, str]]] = {task: set() for task in tasks}
+        self._refresh_lock = threading.Lock()
+
+    # --- serving -----------------------------------------------------------------------------
+
+    def get(self, task: str) -> LoadedModel:
+        """The model serving `task`. Raises ModelUnavailableError when none is loaded."""
+        model = self._models.get(task)
+        if model is None:
+            raise ModelUnavailableError(f"the {task} model is not loaded yet; try again later")
+        return model
+
+    def loaded(self) -> dict[str, LoadedModel]:
+        """A snapshot {task: model} of what serves now."""
+        return dict(self._models)
+
+    @property
+    def ready(self) -> bool:
+        return all(task in self._models for task in self.tasks)
+
+    def forward(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray:
+        """Run the model on a (N, C, H, W) float32 batch; forwards run one at a time."""
+        tensor = torch.from_numpy(batch)
+        self.metrics.inference_queue.inc()
+        with self.inference_lock:
+            self.metrics.inference_queue.dec()
+            with torch.inference_mode():
+                output = model.module(tensor)
+        return output.numpy()
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def set_pin(self, task: str, version: str | None) -> None:
+        """Pin `task` to a version (None: the newest); takes effect at the next refresh."""
+        self._pins[task] = version or None
+
+    def refresh(self) -> None:
+        """Load what should serve each task, if that changed since the last call."""
+        with self._refresh_lock:
+            for task in self.tasks:
+                try:
+                    self._refresh_task(task)
+                except Exception:  # never let one task's surprise stop the poller
+                    log.exception("model refresh failed", extra={"task": task})
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    def _refresh_task(self, task: str) -> None:
+        names = frozenset(list_versions(self.model_dir, task))
+        pin = self._pins[task]
+        previous_names, previous_pin = self._seen.get(task, (frozenset(), None))
+        if (names, pin) == (previous_names, previous_pin) and task in self._seen:
+            return  # nothing was published, removed or re-pinned
+        self._seen[task] = (names, pin)
+        current = self._models.get(task)
+        keeping = f"version {current.version} keeps serving" if current else "/readyz stays 503"
+
+        for version in sorted(names - previous_names):
+            try:
+                verify_artifact(self.model_dir, task, version)
+            except ArtifactError as exc:
+                self.metrics.reloads.labels(task, "rejected").inc()
+                log.error(
+                    "refusing %s version %s: %s; %s",
+                    task, version, exc.message, keeping,
+                    extra={"task": task, "version": version, "reason": exc.code},
+                )  # fmt: skip
+
+        try:
+            info = resolve_artifact(self.model_dir, task, pin)
+        except ArtifactError as exc:
+            log.error(
+                "no usable %s model%s in %s: %s; %s",
+                task, f" (pinned {pin})" if pin else "", self.model_dir, exc.message, keeping,
+                extra={"task": task, "reason": exc.code},
+            )  # fmt: skip
+            return
+        if current and (current.version, current.info.sha256) == (info.version, info.sha256):
+            return
+        if (info.version, info.sha256) in self._refused[task]:
+            return  # already failed to load; a newer publish or a new pin will move on
+
+        started = time.perf_counter()
+        try:
+            model = load_model(info, self.inference_lock)
+        except ArtifactError as exc:
+            self._refused[task].add((info.version, info.sha256))
+            self.metrics.reloads.labels(task, "failed").inc()
+            log.error(
+                "refusing %s version %s: %s; %s",
+                task, info.version, exc.message, keeping,
+                extra={"task": task, "version": info.version, "reason": exc.code},
+            )  # fmt: skip
+            return
+        self._models[task] = model  # the swap: one reference assignment
+        if current:
+            self.metrics.model_info.remove(task, current.name, current.version, current.info.sha256)
+        self.metrics.model_info.labels(task, model.name, model.version, info.sha256).set(1)
+        self.metrics.reloads.labels(task, "loaded").inc()
+        log.info(
+            "serving %s version %s (%s), loaded and warmed up in %.2f s%s",
+            task, model.version, model.name, time.perf_counter() - started,
+            f", replacing {current.version}" if current else "",
+            extra={"task": task, "version": model.version, "previous": current and current.version},
+        )  # fmt: skip
+
+
+class ReloadPoller:
+    """Calls registry.refresh() every `interval` seconds on a daemon thread."""
+
+    def __init__(self, registry: ModelRegistry, interval: float) -> None:
+        self.registry = registry
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-reload", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.registry.refresh()

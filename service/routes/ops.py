@@ -1,0 +1,77 @@
+"""GET /healthz, /readyz, /models and /metrics: for probes, operators and Prometheus."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from service.deps import RuntimeDep
+from service.metrics import CONTENT_TYPE_LATEST
+from service.schemas import HealthResponse, ModelDescription, ModelsResponse, ReadyResponse
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=HealthResponse)
+async def healthz() -> HealthResponse:
+    """Liveness: 200 while the process serves HTTP, models loaded or not."""
+    return HealthResponse()
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "Not ready, or shutting down"}},
+)
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """Readiness: 200 only when every model is loaded and warmed up and no shutdown began."""
+    loaded = runtime.registry.loaded()
+    models = {
+        task: loaded[task].version if task in loaded else None for task in runtime.registry.tasks
+    }
+    if runtime.draining.is_set():
+        status = "shutting_down"
+    elif runtime.registry.ready:
+        status = "ready"
+    else:
+        status = "loading"
+    body = ReadyResponse(status=status, models=models)
+    return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
+
+
+@router.get("/models", response_model=ModelsResponse)
+async def models(runtime: RuntimeDep) -> ModelsResponse:
+    """The artifact serving each task: name, version, sha256, metadata and evaluation metrics."""
+    loaded = runtime.registry.loaded()
+    described: dict[str, ModelDescription | None] = {}
+    for task in runtime.registry.tasks:
+        model = loaded.get(task)
+        if model is None:
+            described[task] = None
+            continue
+        meta = model.info.metadata
+        described[task] = ModelDescription(
+            task=task,
+            name=model.name,
+            version=model.version,
+            sha256=model.info.sha256,
+            created_at=str(meta["created_at"]),
+            architecture=meta.get("architecture"),
+            class_names=list(model.class_names) or None,
+            input=meta["input"],
+            output=meta["output"],
+            preprocessing=meta["preprocessing"],
+            metrics=meta.get("metrics") or {},
+            intended_use=meta.get("intended_use"),
+        )
+    return ModelsResponse(models=described)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
+async def metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus exposition: latencies per endpoint and stage, failures, model versions."""
+    return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

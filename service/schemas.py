@@ -1,0 +1,139 @@
+"""Response models: the typed JSON API, with the examples shown in the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Label = Literal["normal", "benign", "malignant"]
+_MASK_EXAMPLE = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="
+)
+_REQUEST_ID = "5f0c6a8e2b9d4f1e8a7c3b2d1e0f9a8b"
+
+
+class ModelRef(BaseModel):
+    """The artifact that produced a result."""
+
+    name: str = Field(examples=["efficientnet_lite0-cls"])
+    version: str = Field(examples=["20250101T120000Z"])
+
+
+class ImageInfo(BaseModel):
+    """The image that was analysed (after decoding; for DICOM, one frame)."""
+
+    format: Literal["png", "jpeg", "dicom"]
+    width: int = Field(examples=[512])
+    height: int = Field(examples=[384])
+    frame: int = Field(0, description="Frame analysed (0 for single-frame images)")
+    n_frames: int = Field(1, description="Frames in the file")
+
+
+class BBox(BaseModel):
+    """Bounding box of the lesion mask, in input-image pixels."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class ClassificationResult(BaseModel):
+    label: Label
+    probabilities: dict[str, float] = Field(
+        examples=[{"normal": 0.08, "benign": 0.85, "malignant": 0.07}]
+    )
+    model: ModelRef
+
+
+class SegmentationResult(BaseModel):
+    mask_png: str = Field(
+        description="Base64 PNG, one channel, the input's width and height, 0 background / "
+        "255 lesion",
+        examples=[_MASK_EXAMPLE],
+    )
+    lesion_area_fraction: float = Field(ge=0, le=1, examples=[0.042])
+    bbox: BBox | None = Field(description="null when no lesion pixel was found")
+    model: ModelRef
+
+
+class ClassifyResponse(ClassificationResult):
+    image: ImageInfo
+    request_id: str = Field(examples=[_REQUEST_ID])
+
+
+class SegmentResponse(SegmentationResult):
+    image: ImageInfo
+    request_id: str = Field(examples=[_REQUEST_ID])
+
+
+class DiagnoseResponse(BaseModel):
+    classification: ClassificationResult
+    segmentation: SegmentationResult | None = Field(
+        description="Present when the finding is benign or malignant, else null"
+    )
+    image: ImageInfo
+    request_id: str = Field(examples=[_REQUEST_ID])
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["format_mismatch"])
+    message: str = Field(examples=["the body is a JPEG image but was declared as image/png"])
+    request_id: str | None = Field(examples=[_REQUEST_ID])
+
+
+class ErrorResponse(BaseModel):
+    """The one error envelope of every endpoint."""
+
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "loading", "shutting_down"]
+    models: dict[str, str | None] = Field(
+        description="Version serving each task; null while none is loaded",
+        examples=[{"classification": "20250101T120000Z", "segmentation": None}],
+    )
+
+
+class ModelDescription(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    task: str
+    name: str
+    version: str
+    sha256: str
+    created_at: str
+    architecture: str | None = None
+    class_names: list[str] | None = None
+    input: dict[str, Any]
+    output: dict[str, Any]
+    preprocessing: dict[str, Any]
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="Evaluation metrics from the artifact's metadata"
+    )
+    intended_use: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    models: dict[str, ModelDescription | None] = Field(
+        description="Per task, the artifact serving it; null while none is loaded"
+    )
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` entry documenting error envelopes for the given statuses."""
+    described = {
+        400: "Empty body, corrupt image, or missing `file` part",
+        413: "Body larger than MAX_BODY_BYTES",
+        415: "Not a PNG, JPEG or DICOM, or the declared type disagrees with the bytes",
+        422: "Decodable but unusable image (too many pixels, DICOM without pixels, bad frame), "
+        "or invalid parameters",
+        503: "A model is not loaded yet, or the service is shutting down",
+    }
+    return {s: {"model": ErrorResponse, "description": described[s]} for s in statuses}

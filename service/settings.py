@@ -1,0 +1,89 @@
+"""Service configuration: one pydantic-settings class read from the environment."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.artifacts import validate_version
+from shared.decoding import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
+from shared.errors import InvalidVersionError
+from shared.labels import TASK_CLASSIFICATION, TASK_SEGMENTATION
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Each field is read from the environment variable of its name."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
+
+    MODEL_DIR: Path = Field(
+        DEFAULT_MODEL_DIR, description="Registry root: <MODEL_DIR>/<task>/<version>/"
+    )
+    HOST: str = Field("127.0.0.1", description="Interface to listen on")
+    PORT: int = Field(8000, ge=1, le=65535, description="TCP port")
+    MAX_BODY_BYTES: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest request body accepted (413 above)"
+    )
+    MAX_PIXELS: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="Largest image (width x height) decoded"
+    )
+    MAX_FRAMES: int = Field(
+        DEFAULT_MAX_FRAMES, ge=1, description="Most frames a multi-frame DICOM may declare"
+    )
+    TORCH_THREADS: int = Field(
+        default_factory=available_cpus, ge=1, description="torch intra-op threads"
+    )
+    CLASSIFICATION_VERSION: str = Field(
+        "", description="Pinned classification version; empty serves the newest"
+    )
+    SEGMENTATION_VERSION: str = Field(
+        "", description="Pinned segmentation version; empty serves the newest"
+    )
+    RELOAD_INTERVAL_S: float = Field(
+        10.0, ge=0, description="Seconds between checks for new model versions; 0 disables"
+    )
+    GRACEFUL_SHUTDOWN_S: float = Field(
+        20.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM"
+    )
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    LOG_FORMAT: Literal["json", "text"] = "json"
+
+    @field_validator("CLASSIFICATION_VERSION", "SEGMENTATION_VERSION")
+    @classmethod
+    def _pin_is_a_version_name(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        try:
+            return validate_version(value)
+        except InvalidVersionError as exc:
+            raise ValueError(exc.message) from exc
+
+    def pinned_versions(self) -> dict[str, str | None]:
+        """{task: pinned version or None}."""
+        return {
+            TASK_CLASSIFICATION: self.CLASSIFICATION_VERSION or None,
+            TASK_SEGMENTATION: self.SEGMENTATION_VERSION or None,
+        }
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
