@@ -27,12 +27,19 @@ const ERROR_SENTENCES = {
   no_pixel_data: "This DICOM file holds no image (it may be a report or a plan).",
   unsupported_dicom: "This DICOM image is stored in an encoding the service cannot read.",
   frame_out_of_range: "That frame does not exist in this file.",
-  payload_too_large: `The file is larger than ${MAX_UPLOAD_MB} MB.`,
+  body_too_large: `The file is larger than ${MAX_UPLOAD_MB} MB.`,
+  unsupported_media_type: "This file is not a PNG, JPEG or DICOM image.",
+  missing_file: "No file was received. Choose the scan again.",
   model_unavailable: "The analysis models are not ready yet. Please try again in a minute.",
+  artifact_not_found: "The analysis models are not available right now. Please try again later.",
+  artifact_integrity: "The analysis models are not available right now. Please try again later.",
+  invalid_request: "The page sent a request the service did not accept. Reload the page and try again.",
+  internal_error:
+    "The service could not analyse this scan because of an internal problem. Please try again.",
 };
 
 // When a response carries no known code (a proxy in between, an old service), word it by status.
-const STATUS_CODES = { 413: "payload_too_large", 415: "unsupported_format", 503: "model_unavailable" };
+const STATUS_CODES = { 413: "body_too_large", 415: "unsupported_format", 503: "model_unavailable" };
 
 const GENERIC_SENTENCE = "The scan could not be analysed. Please try again.";
 const NETWORK_SENTENCE =
@@ -265,7 +272,7 @@ function renderLesion(seg, info) {
   } else if (!seg.bbox) {
     facts.push(["Outline", "The segmentation model outlined no lesion."]);
   } else {
-    const [x, y, w, h] = seg.bbox;
+    const { x, y, w, h } = bboxOf(seg);
     const area = Number(seg.lesion_area_fraction) || 0;
     let areaText = `${(100 * area).toFixed(1)} % of the image`;
     if (info.width && info.height) {
@@ -442,6 +449,13 @@ function loadImage(url) {
   const img = new Image();
   img.src = url;
   return img.decode().then(() => img);
+}
+
+// {x, y, width, height} as the service returns it; [x, y, w, h] is accepted as well.
+function bboxOf(seg) {
+  const b = seg.bbox;
+  if (Array.isArray(b)) return { x: b[0], y: b[1], w: b[2], h: b[3] };
+  return { x: b.x, y: b.y, w: b.width, h: b.height };
 }
 
 function capitalise(s) {
