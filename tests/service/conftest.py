@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -32,11 +33,17 @@ ServeFn = Callable[..., AbstractContextManager[TestClient]]
 
 @pytest.fixture
 def serve() -> ServeFn:
-    """serve(model_dir, **settings) -> a context manager yielding a client of a fresh app."""
+    """serve(model_dir, app_hook=None, **settings): a context manager yielding a client of a
+    fresh app; app_hook(app) runs before the app starts."""
 
     @contextmanager
-    def _serve(model_dir: Path, **overrides: Any) -> Iterator[TestClient]:
-        with TestClient(create_app(make_settings(model_dir, **overrides))) as test_client:
+    def _serve(
+        model_dir: Path, app_hook: Callable[[FastAPI], None] | None = None, **overrides: Any
+    ) -> Iterator[TestClient]:
+        app = create_app(make_settings(model_dir, **overrides))
+        if app_hook:
+            app_hook(app)
+        with TestClient(app) as test_client:
             yield test_client
 
     return _serve

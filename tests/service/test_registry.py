@@ -1,0 +1,141 @@
+"""Which artifact serves: newest or pinned, verified and warmed, and refusals that keep us up."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from service_inputs import png
+
+from shared.labels import TASK_CLASSIFICATION, TASK_SEGMENTATION
+
+
+@pytest.fixture
+def registry_dir(tmp_path, publish_tiny):
+    """A registry with v1 of both tasks, which a test may add to."""
+    publish_tiny(tmp_path, TASK_CLASSIFICATION, "v1")
+    publish_tiny(tmp_path, TASK_SEGMENTATION, "v1")
+    return tmp_path
+
+
+def corrupt(info) -> None:
+    with info.model_path.open("ab") as fh:
+        fh.write(b"tampered")
+
+
+def test_newest_version_is_served(serve, registry_dir, publish_tiny):
+    publish_tiny(registry_dir, TASK_CLASSIFICATION, "v2", created_at="2026-02-01T00:00:00+00:00")
+    publish_tiny(registry_dir, TASK_CLASSIFICATION, "v0", created_at="2025-12-01T00:00:00+00:00")
+    with serve(registry_dir) as client:
+        response = client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
+        assert response.status_code == 200
+        assert response.json()["model"]["version"] == "v2"
+        assert client.get("/readyz").json()["models"] == {
+            TASK_CLASSIFICATION: "v2",
+            TASK_SEGMENTATION: "v1",
+        }
+
+
+def test_pinned_version_is_served(serve, registry_dir, publish_tiny):
+    publish_tiny(registry_dir, TASK_CLASSIFICATION, "v2", created_at="2026-02-01T00:00:00+00:00")
+    with serve(registry_dir, CLASSIFICATION_VERSION="v1") as client:
+        response = client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
+        assert response.status_code == 200
+        assert response.json()["model"]["version"] == "v1"
+
+
+def test_unsafe_pin_is_rejected_by_the_settings(registry_dir):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError):
+        Settings(MODEL_DIR=registry_dir, CLASSIFICATION_VERSION="../v1")
+
+
+def test_corrupt_artifact_is_refused_at_start_up_and_the_service_stays_up(
+    serve, tmp_path, publish_tiny, caplog
+):
+    corrupt(publish_tiny(tmp_path, TASK_CLASSIFICATION, "v1"))
+    publish_tiny(tmp_path, TASK_SEGMENTATION, "v1")
+    with caplog.at_level(logging.INFO), serve(tmp_path) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json() == {
+            "status": "loading",
+            "models": {TASK_CLASSIFICATION: None, TASK_SEGMENTATION: "v1"},
+        }
+        response = client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "model_unavailable"
+        assert response.json()["error"]["request_id"] == response.headers["X-Request-ID"]
+        assert response.headers["Retry-After"]
+        assert (
+            client.post(
+                "/segment", content=png(), headers={"Content-Type": "image/png"}
+            ).status_code
+            == 200
+        )
+        metrics = client.get("/metrics").text
+    assert (
+        "refusing classification version v1: classification version v1 fails its checksum"
+        in caplog.text
+    )
+    assert 'busi_model_reloads_total{outcome="rejected",task="classification"} 1.0' in metrics
+    assert "busi_ready 0.0" in metrics
+
+
+def test_corrupt_newest_version_falls_back_to_the_previous(serve, registry_dir, publish_tiny):
+    corrupt(
+        publish_tiny(
+            registry_dir, TASK_CLASSIFICATION, "v2", created_at="2026-02-01T00:00:00+00:00"
+        )
+    )
+    with serve(registry_dir) as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/models").json()["models"][TASK_CLASSIFICATION]["version"] == "v1"
+
+
+def test_artifact_whose_output_disagrees_with_its_manifest_is_refused(
+    serve, tmp_path, publish_tiny, caplog
+):
+    publish_tiny(tmp_path, TASK_CLASSIFICATION, "v1")
+    publish_tiny(
+        tmp_path,
+        TASK_SEGMENTATION,
+        "v1",
+        output={"type": "logits", "shape": [1, 32, 32], "threshold": 0.5},
+    )
+    with caplog.at_level(logging.INFO), serve(tmp_path) as client:
+        assert client.get("/readyz").status_code == 503
+        metrics = client.get("/metrics").text
+    assert (
+        "the warm-up forward returned [1, 1, 64, 64], the manifest declares [1, 1, 32, 32]"
+        in caplog.text
+    )
+    assert 'busi_model_reloads_total{outcome="failed",task="segmentation"} 1.0' in metrics
+
+
+def test_model_that_fails_its_warm_up_is_refused(serve, tmp_path, publish_tiny, caplog):
+    publish_tiny(tmp_path, TASK_CLASSIFICATION, "v1")
+    publish_tiny(tmp_path, TASK_SEGMENTATION, "v1", model="broken-segmentation")
+    with caplog.at_level(logging.INFO), serve(tmp_path) as client:
+        assert client.get("/readyz").status_code == 503
+    assert "refusing segmentation version v1: the warm-up forward failed" in caplog.text
+
+
+def test_empty_model_dir_starts_not_ready_with_a_clear_log_line(serve, tmp_path, caplog):
+    with caplog.at_level(logging.INFO), serve(tmp_path / "missing") as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        response = client.post("/diagnose", content=png(), headers={"Content-Type": "image/png"})
+        assert response.status_code == 503
+    assert "no usable classification model" in caplog.text
+    assert "not ready" in caplog.text
+
+
+def test_missing_pinned_version_is_not_ready(serve, registry_dir, caplog):
+    with caplog.at_level(logging.INFO), serve(registry_dir, SEGMENTATION_VERSION="v9") as client:
+        assert client.get("/readyz").status_code == 503
+    assert "no usable segmentation model (pinned v9)" in caplog.text
