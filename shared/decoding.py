@@ -1,0 +1,371 @@
+"""Uploaded bytes -> one 8-bit grayscale frame: the only place where an image gets decoded.
+
+Formats are told apart by magic numbers (`sniff_format`), never by a file name or by what the client
+declared; a declaration that disagrees with the bytes is an error, not a hint.
+
+- PNG: signature ``89 50 4E 47 0D 0A 1A 0A`` at offset 0.
+- JPEG: SOI marker followed by any marker, ``FF D8 FF``, at offset 0.
+- DICOM: ``DICM`` at offset 128, i.e. a PS3.10 file with its preamble. A bare dataset without
+  the preamble is rejected as unsupported, as `pydicom.dcmread(..., force=False)` rejects it:
+  telling such a stream from random bytes is guesswork, and PACS exports and STOW-RS bodies are
+  PS3.10 files.
+
+Size caps are checked from the header, before any pixel is decoded: ``rows * cols <= max_pixels``
+per frame, ``frames <= max_frames``, and both sides ``>= MIN_SIDE``. Pillow's process-wide
+``Image.MAX_IMAGE_PIXELS`` plays no part (see `_PILLOW_OPENERS`).
+
+Conversions to (H, W) uint8, one rule per case:
+
+- 8-bit grayscale (L): as is.
+- 16-bit grayscale (I;16, I;16B, I): full-range linear, ``round(v / 257)``, so 65535 -> 255.
+- RGB, palette (P), CMYK and other colour modes: to RGB, then ITU-R BT.601 luma
+  ``0.299 R + 0.587 G + 0.114 B`` (Pillow's ``convert("L")``, which DICOM colour also goes through).
+- Alpha (RGBA, LA, PA): ignored, not composited; the colour channels are taken as they are.
+- 1-bit: 0 -> 0, 1 -> 255.
+- EXIF orientation is applied first, so the array is upright as a viewer shows it.
+- Animated PNG: the first frame.
+- DICOM colour (RGB, YBR_FULL, YBR_FULL_422, YBR_RCT, YBR_ICT, PALETTE COLOR): pydicom 3 already
+  returns YBR as RGB (the decoder reports the resulting photometric interpretation, which we follow,
+  so nothing is converted twice); palettes go through their LUT; samples deeper than 8 bits are
+  scaled full-range linear to 8 bits; then the same luma.
+- DICOM monochrome: modality LUT or rescale, then the VOI LUT if present, else the first window
+  (Window Center/Width, with its VOI LUT Function), mapped linearly from the VOI output range to
+  0..255; with neither, the frame's own min..max is stretched to 0..255 (a constant frame gives 0).
+  MONOCHROME1 is then inverted.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin
+from pydicom import Dataset, dcmread
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    apply_windowing,
+    convert_color_space,
+    get_decoder,
+)
+from pydicom.pixels.utils import get_nr_frames
+
+from shared.errors import (
+    CorruptImageError,
+    EmptyInputError,
+    FormatMismatchError,
+    FrameOutOfRangeError,
+    ImageTooLargeError,
+    ImageTooSmallError,
+    NoPixelDataError,
+    UnsupportedDicomError,
+    UnsupportedFormatError,
+)
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("png", "jpeg", "dicom")
+DEFAULT_MAX_PIXELS = 40_000_000  # per frame, rows * cols
+DEFAULT_MAX_FRAMES = 2_000
+MIN_SIDE = 8
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOI = b"\xff\xd8\xff"
+_DICOM_PREFIX_OFFSET = 128
+
+# Opening the plugin class directly restricts parsing to the sniffed format, as
+# Image.open(formats=[...]) would, but skips Image.open's check against the process-wide
+# Image.MAX_IMAGE_PIXELS: our own cap alone decides, and client input never raises Pillow's
+# DecompressionBombWarning (which any `-W error` run would turn into a crash).
+_PILLOW_OPENERS = {"png": PngImagePlugin.PngImageFile, "jpeg": JpegImagePlugin.JpegImageFile}
+# What Pillow raises on malformed input, as opposed to bugs in this module.
+_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error)
+_PILLOW_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+_DICOM_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_DICOM_YBR_FULL = ("YBR_FULL", "YBR_FULL_422")
+# YBR_RCT / YBR_ICT only occur in JPEG 2000, whose decoders undo the colour transform.
+_DICOM_PHOTOMETRIC = (
+    *_DICOM_MONOCHROME,
+    *_DICOM_YBR_FULL,
+    "RGB",
+    "PALETTE COLOR",
+    "YBR_RCT",
+    "YBR_ICT",
+)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One decoded frame: the canonical input of preprocessing."""
+
+    pixels: np.ndarray  # (H, W) uint8 grayscale, C-contiguous
+    format: str  # one of FORMATS
+    frame: int  # index of the frame analysed (0 for single-frame images)
+    n_frames: int  # 1 for PNG/JPEG
+
+    def __post_init__(self) -> None:
+        p = self.pixels
+        if p.ndim != 2 or p.dtype != np.uint8 or not p.flags.c_contiguous:
+            raise ValueError("pixels must be a C-contiguous (H, W) uint8 array")
+        if self.format not in FORMATS or not 0 <= self.frame < self.n_frames:
+            raise ValueError("format must be one of FORMATS and 0 <= frame < n_frames")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Return "png", "jpeg" or "dicom" from the magic numbers of `data`, or None. Raises nothing."""
+    # PNG and JPEG first: their signatures sit at offset 0, while a DICOM preamble is free-form.
+    if data.startswith(_PNG_SIGNATURE):
+        return "png"
+    if data.startswith(_JPEG_SOI):
+        return "jpeg"
+    if data[_DICOM_PREFIX_OFFSET : _DICOM_PREFIX_OFFSET + 4] == b"DICM":
+        return "dicom"
+    return None
+
+
+def decode_image(
+    data: bytes,
+    *,
+    declared_format: str | None = None,
+    frame: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+) -> DecodedImage:
+    """Decode PNG, JPEG or DICOM bytes to one (H, W) uint8 grayscale frame.
+
+    `declared_format` is the client's claim (one of FORMATS) or None to go by the bytes alone.
+
+    Raises EmptyInputError, UnsupportedFormatError, FormatMismatchError, CorruptImageError,
+    ImageTooLargeError, ImageTooSmallError, FrameOutOfRangeError, and for DICOM also
+    NoPixelDataError and UnsupportedDicomError. Raises ValueError for a `declared_format` outside
+    FORMATS and RuntimeError if Pillow was set to accept truncated images: both are caller bugs.
+    """
+    if declared_format is not None and declared_format not in FORMATS:
+        raise ValueError(f"declared_format must be one of {FORMATS} or None")
+    if not data:
+        raise EmptyInputError("The request contained no image data.")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedFormatError("The data is not a PNG, JPEG or DICOM file.")
+    if declared_format is not None and declared_format != fmt:
+        raise FormatMismatchError(
+            f"The data was declared as {declared_format.upper()} but is {fmt.upper()}."
+        )
+    if frame < 0:
+        raise FrameOutOfRangeError("The requested frame does not exist; frames count from 0.")
+
+    if fmt == "dicom":
+        decoded = _decode_dicom(data, frame, max_pixels, max_frames)
+    else:
+        decoded = _decode_pillow(data, fmt, frame, max_pixels)
+    log.debug(
+        "decoded image",
+        extra={
+            "format": fmt,
+            "shape": decoded.pixels.shape,
+            "frame": frame,
+            "n_frames": decoded.n_frames,
+        },
+    )
+    return decoded
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+
+def _check_dimensions(rows: int, cols: int, max_pixels: int) -> None:
+    if rows * cols > max_pixels:
+        raise ImageTooLargeError(
+            f"The image has more than {max_pixels} pixels; it was not decoded."
+        )
+    if min(rows, cols) < MIN_SIDE:
+        raise ImageTooSmallError(f"The image must be at least {MIN_SIDE} pixels on each side.")
+
+
+def _check_single_frame(frame: int) -> None:
+    if frame != 0:
+        raise FrameOutOfRangeError("The requested frame does not exist; this image has one frame.")
+
+
+def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly onto 0..255, clipping outside and rounding to nearest."""
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values.astype(np.float64) - low) * (255.0 / (high - low))
+    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+def _rgb_to_luma(rgb: np.ndarray, max_value: int) -> np.ndarray:
+    """(H, W, 3) RGB with samples in 0..max_value -> (H, W) uint8 BT.601 luma."""
+    if rgb.dtype != np.uint8:
+        rgb = _scale_to_uint8(rgb, 0, max_value)
+    # Pillow's convert("L") is the one luma implementation, shared with the PNG/JPEG path.
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("L"))
+
+
+def _log_failure(stage: str, exc: BaseException) -> None:
+    # The exception's type only: library messages may quote header values (patient data).
+    log.info("image rejected", extra={"stage": stage, "error_type": type(exc).__name__})
+
+
+# --- PNG / JPEG ----------------------------------------------------------------------------------
+
+
+def _decode_pillow(data: bytes, fmt: str, frame: int, max_pixels: int) -> DecodedImage:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # A process-wide switch someone else flipped: truncated uploads would decode as partly
+        # grey images and be classified. Fail loudly instead of silently.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
+    _check_single_frame(frame)
+    name = fmt.upper()
+    try:
+        image = _PILLOW_OPENERS[fmt](BytesIO(data))
+    except _PILLOW_ERRORS as exc:
+        _log_failure(f"{fmt} header", exc)
+        raise CorruptImageError(f"The {name} header is invalid.") from exc
+
+    with image:
+        _check_dimensions(image.height, image.width, max_pixels)
+        try:
+            image.load()
+            pixels = _pillow_to_gray(ImageOps.exif_transpose(image))
+        except _PILLOW_ERRORS as exc:
+            _log_failure(f"{fmt} pixels", exc)
+            raise CorruptImageError(f"The {name} image is truncated or corrupt.") from exc
+    return DecodedImage(np.ascontiguousarray(pixels), fmt, 0, 1)
+
+
+def _pillow_to_gray(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode == "L":
+        return np.array(image)
+    if mode in _PILLOW_16_BIT_MODES:
+        return _scale_to_uint8(np.asarray(image), 0, 65535)
+    if mode in ("1", "LA"):  # LA: the alpha channel is dropped, not composited
+        return np.array(image.convert("L"))
+    # P, PA, RGB, RGBA, CMYK, YCbCr, ...: alpha is dropped by the RGB step.
+    return np.array(image.convert("RGB").convert("L"))
+
+
+# --- DICOM ---------------------------------------------------------------------------------------
+
+
+class _DicomHeader(NamedTuple):
+    rows: int
+    cols: int
+    samples: int
+    n_frames: int
+    photometric: str
+    transfer_syntax: str
+
+
+def _read_dicom(data: bytes) -> tuple[Dataset, _DicomHeader | None]:
+    """Parse the dataset and, when it has pixel data, the image header. Raises CorruptImageError."""
+    try:
+        ds = dcmread(BytesIO(data), force=False)
+        if "PixelData" not in ds:
+            return ds, None
+        header = _DicomHeader(
+            rows=int(ds.Rows),
+            cols=int(ds.Columns),
+            samples=int(ds.get("SamplesPerPixel", 1)),
+            n_frames=get_nr_frames(ds, warn=False),
+            photometric=str(ds.PhotometricInterpretation).strip().upper(),
+            transfer_syntax=ds.file_meta.TransferSyntaxUID,
+        )
+    # pydicom raises a wide range of types on malformed input; none of them is our bug to surface.
+    except Exception as exc:
+        _log_failure("dicom header", exc)
+        # `from None`: pydicom's messages may quote element values, keep them out of tracebacks.
+        raise CorruptImageError("The DICOM file or its image header cannot be read.") from None
+    return ds, header
+
+
+def _decode_dicom(data: bytes, frame: int, max_pixels: int, max_frames: int) -> DecodedImage:
+    ds, header = _read_dicom(data)
+    if header is None:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise UnsupportedDicomError(
+                "DICOM images with floating-point pixels are not supported."
+            )
+        if len(ds) == 0 or "Rows" in ds or "Columns" in ds:
+            # pydicom meets a truncated undefined-length element (encapsulated Pixel Data) with a
+            # warning and an incomplete, often empty, dataset: a broken upload, not a report.
+            raise CorruptImageError("The DICOM pixel data is missing or truncated.")
+        raise NoPixelDataError("The DICOM object holds no image (e.g. a report or a plan).")
+
+    _check_dimensions(header.rows, header.cols, max_pixels)
+    if header.n_frames > max_frames:
+        raise ImageTooLargeError(
+            f"The image has more than {max_frames} frames; it was not decoded."
+        )
+    if frame >= header.n_frames:
+        raise FrameOutOfRangeError("The requested frame does not exist in this image.")
+    if header.samples not in (1, 3) or header.photometric not in _DICOM_PHOTOMETRIC:
+        raise UnsupportedDicomError("The DICOM photometric interpretation is not supported.")
+
+    try:
+        decoder = get_decoder(header.transfer_syntax)
+    except NotImplementedError:
+        decoder = None
+    if decoder is None or not decoder.is_available:
+        raise UnsupportedDicomError("The DICOM transfer syntax is not supported.")
+
+    try:
+        # index=frame decodes that frame only, never the whole cine.
+        frame_pixels, props = decoder.as_array(ds, index=frame)
+    except Exception as exc:  # decoder plugins raise assorted types on bad codestreams
+        _log_failure("dicom pixels", exc)
+        raise CorruptImageError("The DICOM pixel data cannot be decoded.") from None
+
+    try:
+        pixels = _dicom_to_gray(
+            frame_pixels, ds, str(props["photometric_interpretation"]), int(props["bits_stored"])
+        )
+    except NotImplementedError as exc:
+        _log_failure("dicom lut", exc)
+        raise UnsupportedDicomError("The DICOM display transform is not supported.") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        _log_failure("dicom lut", exc)
+        raise CorruptImageError("The DICOM display transform parameters are invalid.") from None
+    return DecodedImage(np.ascontiguousarray(pixels), "dicom", frame, header.n_frames)
+
+
+def _dicom_to_gray(arr: np.ndarray, ds: Dataset, photometric: str, bits_stored: int) -> np.ndarray:
+    """One decoded frame, in the photometric interpretation the decoder reported -> uint8 gray."""
+    if photometric in _DICOM_MONOCHROME:
+        gray = _monochrome_to_uint8(arr, ds)
+        # PS3.3 C.7.6.3.1.2: in MONOCHROME1 the minimum sample value is displayed as white.
+        return 255 - gray if photometric == "MONOCHROME1" else gray
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        return _rgb_to_luma(rgb, 255 if rgb.dtype == np.uint8 else 65535)
+    if photometric in _DICOM_YBR_FULL:  # pydicom 3 converts these itself; kept for raw decoders
+        arr = convert_color_space(arr, photometric, "RGB")
+    elif photometric != "RGB":
+        raise NotImplementedError(photometric)
+    return _rgb_to_luma(arr, 2**bits_stored - 1)
+
+
+def _monochrome_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    # PS3.4 N.2: stored values -> modality LUT (e.g. rescale to HU) -> VOI LUT -> presentation.
+    values = apply_modality_lut(arr, ds)
+    voi_lut = ds.get("VOILUTSequence")
+    if voi_lut and "LUTDescriptor" in voi_lut[0] and "LUTData" in voi_lut[0]:
+        # A VOI LUT wins over a window, as in pydicom's apply_voi_lut. Its output range is
+        # 0..2**n - 1 with n the third LUT Descriptor value (PS3.3 C.11.2.1.1).
+        out = apply_voi(np.rint(values).astype(np.int64), ds)
+        return _scale_to_uint8(out, 0, 2 ** int(voi_lut[0].LUTDescriptor[2]) - 1)
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        out = apply_windowing(values, ds)
+        # pydicom maps the window onto an output range that depends on BitsStored, signedness and
+        # rescale; windowing the two infinities reads that range back without re-deriving it.
+        low, high = apply_windowing(np.array([-np.inf, np.inf]), ds)
+        return _scale_to_uint8(out, low, high)
+    return _scale_to_uint8(values, values.min(), values.max())
