@@ -86,11 +86,14 @@ class RequestContextMiddleware:
             code = state.get("error_code")
             if code:
                 self.metrics.failures.labels(code).inc()
-            level = (
-                logging.DEBUG
-                if endpoint in _QUIET_ENDPOINTS and status < 500
-                else (logging.ERROR if status >= 500 else logging.INFO)
-            )
+            if status >= 500 and status != 503:
+                level = logging.ERROR  # our own failure: a client's input never causes one
+            elif endpoint in _QUIET_ENDPOINTS:
+                level = logging.DEBUG
+            elif status == 503:
+                level = logging.WARNING  # not ready (yet): loading, or a refused model
+            else:
+                level = logging.INFO
             if log.isEnabledFor(level):
                 fields = {
                     "request_id": request_id,
