@@ -6,6 +6,7 @@ No Docker engine is needed: nothing here builds an image or starts a container.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -283,8 +284,6 @@ def test_compose_file_validates():
 def test_compose_defaults_resolve_to_the_service_settings():
     result = _compose_config("--format", "json", env={"CLASSIFICATION_VERSION": "20260101T000000Z"})
     assert result.returncode == 0, result.stderr
-    import json
-
     config = json.loads(result.stdout)
     api_env = config["services"]["api"]["environment"]
     from service.settings import Settings
@@ -294,6 +293,23 @@ def test_compose_defaults_resolve_to_the_service_settings():
     assert settings.HOST == "0.0.0.0" and str(settings.MODEL_DIR) == "/models"
     assert int(config["services"]["api"]["cpus"]) == settings.TORCH_THREADS
     assert set(config["services"]) == {"api", "seed-models", "train", "prometheus"}
+
+
+@pytest.mark.parametrize(
+    ("task", "module_name"),
+    [("classify", "training.classification"), ("segment", "training.segmentation")],
+)
+def test_compose_train_command_is_accepted_by_the_training_cli(task, module_name):
+    result = _compose_config(
+        "--format", "json", env={"TRAIN_TASK": task, "TRAIN_ARGS": "--epochs 3 --seed 7"}
+    )
+    assert result.returncode == 0, result.stderr
+    command = json.loads(result.stdout)["services"]["train"]["command"]
+    assert command[0] == task
+    module = pytest.importorskip(module_name)
+    args = module.get_args_parser().parse_args(command[1:])
+    assert (str(args.data_path), str(args.model_dir)) == ("/data", "/models")
+    assert (args.threads, args.epochs, args.seed) == (2, 3, 7)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
