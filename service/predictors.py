@@ -64,6 +64,14 @@ class Diagnosis:
     image: ImageFacts
     classification: Classification
     segmentation: Segmentation | None
+    image_png: bytes | None = None  # the analysed frame, when the client asked for it
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """A (H, W) uint8 array as a one-channel PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
 
 
 class Predictor:
@@ -129,11 +137,9 @@ class Predictor:
         height, width = image.pixels.shape
         mask = probability_to_mask(probability, model.threshold, height, width)
         geometry = lesion_geometry(mask)
-        buffer = io.BytesIO()
-        Image.fromarray(mask, mode="L").save(buffer, format="PNG", compress_level=3)
         self._observe("postprocess", model.task, started)
         return Segmentation(
-            mask_png=buffer.getvalue(),
+            mask_png=encode_png(mask),
             lesion_area_fraction=geometry.area_fraction,
             bbox=geometry.bbox,
             model=model,
@@ -163,8 +169,12 @@ class Predictor:
         image = self.decode(request)
         return self._facts(image), self._segment(model, image)
 
-    def diagnose(self, request: ImageRequest) -> Diagnosis:
-        """Classify; segment when the finding is a lesion (benign or malignant)."""
+    def diagnose(self, request: ImageRequest, include_image: bool = False) -> Diagnosis:
+        """Classify; segment when the finding is a lesion (benign or malignant).
+
+        With `include_image`, the analysed grayscale frame comes back as a PNG too: a browser
+        cannot draw a DICOM, and the outline must sit on exactly the pixels that were analysed.
+        """
         classifier = self.registry.get(TASK_CLASSIFICATION)
         segmenter = self.registry.get(TASK_SEGMENTATION)
         self._record_models(request, classifier, segmenter)
@@ -173,4 +183,5 @@ class Predictor:
         segmentation = None
         if classification.label in LESION_CLASSES:
             segmentation = self._segment(segmenter, image)
-        return Diagnosis(self._facts(image), classification, segmentation)
+        image_png = encode_png(image.pixels) if include_image else None
+        return Diagnosis(self._facts(image), classification, segmentation, image_png)

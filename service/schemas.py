@@ -74,6 +74,11 @@ class DiagnoseResponse(BaseModel):
         description="Present when the finding is benign or malignant, else null"
     )
     image: ImageInfo
+    image_png: str | None = Field(
+        default=None,
+        description="With ?include_image=true: the analysed frame as a base64 one-channel PNG "
+        "of image.width x image.height (what the mask outlines); else null",
+    )
     request_id: str = Field(examples=[_REQUEST_ID])
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from functools import partial
+from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import ImageDep, PredictorDep, RequestIdDep
 from service.predictors import Classification, ImageFacts, Segmentation
@@ -147,10 +148,17 @@ async def segment(
     openapi_extra=IMAGE_REQUEST_BODY,
 )
 async def diagnose(
-    image: ImageDep, predictor: PredictorDep, request_id: RequestIdDep
+    image: ImageDep,
+    predictor: PredictorDep,
+    request_id: RequestIdDep,
+    include_image: Annotated[
+        bool,
+        Query(description="Also return the analysed frame as a base64 grayscale PNG (image_png)"),
+    ] = False,
 ) -> DiagnoseResponse:
     """Classify, then segment when the finding is benign or malignant (else segmentation null)."""
-    result = await anyio.to_thread.run_sync(predictor.diagnose, image)
+    run = partial(predictor.diagnose, image, include_image=include_image)
+    result = await anyio.to_thread.run_sync(run)
     return DiagnoseResponse(
         classification=ClassificationResult(**_classification(result.classification)),
         segmentation=(
@@ -159,5 +167,8 @@ async def diagnose(
             else None
         ),
         image=_image_info(result.image),
+        image_png=(
+            base64.b64encode(result.image_png).decode("ascii") if result.image_png else None
+        ),
         request_id=request_id,
     )

@@ -241,3 +241,26 @@ def test_ybr_cine_frame_count_is_reported(client):
     assert response.status_code == 200, response.text
     assert response.json()["image"]["frame"] == 29
     assert response.json()["image"]["n_frames"] == 30
+
+
+def test_diagnose_returns_the_analysed_frame_when_asked(client):
+    frames = [uniform(10, 96, 80), scan(), uniform(250, 96, 80)]
+    response = client.post(
+        "/diagnose?frame=1&include_image=true",
+        content=dicom(frames),
+        headers={"Content-Type": "application/dicom"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    image = mask_of(body["image_png"])
+    assert image.shape == (80, 96)
+    assert image.dtype == np.uint8
+    # the frame that was analysed, not the first one
+    assert image.std() > 0
+    assert mask_of(body["segmentation"]["mask_png"]).shape == image.shape
+
+
+def test_diagnose_leaves_out_the_image_by_default(client):
+    response = client.post("/diagnose", content=png(), headers={"Content-Type": "image/png"})
+    assert response.status_code == 200
+    assert response.json()["image_png"] is None
