@@ -111,7 +111,7 @@ PRESETS: dict[str, SegPreset] = {
         threshold_from="train",
         threshold_metric="lesion_iou",
         checkpoint="last",
-        model_kwargs={"in_channels": 1},
+        model_kwargs={"in_channels": 1, "filters": (16, 32, 64, 128, 256)},
     ),
     "unet-effnet-lite0": SegPreset(
         description=(
