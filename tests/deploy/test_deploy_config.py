@@ -321,3 +321,32 @@ def test_dockerfile_passes_hadolint(dockerfile):
         [hadolint, "--no-color", str(REPO / dockerfile)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- docs/operations.md keeps up with the code --------------------------------------------------
+
+
+def test_operations_doc_describes_every_metric():
+    from service.metrics import ServiceMetrics
+
+    doc = (REPO / "docs" / "operations.md").read_text()
+    for family in ServiceMetrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}`" in doc, f"docs/operations.md does not describe {name}"
+
+
+def test_operations_doc_describes_every_setting():
+    from service.settings import Settings
+
+    doc = (REPO / "docs" / "operations.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`{name}`" not in doc]
+    assert not missing, f"docs/operations.md does not describe {missing}"
+
+
+def test_operations_doc_describes_every_compose_variable():
+    lines = (REPO / "docker-compose.yml").read_text().splitlines()
+    settings = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    variables = set(re.findall(r"\$\{([A-Z_]+):-", settings))
+    assert "API_CPUS" in variables
+    doc = (REPO / "docs" / "operations.md").read_text()
+    assert not [v for v in sorted(variables) if f"`{v}`" not in doc]
