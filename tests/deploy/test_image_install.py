@@ -5,13 +5,17 @@ check it holds every data file the packages read, and serve from an installed co
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -69,53 +73,50 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_installed_service_serves_away_from_the_source_tree(wheel, tiny_model_dir, tmp_path):
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel installed into a folder of its own, as the images' virtual environment holds it."""
+    target = tmp_path_factory.mktemp("site")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
          str(wheel)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    port = _free_port()
+    return target
+
+
+@contextlib.contextmanager
+def _serving(installed: Path, model_dir: Path, workdir: Path) -> Iterator[dict[str, str]]:
+    """`python -m service` from the installed copy, run from `workdir`; yields its environment
+    once /healthz answers (alive; ready or not)."""
     env = {
         **os.environ,
-        "PYTHONPATH": str(target),  # ahead of the repository's editable install
-        "MODEL_DIR": str(tiny_model_dir),
+        "PYTHONPATH": str(installed),  # ahead of the repository's editable install
+        "MODEL_DIR": str(model_dir),
         "HOST": "127.0.0.1",
-        "PORT": str(port),
+        "PORT": str(_free_port()),
         "RELOAD_INTERVAL_S": "0",
         "TORCH_THREADS": "1",
         "OMP_NUM_THREADS": "1",
     }
-    log = tmp_path / "service.log"
+    log = workdir / f"service-{env['PORT']}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=tmp_path, env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "service"], cwd=workdir, env=env, stdout=out, stderr=out
         )
     try:
-        base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
-        ready = None
-        while time.monotonic() < deadline and process.poll() is None:
+        while True:
+            assert process.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
             try:
-                ready = httpx.get(f"{base}/readyz", timeout=2)
-                if ready.status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{env['PORT']}/healthz", timeout=2).is_success:
                     break
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        assert ready is not None and ready.status_code == 200, log.read_text()[-4000:]
-        page = httpx.get(f"{base}/", timeout=5)
-        assert page.status_code == 200 and "<html" in page.text.lower()
-        where = "import service, shared; print(service.__file__, shared.__file__)"
-        probe = subprocess.run(
-            [sys.executable, "-c", where],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert probe.stdout.split() and all(
-            Path(p).is_relative_to(target) for p in probe.stdout.split()
-        ), probe.stdout + probe.stderr
+        yield env
     finally:
         process.terminate()
         try:
@@ -123,3 +124,52 @@ def test_installed_service_serves_away_from_the_source_tree(wheel, tiny_model_di
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _wait_ready(env: dict[str, str], timeout: float = 60) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(f"http://127.0.0.1:{env['PORT']}/readyz", timeout=2)
+        if response.status_code == 200 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)
+
+
+def _healthcheck_command() -> list[str]:
+    """The exec-form command of Dockerfile.api's HEALTHCHECK."""
+    text = re.sub(r"\\\n\s*", " ", (REPO / "Dockerfile.api").read_text())
+    (line,) = [x for x in text.splitlines() if x.startswith("HEALTHCHECK")]
+    return json.loads(line[line.index("CMD") + 3 :])
+
+
+def test_installed_service_serves_away_from_the_source_tree(installed, tiny_model_dir, tmp_path):
+    with _serving(installed, tiny_model_dir, tmp_path) as env:
+        assert _wait_ready(env).status_code == 200
+        page = httpx.get(f"http://127.0.0.1:{env['PORT']}/", timeout=5)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        where = "import service, shared; print(service.__file__, shared.__file__)"
+        probe = subprocess.run(
+            [sys.executable, "-c", where],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert probe.stdout.split() and all(
+            Path(p).is_relative_to(installed) for p in probe.stdout.split()
+        ), probe.stdout + probe.stderr
+
+
+def test_image_healthcheck_passes_when_ready_and_fails_when_not(
+    installed, tiny_model_dir, tmp_path
+):
+    command = _healthcheck_command()
+    assert command[0] == "python"
+    command[0] = sys.executable
+    with _serving(installed, tiny_model_dir, tmp_path) as env:
+        assert _wait_ready(env).status_code == 200
+        check = subprocess.run(command, env=env, capture_output=True, timeout=30)
+        assert check.returncode == 0, check.stderr
+    empty = tmp_path / "empty-registry"
+    empty.mkdir()
+    with _serving(installed, empty, tmp_path) as env:
+        assert httpx.get(f"http://127.0.0.1:{env['PORT']}/readyz", timeout=2).status_code == 503
+        check = subprocess.run(command, env=env, capture_output=True, timeout=30)
+        assert check.returncode != 0
