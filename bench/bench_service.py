@@ -276,6 +276,11 @@ def measure_bare_forward(
 
     model = load_model(verify_artifact(model_dir, task, version))  # verifies, loads, warms up
     batch = torch.from_numpy(model.preprocessing(decode_image(png).pixels)[None])
+    if tuple(batch.shape[1:]) != model.input_shape:
+        raise RuntimeError(
+            f"{task} {version} takes {model.input_shape}, preprocessing gives "
+            f"{tuple(batch.shape[1:])}: build the input as service/predictors.py does"
+        )
     latencies = []
     deadline = time.monotonic() + max_seconds
     started = time.perf_counter()
