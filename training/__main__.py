@@ -1,0 +1,77 @@
+"""`python -m training <command> ...`: the training jobs' command line.
+
+    python -m training split --data-path D [--output F]      grouped train/val/test split file
+    python -m training classify --preset effnet-lite0 ...    train, evaluate, export, publish
+    python -m training segment --preset ...                  (training.segmentation)
+
+Each command's own `--help` lists its flags and their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from training.engine import setup_logging
+
+log = logging.getLogger("training")
+
+COMMANDS = ("split", "classify", "segment")
+
+
+def get_split_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training split",
+        description="Group near-duplicate images and split train/val/test by group.",
+    )
+    parser.add_argument("--data-path", type=Path, required=True,
+                        help="folder in BUSI layout (<class>/<name>.png + masks); required")
+    parser.add_argument("--output", type=Path, default=Path("split.json"),
+                        help="split file to write (default: split.json)")
+    parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
+    return parser
+
+
+def split_main(args: argparse.Namespace) -> dict:
+    from training.data import make_split, save_split
+
+    document = make_split(args.data_path, seed=args.seed)
+    save_split(document, args.output)
+    summary = document["summary"]
+    log.info(
+        "%d images -> %d groups (%d with near-duplicates holding %d images, %d cross-class); "
+        "written to %s",
+        summary["n_images"], summary["n_groups"], summary["n_groups_with_duplicates"],
+        summary["n_images_in_duplicate_groups"], summary["n_cross_class_groups"], args.output,
+    )
+    print(json.dumps(summary, indent=1))
+    return document
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    setup_logging()
+    if command == "split":
+        split_main(get_split_args_parser().parse_args(rest))
+    elif command == "classify":
+        from training import classification
+
+        args = classification.parse_args(rest)
+        args.command_line = "python -m training classify " + " ".join(rest)
+        classification.main(args)
+    else:
+        from training import segmentation
+
+        segmentation.main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
