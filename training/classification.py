@@ -315,7 +315,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.image_size:
         overrides.update(resize=args.image_size, crop=args.image_size)
     if args.smoke:
-        overrides.update(epochs=1, batch_size=4, resize=64, crop=64)
+        overrides.update(epochs=args.epochs or 1, batch_size=4, resize=64, crop=64)
     if args.no_pretrained or args.smoke:
         overrides["pretrained"] = False
     preset = replace(preset, **overrides)
