@@ -161,3 +161,12 @@ def test_committed_split_matches_the_data_and_keeps_groups_whole():
     for item in items.values():
         group_splits.setdefault(item["group"], set()).add(item["split"])
     assert all(len(s) == 1 for s in group_splits.values())
+
+
+def test_predicted_masks_come_from_the_segmentation_artifact_at_image_size(tiny_model_dir):
+    # the tiny segmenter calls every pixel brighter than about 143 a lesion
+    image = np.full((50, 70), 40, dtype=np.uint8)
+    image[10:30, 20:50] = 230
+    (mask,) = classification.predict_masks(tiny_model_dir, [image])
+    assert mask.shape == image.shape and mask.dtype == np.uint8
+    assert mask[15:25, 25:45].min() == 255 and mask[40:, :].max() == 0
