@@ -136,3 +136,46 @@ def _mean(values: np.ndarray) -> float:
 
 def _median(values: np.ndarray) -> float:
     return float(np.median(values)) if values.size else float("nan")
+
+
+DEFAULT_MIN_AREAS: tuple[float, ...] = (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
+
+
+def min_area_sweep(
+    probabilities: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    threshold: float,
+    min_areas: Sequence[float] = DEFAULT_MIN_AREAS,
+) -> list[dict[str, float]]:
+    """What a "no lesion unless the mask covers at least `a` of the image" rule would do.
+
+    For each candidate `a` (a fraction of the image's pixels, as lesion_geometry reports it),
+    masks covering less are emptied; returns the same columns as threshold_sweep. Analysis
+    only: the service applies such a rule only if shared.postprocessing does.
+    """
+    is_lesion = np.array([mask.any() for mask in masks], dtype=bool)
+    preds = [
+        probability_to_mask(p, threshold, m.shape[0], m.shape[1])
+        for p, m in zip(probabilities, masks, strict=True)
+    ]
+    fractions = np.array([float((pred > 0).mean()) for pred in preds])
+    rows = []
+    for a in min_areas:
+        dice, iou, any_lesion = [], [], []
+        for pred, mask, fraction in zip(preds, masks, fractions, strict=True):
+            kept = pred if fraction >= a else np.zeros_like(pred)
+            d, i = dice_iou(kept, mask)
+            dice.append(d)
+            iou.append(i)
+            any_lesion.append(bool(kept.any()))
+        dice_a, iou_a, any_a = np.array(dice), np.array(iou), np.array(any_lesion, dtype=float)
+        rows.append(
+            {
+                "min_area": float(a),
+                "lesion_dice": _mean(dice_a[is_lesion]),
+                "lesion_iou": _mean(iou_a[is_lesion]),
+                "normal_with_lesion": _mean(any_a[~is_lesion]),
+                "all_dice": _mean(dice_a),
+            }
+        )
+    return rows
