@@ -63,3 +63,13 @@ def test_registry_builds_segmenters_by_name() -> None:
     assert isinstance(build_model("unet_effnet_lite0", decoder_channels=(8, 8, 8, 8)), UNetEffLite0)
     with pytest.raises(ValueError, match="attention_unet"):
         build_model("no-such-net")
+
+
+def test_flip_average_is_mirror_symmetric_and_scripts() -> None:
+    from shared.models.tta import HorizontalFlipAverage
+
+    model = HorizontalFlipAverage(UNetEffLite0(decoder_channels=(8, 8, 8, 8))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    out = model(x)
+    torch.testing.assert_close(model(torch.flip(x, dims=[-1])), torch.flip(out, dims=[-1]))
+    torch.testing.assert_close(torch.jit.script(model)(x), out)

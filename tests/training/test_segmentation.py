@@ -43,11 +43,14 @@ def _write_busi_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
 
 
 @pytest.mark.slow
-def test_smoke_run_writes_report_and_publishes_a_verified_artifact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["unet-effnet-lite0-224", "seed-attention-unet"])
+def test_smoke_run_writes_report_and_publishes_a_verified_artifact(
+    tmp_path: Path, preset: str
+) -> None:
     data = _write_busi_folder(tmp_path / "busi")
     out, registry = tmp_path / "run", tmp_path / "models"
     base = [
-        "--preset", "unet-effnet-lite0",
+        "--preset", preset,
         "--data-path", str(data),
         "--split-file", str(tmp_path / "no-split.json"),
         "--output-dir", str(out),
