@@ -362,7 +362,9 @@ def predict_probabilities(
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train, evaluate, export and publish a lesion segmenter", add_help=add_help
+        prog="python -m training segment",
+        description="Train, evaluate, export and publish a lesion segmenter",
+        add_help=add_help,
     )
     parser.add_argument(
         "--preset",
@@ -452,7 +454,12 @@ def split_samples(args: argparse.Namespace, output_dir: Path) -> tuple[dict, str
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m training segment`; returns the exit status."""
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        get_preset(args.preset)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits with status 2 and the list of valid presets
     args.command_line = "python -m training segment " + shlex.join(
         argv if argv is not None else __import__("sys").argv[1:]
     )

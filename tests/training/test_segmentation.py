@@ -131,3 +131,12 @@ def test_bootstrap_interval_brackets_the_mean() -> None:
     values = np.linspace(0.5, 1.0, 50)
     low, high = bootstrap_mean_ci(values, n_resamples=500)
     assert low < values.mean() < high
+
+
+def test_command_line_rejects_an_unknown_preset_listing_the_valid_ones(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        segmentation.main(["--preset", "nope", "--data-path", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "unet-effnet-lite0" in capsys.readouterr().err
