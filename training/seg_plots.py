@@ -11,29 +11,13 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from training import plots  # noqa: E402
 from training.engine import History  # noqa: E402
 
 
 def plot_loss_curves(history: History, path: Path) -> None:
-    """Train and val loss per epoch, with val Dice (the selection score) on a second axis."""
-    epochs = history.column("epoch")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, history.column("train_loss"), label="train loss")
-    ax.plot(epochs, history.column("val_loss"), label="val loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    ax2.plot(epochs, history.column("val_lesion_dice"), "g--", label="val lesion Dice @0.5")
-    ax2.plot(epochs, history.column("val_all_dice"), "k:", label="val all-image Dice @0.5")
-    ax2.set_ylabel("Dice")
-    ax2.set_ylim(0, 1)
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
-    ax.set_title("loss curves")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Train and val loss per epoch, with the val Dice columns (threshold 0.5) on a second axis."""
+    plots.plot_loss_curves(history, path, extra=("val_lesion_dice", "val_all_dice"))
 
 
 def plot_iou_vs_threshold(
