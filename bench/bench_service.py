@@ -293,6 +293,24 @@ def measure_bare_forward(
     return summarise(f"bare forward ({task})", 1, latencies, wall, 0)
 
 
+def on_worker_thread(function, *args):
+    """function(*args) on a new thread; its result or its exception."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as exc:  # re-raised on the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="bare-forward")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -331,6 +349,13 @@ def markdown(results: list[Result], facts: dict[str, str], extra: dict[str, obje
         "- the load generator runs on the same cores as the service; on a machine shared with "
         "other work absolute times drift, so compare the ratios, taken in one run.",
     ]
+    busy = float(facts["loadavg_at_start"].split()[0])
+    if busy > 0.5 * int(facts["usable_cpus"]):
+        lines.append(
+            f"- WARNING: the machine was busy at the start (1-minute load {busy:.1f} on "
+            f"{facts['usable_cpus']} CPUs); with other work on the cores these numbers are NOT "
+            "representative."
+        )
     if extra["training_running"]:
         lines.append(
             "- WARNING: a training job (`python -m training`) was running during this benchmark; "
@@ -371,11 +396,14 @@ def main(args: argparse.Namespace) -> int:
         log_file.close()
     os.unlink(log_file.name)
 
-    # The service has exited: the bare forwards get the cores to themselves, as it had.
+    # The service has exited: the bare forwards get the cores to themselves, as it had. As in the
+    # service, torch is configured on the main thread and the models load, warm up and run on a
+    # worker thread started afterwards (the service's lifespan, then anyio's worker threads).
     configure_torch(args.threads)
     for task in TASKS:
-        results.append(measure_bare_forward(
-            model_dir, task, versions[task], png, args.requests, args.max_seconds
+        results.append(on_worker_thread(
+            measure_bare_forward, model_dir, task, versions[task], png, args.requests,
+            args.max_seconds,
         ))  # fmt: skip
     trained_during = trained_during or training_running()
 
