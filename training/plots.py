@@ -15,11 +15,11 @@ from training.engine import History  # noqa: E402
 from training.metrics import roc_auc, roc_curve  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: plt.Figure, path: Path, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -104,4 +104,4 @@ def plot_prediction_grid(
         wrong = true_labels[i] != predictions[i]
         ax.set_title(f"{true_labels[i]} -> {predictions[i]} ({confidences[i]:.2f})",
                      fontsize=8, color="red" if wrong else "black")
-    return _save(fig, path)
+    return _save(fig, path, dpi=72)  # photographs compress badly: keep the committed PNG small
