@@ -20,32 +20,28 @@ endpoint removal); see docs/operations.md.
 
 from __future__ import annotations
 
+import contextlib
 import io
-import os
+import itertools
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from service_process import QUIET_ENV, ServiceProcess, running_service
+
+from shared.labels import CLASS_NAMES
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 EXIT_STATUSES = (0, -signal.SIGTERM)  # uvicorn re-raises the signal it shut down for
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _png(size: int = 256) -> bytes:
@@ -56,76 +52,32 @@ def _png(size: int = 256) -> bytes:
     return buffer.getvalue()
 
 
-class Service:
-    """`python -m service` on a free loopback port, its output in a log file."""
-
-    def __init__(self, model_dir: Path, log_path: Path, grace_s: float) -> None:
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {
-            **os.environ,
-            "MODEL_DIR": str(model_dir),
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            "GRACEFUL_SHUTDOWN_S": str(grace_s),
-            "RELOAD_INTERVAL_S": "0",
-            "TORCH_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-            "LOG_FORMAT": "text",
-        }
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            cwd=REPO,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the service exited:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"the service was not ready within {timeout:.0f} s:\n{self.log()}")
-
-    def accepts_connections(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-        except OSError:  # ConnectionRefusedError once the listener is closed
-            return False
-        return True
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
+def _accepts_connections(service: ServiceProcess) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", service.port), timeout=1).close()
+    except OSError:  # ConnectionRefusedError once the listener is closed
+        return False
+    return True
 
 
 @pytest.fixture
-def service_factory(tiny_model_dir: Path, tmp_path: Path) -> Iterator:
-    started: list[Service] = []
+def service_factory(
+    tiny_model_dir: Path, tmp_path: Path
+) -> Iterator[Callable[[float], ServiceProcess]]:
+    numbers = itertools.count()
+    with contextlib.ExitStack() as started:
 
-    def start(grace_s: float) -> Service:
-        service = Service(tiny_model_dir, tmp_path / f"service-{len(started)}.log", grace_s)
-        started.append(service)
-        service.wait_ready()
-        return service
+        def start(grace_s: float) -> ServiceProcess:
+            env = {
+                "MODEL_DIR": str(tiny_model_dir),
+                "GRACEFUL_SHUTDOWN_S": str(grace_s),
+                "LOG_FORMAT": "text",
+                **QUIET_ENV,
+            }
+            log_path = tmp_path / f"service-{next(numbers)}.log"
+            return started.enter_context(running_service(env, log_path))
 
-    yield start
-    for service in started:
-        service.stop()
+        yield start
 
 
 class SlowUpload(threading.Thread):
@@ -184,14 +136,14 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(service_factory)
     service = service_factory(grace_s)
     png = _png()
     in_flight = [
-        SlowUpload(service.base_url, endpoint, png, chunks=8, pause_s=0.25)  # about 2 s each
+        SlowUpload(service.url, endpoint, png, chunks=8, pause_s=0.25)  # about 2 s each
         for endpoint in ("/diagnose", "/classify", "/segment")
     ]
     for request in in_flight:
         request.start()
     for request in in_flight:
         assert request.sending.wait(5)
-    probe = ReadinessProbe(service.base_url)
+    probe = ReadinessProbe(service.url)
     probe.start()
     time.sleep(0.3)  # the server has read every request's headers; the probe sees 200s
 
@@ -200,7 +152,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(service_factory)
 
     refused_at = None
     while time.monotonic() - signalled < 2:
-        if not service.accepts_connections():
+        if not _accepts_connections(service):
             refused_at = time.monotonic()
             break
         time.sleep(0.02)
@@ -211,7 +163,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(service_factory)
     try:
         status = service.process.wait(timeout=grace_s + 5)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the service did not exit within {grace_s + 5} s:\n{service.log()}")
+        pytest.fail(f"the service did not exit within {grace_s + 5} s:\n{service.log_tail()}")
     exited = time.monotonic()
 
     # readiness: never 200 for a probe sent after the signal (a 503 while the listener is still
@@ -224,22 +176,24 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(service_factory)
     assert set(after) <= {503, "ConnectError", "RemoteProtocolError", "ReadError"}, set(after)
     print(f"/readyz after SIGTERM: {after.count(503)} x 503, then {sorted(set(after) - {503})}")
     # new connections are refused within about one tick of uvicorn's loop
-    assert refused_at is not None and refused_at - signalled < 1.0, service.log()
+    assert refused_at is not None and refused_at - signalled < 1.0, service.log_tail()
     # every in-flight request finished normally
     for request in in_flight:
-        assert request.error is None, f"{request.endpoint}: {request.error!r}\n{service.log()}"
+        assert request.error is None, f"{request.endpoint}: {request.error!r}\n{service.log_tail()}"
         assert request.response.status_code == 200, request.response.text
-    diagnosis = in_flight[0].response.json()
-    assert diagnosis["classification"]["label"] in ("normal", "benign", "malignant")
-    # and the process was gone within the grace period
-    assert status in EXIT_STATUSES, f"exit status {status}:\n{service.log()}"
-    assert exited - signalled < grace_s, service.log()
+    diagnosis, classification = (request.response.json() for request in in_flight[:2])
+    assert diagnosis["classification"]["label"] in CLASS_NAMES
+    assert classification["label"] in CLASS_NAMES
+    # and the process was gone within the grace period, after the lifespan's shutdown ran
+    assert status in EXIT_STATUSES, f"exit status {status}:\n{service.log_tail()}"
+    assert exited - signalled < grace_s, service.log_tail()
+    assert "service.app shut down" in service.log_path.read_text(), service.log_tail()
 
 
 def test_sigterm_cuts_requests_that_outlast_the_grace_period(service_factory):
     grace_s = 1.0
     service = service_factory(grace_s)
-    stuck = SlowUpload(service.base_url, "/classify", _png(), chunks=20, pause_s=0.5)  # 10 s
+    stuck = SlowUpload(service.url, "/classify", _png(), chunks=20, pause_s=0.5)  # 10 s
     stuck.start()
     assert stuck.sending.wait(5)
     time.sleep(0.3)
@@ -249,11 +203,11 @@ def test_sigterm_cuts_requests_that_outlast_the_grace_period(service_factory):
     try:
         status = service.process.wait(timeout=grace_s + 5)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the service did not exit within {grace_s + 5} s:\n{service.log()}")
+        pytest.fail(f"the service did not exit within {grace_s + 5} s:\n{service.log_tail()}")
     exited = time.monotonic()
     stuck.join(timeout=15)
 
-    assert status in EXIT_STATUSES, f"exit status {status}:\n{service.log()}"
+    assert status in EXIT_STATUSES, f"exit status {status}:\n{service.log_tail()}"
     # the grace period, plus uvicorn's 0.1 s tick and its lifespan shutdown
-    assert exited - signalled < grace_s + 1.0, service.log()
+    assert exited - signalled < grace_s + 1.0, service.log_tail()
     assert stuck.response is None or stuck.response.status_code != 200

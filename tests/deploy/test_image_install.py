@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from service_process import QUIET_ENV, ServiceProcess, running_service
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("service", "shared", "training")
@@ -67,12 +64,6 @@ def test_wheel_holds_every_data_file_of_the_packages(wheel, package):
     assert not missing, f"add them to [tool.setuptools.package-data] in pyproject.toml: {missing}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def installed(wheel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel installed into a folder of its own, as the images' virtual environment holds it."""
@@ -86,53 +77,17 @@ def installed(wheel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-@contextlib.contextmanager
-def _serving(installed: Path, model_dir: Path, workdir: Path) -> Iterator[dict[str, str]]:
-    """`python -m service` from the installed copy, run from `workdir`; yields its environment
-    once /healthz answers (alive; ready or not)."""
+def _serving(
+    installed: Path, model_dir: Path, workdir: Path, wait_for: str
+) -> contextlib.AbstractContextManager[ServiceProcess]:
+    """`python -m service` from the installed copy, run from `workdir`, once `wait_for` is 200."""
     env = {
-        **os.environ,
         "PYTHONPATH": str(installed),  # ahead of the repository's editable install
         "MODEL_DIR": str(model_dir),
-        "HOST": "127.0.0.1",
-        "PORT": str(_free_port()),
-        "RELOAD_INTERVAL_S": "0",
-        "TORCH_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
+        **QUIET_ENV,
     }
-    log = workdir / f"service-{env['PORT']}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=workdir, env=env, stdout=out, stderr=out
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{env['PORT']}/healthz", timeout=2).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield env
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_ready(env: dict[str, str], timeout: float = 60) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    while True:
-        response = httpx.get(f"http://127.0.0.1:{env['PORT']}/readyz", timeout=2)
-        if response.status_code == 200 or time.monotonic() > deadline:
-            return response
-        time.sleep(0.2)
+    log_path = workdir / f"service-{model_dir.name}.log"
+    return running_service(env, log_path, cwd=workdir, wait_for=wait_for)
 
 
 def _healthcheck_command() -> list[str]:
@@ -143,14 +98,13 @@ def _healthcheck_command() -> list[str]:
 
 
 def test_installed_service_serves_away_from_the_source_tree(installed, tiny_model_dir, tmp_path):
-    with _serving(installed, tiny_model_dir, tmp_path) as env:
-        assert _wait_ready(env).status_code == 200
-        page = httpx.get(f"http://127.0.0.1:{env['PORT']}/", timeout=5)
+    with _serving(installed, tiny_model_dir, tmp_path, wait_for="/readyz") as service:
+        page = httpx.get(f"{service.url}/", timeout=5)
         assert page.status_code == 200 and "<html" in page.text.lower()
         where = "import service, shared; print(service.__file__, shared.__file__)"
         probe = subprocess.run(
             [sys.executable, "-c", where],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            env=service.env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert probe.stdout.split() and all(
             Path(p).is_relative_to(installed) for p in probe.stdout.split()
@@ -163,13 +117,13 @@ def test_image_healthcheck_passes_when_ready_and_fails_when_not(
     command = _healthcheck_command()
     assert command[0] == "python"
     command[0] = sys.executable
-    with _serving(installed, tiny_model_dir, tmp_path) as env:
-        assert _wait_ready(env).status_code == 200
-        check = subprocess.run(command, env=env, capture_output=True, timeout=30)
+    with _serving(installed, tiny_model_dir, tmp_path, wait_for="/readyz") as service:
+        check = subprocess.run(command, env=service.env, capture_output=True, timeout=30)
         assert check.returncode == 0, check.stderr
     empty = tmp_path / "empty-registry"
     empty.mkdir()
-    with _serving(installed, empty, tmp_path) as env:
-        assert httpx.get(f"http://127.0.0.1:{env['PORT']}/readyz", timeout=2).status_code == 503
-        check = subprocess.run(command, env=env, capture_output=True, timeout=30)
+    # alive but never ready
+    with _serving(installed, empty, tmp_path, wait_for="/healthz") as service:
+        assert httpx.get(f"{service.url}/readyz", timeout=2).status_code == 503
+        check = subprocess.run(command, env=service.env, capture_output=True, timeout=30)
         assert check.returncode != 0

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import service_process
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,60 +30,11 @@ CHROMIUM_ARGS = [
 SCREENSHOT_DIR = REPO_ROOT / "test-artifacts" / "page"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def running_service(env: dict[str, str], log_path: Path, timeout_s: float = 90.0) -> Iterator[str]:
-    """Start `python -m service` on a free loopback port; yield its base URL once /readyz is 200.
-
-    A subprocess rather than a thread: the service reads its settings from the environment once,
-    and the models load in its own lifespan exactly as in production.
-    """
-    port = free_port()
-    full_env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)}
-    full_env.setdefault("OMP_NUM_THREADS", "1")
-    base = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            cwd=REPO_ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _wait_ready(base, proc, log_path, timeout_s)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_ready(base: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with {proc.returncode}:\n{_tail(log_path)}")
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"the service was not ready after {timeout_s:.0f} s:\n{_tail(log_path)}")
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:]
+    """Start `python -m service` on a free loopback port; yield its base URL once /readyz is 200."""
+    with service_process.running_service(env, log_path, timeout_s=timeout_s) as service:
+        yield service.url
 
 
 # ---- scans made in the test -------------------------------------------------------------------
