@@ -82,7 +82,7 @@ class SegPreset:
     threshold_from: str  # "train" | "val": the split whose scores choose the threshold
     threshold_metric: str  # "lesion_iou" | "all_dice" (see training.seg_metrics)
     checkpoint: str  # "last" | "best_val" (highest val all-image Dice at threshold 0.5)
-    flip_tta: bool = False  # try logits averaged with the mirror image; kept if better on val
+    flip_tta: bool = False  # also try logits averaged with the mirror image; kept if better on val
     channels: int = 3
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -141,19 +141,6 @@ PRESETS: dict[str, SegPreset] = {
         model_kwargs={"freeze_stem_stages": 2},
     ),
 }
-# The same recipe at 224 px for 36 epochs, with a mirror-image average kept only if it scores
-# better on val. Defined before either run's test numbers were seen; the one to ship is the
-# preset with the higher val all-image Dice.
-PRESETS["unet-effnet-lite0-224"] = replace(
-    PRESETS["unet-effnet-lite0"],
-    description=(
-        "U-Net decoder on an ImageNet EfficientNet-Lite0 encoder, 224x224, 36 epochs, Dice + BCE, "
-        "AdamW + cosine, lesion and normal scans, flip averaging / threshold / checkpoint on val"
-    ),
-    size=224,
-    epochs=36,
-    flip_tta=True,
-)
 
 
 def get_preset(name: str) -> SegPreset:
@@ -399,6 +386,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--size", type=int, default=None, help="input side override (default: preset's)"
     )
+    parser.add_argument(
+        "--flip-tta",
+        action="store_true",
+        help="also try averaging the logits of the image and its mirror image (inside the "
+        "exported model); kept only if it scores better on val (default: off)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument(
@@ -432,6 +425,8 @@ def resolve_preset(args: argparse.Namespace) -> SegPreset:
         "lr": args.lr,
         "size": args.size,
     }
+    if args.flip_tta:
+        overrides["flip_tta"] = True
     if args.smoke:
         smoke = {"epochs": 1, "batch_size": 4, "size": 32, "warmup_epochs": 0.0}
         overrides = {k: v if v is not None else smoke.get(k) for k, v in overrides.items()}
@@ -673,9 +668,9 @@ def finish(
         output_dir / "sample_predictions.png",
     )
 
-    fingerprint = data_fingerprint([s for split in data.values() for s in split.samples]) | {
-        "split_file": split_file
-    }
+    # key order, as in the split file, so the two fingerprints agree
+    everything = sorted((s for split in data.values() for s in split.samples), key=lambda s: s.key)
+    fingerprint = data_fingerprint(everything) | {"split_file": _display_path(split_file)}
     config = {
         "preset": args.preset,
         **{k: v for k, v in asdict(preset).items() if k != "description"},
@@ -856,6 +851,14 @@ def _min_area_line(metrics: dict[str, Any]) -> str:
         f"{base['lesion_dice']:.3f}) and normals given a lesion "
         f"{test_row['normal_with_lesion']:.3f} (now {base['normal_with_lesion']:.3f})."
     )
+
+
+def _display_path(path: str) -> str:
+    """`path` relative to the working directory when it lies below it (repo-relative in runs)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _few_per_class(samples: list[Sample], n: int) -> list[Sample]:

@@ -43,14 +43,16 @@ def _write_busi_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["unet-effnet-lite0-224", "seed-attention-unet"])
+@pytest.mark.parametrize(
+    "preset", [["unet-effnet-lite0", "--flip-tta"], ["seed-attention-unet"]], ids=lambda p: p[0]
+)
 def test_smoke_run_writes_report_and_publishes_a_verified_artifact(
-    tmp_path: Path, preset: str
+    tmp_path: Path, preset: list[str]
 ) -> None:
     data = _write_busi_folder(tmp_path / "busi")
     out, registry = tmp_path / "run", tmp_path / "models"
     base = [
-        "--preset", preset,
+        "--preset", *preset,
         "--data-path", str(data),
         "--split-file", str(tmp_path / "no-split.json"),
         "--output-dir", str(out),
@@ -66,6 +68,7 @@ def test_smoke_run_writes_report_and_publishes_a_verified_artifact(
     assert metrics["test"]["n_lesion_images"] > 0
     assert 0.0 <= metrics["threshold"] <= 1.0
     assert metrics["artifact"]["version"] == "smoke-1"
+    assert metrics["inference"]["chosen"] in metrics["inference"]["variants_on_selection_split"]
 
     assert list_versions(registry, TASK_SEGMENTATION) == ["smoke-1"]
     info = verify_artifact(registry, TASK_SEGMENTATION, "smoke-1")
@@ -84,7 +87,7 @@ def test_smoke_run_writes_report_and_publishes_a_verified_artifact(
 
 
 def test_unknown_preset_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="seed-attention-unet.*unet-effnet-lite0"):
+    with pytest.raises(ValueError, match="seed-attention-unet, unet-effnet-lite0$"):
         get_preset("unet-resnet")
 
 
