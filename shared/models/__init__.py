@@ -23,6 +23,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     # segmentation
     "attention_unet": attention_unet.AttentionUNet,
     "unet_effnet_lite0": unet.UNetEffLite0,
+    "gated_unet_effnet_lite0": unet.GatedUNetEffLite0,
 }
 
 

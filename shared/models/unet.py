@@ -12,6 +12,7 @@ the same reason.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -156,11 +157,37 @@ class UNetEffLite0(nn.Module):
         self.decoder = nn.ModuleList(blocks)
         self.head = nn.Conv2d(channels, 1, kernel_size=3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(x)
+    def decode(self, features: list[torch.Tensor], size: list[int]) -> torch.Tensor:
+        """Encoder features (strides 2..32) -> lesion logits upsampled to `size`."""
         skips: list[torch.Tensor] = features[:-1][::-1]
         y = features[-1]
         for i, block in enumerate(self.decoder):
             y = block(y, skips[i])
         logits = self.head(y)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encoder(x), x.shape[-2:])
+
+
+class GatedUNetEffLite0(UNetEffLite0):
+    """UNetEffLite0 whose pixel logits are capped by one image-level "any lesion" logit.
+
+    A linear head on the pooled deepest features scores the whole scan; the output is
+    min(pixel logit, image logit), so a scan the head finds lesion-free gets an empty mask
+    whatever its pixels say. The output contract (logits, one per pixel) is unchanged and
+    the head learns end to end from the mask loss: on a normal scan the cap is pushed down where
+    it binds, inside a lesion it is pushed up.
+    """
+
+    def __init__(self, *args: Any, gate_bias: float = 3.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = nn.Linear(ENCODER_CHANNELS[-1], 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, gate_bias)  # starts open: the cap does not bind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)
+        pixel_logits = self.decode(features, x.shape[-2:])
+        image_logit = self.gate(features[-1].mean(dim=(2, 3)))
+        return torch.minimum(pixel_logits, image_logit[:, :, None, None])

@@ -73,3 +73,17 @@ def test_flip_average_is_mirror_symmetric_and_scripts() -> None:
     out = model(x)
     torch.testing.assert_close(model(torch.flip(x, dims=[-1])), torch.flip(out, dims=[-1]))
     torch.testing.assert_close(torch.jit.script(model)(x), out)
+
+
+def test_gated_unet_caps_every_pixel_at_the_image_logit_and_scripts() -> None:
+    from shared.models.unet import GatedUNetEffLite0
+
+    model = GatedUNetEffLite0(decoder_channels=(8, 8, 8, 8)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model.gate.bias.fill_(-5.0)  # the image head says "no lesion"
+    out = model(x)
+    assert out.shape == (2, 1, 64, 64) and float(out.max()) <= -5.0
+    torch.testing.assert_close(torch.jit.script(model)(x), out)
+    assert isinstance(build_model("gated_unet_effnet_lite0", decoder_channels=(8, 8, 8, 8)),
+                      GatedUNetEffLite0)  # fmt: skip
