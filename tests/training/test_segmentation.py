@@ -87,7 +87,9 @@ def test_smoke_run_writes_report_and_publishes_a_verified_artifact(
 
 
 def test_unknown_preset_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="seed-attention-unet, unet-effnet-lite0$"):
+    with pytest.raises(
+        ValueError, match="seed-attention-unet, unet-effnet-lite0, unet-effnet-lite0-gated$"
+    ):
         get_preset("unet-resnet")
 
 
