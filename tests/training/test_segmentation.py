@@ -44,7 +44,9 @@ def _write_busi_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "preset", [["unet-effnet-lite0", "--flip-tta"], ["seed-attention-unet"]], ids=lambda p: p[0]
+    "preset",
+    [["unet-effnet-lite0-gated", "--flip-tta"], ["unet-effnet-lite0"], ["seed-attention-unet"]],
+    ids=lambda p: p[0],
 )
 def test_smoke_run_writes_report_and_publishes_a_verified_artifact(
     tmp_path: Path, preset: list[str]
