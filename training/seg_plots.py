@@ -67,5 +67,5 @@ def plot_sample_predictions(
         ax.set_title(title, fontsize=8)
     fig.suptitle("test samples: truth outline green, prediction red", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=72)  # committed with the reports: keep the file small
     plt.close(fig)
