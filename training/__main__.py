@@ -27,10 +27,18 @@ def get_split_args_parser() -> argparse.ArgumentParser:
         prog="python -m training split",
         description="Group near-duplicate images and split train/val/test by group.",
     )
-    parser.add_argument("--data-path", type=Path, required=True,
-                        help="folder in BUSI layout (<class>/<name>.png + masks); required")
-    parser.add_argument("--output", type=Path, default=Path("split.json"),
-                        help="split file to write (default: split.json)")
+    parser.add_argument(
+        "--data-path",
+        type=Path,
+        required=True,
+        help="folder in BUSI layout (<class>/<name>.png + masks); required",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("split.json"),
+        help="split file to write (default: split.json)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     return parser
 
@@ -44,8 +52,12 @@ def split_main(args: argparse.Namespace) -> dict:
     log.info(
         "%d images -> %d groups (%d with near-duplicates holding %d images, %d cross-class); "
         "written to %s",
-        summary["n_images"], summary["n_groups"], summary["n_groups_with_duplicates"],
-        summary["n_images_in_duplicate_groups"], summary["n_cross_class_groups"], args.output,
+        summary["n_images"],
+        summary["n_groups"],
+        summary["n_groups_with_duplicates"],
+        summary["n_images_in_duplicate_groups"],
+        summary["n_cross_class_groups"],
+        args.output,
     )
     print(json.dumps(summary, indent=1))
     return document

@@ -324,8 +324,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     engine.setup_logging(output_dir / "train.log")
     threads = engine.configure_threads(args.threads)
     engine.seed_everything(args.seed)
-    log.info("preset %s (%s); %d threads; output %s", args.preset, preset.notes, threads,
-             output_dir)
+    log.info(
+        "preset %s (%s); %d threads; output %s", args.preset, preset.notes, threads, output_dir
+    )
 
     # Data: the grouped split, decoded once and held in memory (623 x 256 x 256 bytes).
     samples = scan_dataset(args.data_path)
@@ -341,17 +342,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         by_split = {s: _subset_per_class(v, n) for s, v in by_split.items()}
     images = {s: [load_image(x) for x in by_split[s]] for s in SPLITS}
     labels = {s: [x.label for x in by_split[s]] for s in SPLITS}
-    log.info("split %s: %s", split_path,
-             {s: np.bincount(labels[s], minlength=3).tolist() for s in SPLITS})
+    log.info(
+        "split %s: %s",
+        split_path,
+        {s: np.bincount(labels[s], minlength=3).tolist() for s in SPLITS},
+    )
 
     masks: dict[str, list[np.ndarray] | None] = dict.fromkeys(SPLITS)
     if args.mask_channel != "none":
-        gt = {s: [load_mask(x, im.shape) for x, im in zip(by_split[s], images[s], strict=True)]
-              for s in SPLITS}
+        gt = {
+            s: [load_mask(x, im.shape) for x, im in zip(by_split[s], images[s], strict=True)]
+            for s in SPLITS
+        }
         masks["train"] = gt["train"]
         if args.mask_channel == "ground-truth":
-            log.warning("ground-truth masks at evaluation leak the label (normal masks are "
-                        "empty): these numbers measure the leak, not the model")
+            log.warning(
+                "ground-truth masks at evaluation leak the label (normal masks are "
+                "empty): these numbers measure the leak, not the model"
+            )
             masks["val"], masks["test"] = gt["val"], gt["test"]
         else:
             if not args.segmenter:
@@ -363,23 +371,33 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     preprocessing = Preprocessing(resize=preset.resize, crop=preset.crop)
     augmentation = Augmentation(preset.augmentation, preset.resize)
     datasets = {
-        "train": ClassificationDataset(images["train"], labels["train"], preprocessing,
-                                       augmentation, masks["train"]),
-        "val": ClassificationDataset(images["val"], labels["val"], preprocessing,
-                                     None, masks["val"]),
-        "test": ClassificationDataset(images["test"], labels["test"], preprocessing,
-                                      None, masks["test"]),
+        "train": ClassificationDataset(
+            images["train"], labels["train"], preprocessing, augmentation, masks["train"]
+        ),
+        "val": ClassificationDataset(
+            images["val"], labels["val"], preprocessing, None, masks["val"]
+        ),
+        "test": ClassificationDataset(
+            images["test"], labels["test"], preprocessing, None, masks["test"]
+        ),
     }
     generator = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(datasets["train"], batch_size=preset.batch_size, shuffle=True,
-                              drop_last=len(datasets["train"]) > preset.batch_size,
-                              generator=generator, num_workers=args.workers)
-    eval_loaders = {s: DataLoader(datasets[s], batch_size=64, num_workers=args.workers)
-                    for s in ("val", "test")}
+    train_loader = DataLoader(
+        datasets["train"],
+        batch_size=preset.batch_size,
+        shuffle=True,
+        drop_last=len(datasets["train"]) > preset.batch_size,
+        generator=generator,
+        num_workers=args.workers,
+    )
+    eval_loaders = {
+        s: DataLoader(datasets[s], batch_size=64, num_workers=args.workers) for s in ("val", "test")
+    }
 
     # Model, loss, optimiser.
-    model_kwargs: dict[str, Any] = dict(num_classes=len(CLASS_NAMES), in_channels=in_channels,
-                                        pretrained=preset.pretrained)
+    model_kwargs: dict[str, Any] = dict(
+        num_classes=len(CLASS_NAMES), in_channels=in_channels, pretrained=preset.pretrained
+    )
     if preset.drop_rate is not None:
         model_kwargs["drop_rate"] = preset.drop_rate
     model = build_model(preset.architecture, **model_kwargs)
@@ -403,16 +421,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for epoch in range(start_epoch, preset.epochs + 1) if not args.test_only else ():
         with engine.Timer() as timer:
             train_loss = engine.train_one_epoch(
-                model, loss_fn, optimizer, train_loader, epoch,
+                model,
+                loss_fn,
+                optimizer,
+                train_loader,
+                epoch,
                 step_scheduler=scheduler if step_every == "step" else None,
                 progress=not args.no_progress,
             )
             if step_every == "epoch":
                 scheduler.step()
-            val = engine.evaluate(model, loss_fn, eval_loaders["val"], desc="val",
-                                  progress=not args.no_progress)
-        val_metrics = classification_metrics(val.targets.numpy(), _probs(val.outputs),
-                                             CLASS_NAMES, n_resamples=0)
+            val = engine.evaluate(
+                model, loss_fn, eval_loaders["val"], desc="val", progress=not args.no_progress
+            )
+        val_metrics = classification_metrics(
+            val.targets.numpy(), _probs(val.outputs), CLASS_NAMES, n_resamples=0
+        )
         values = {
             "train_loss": train_loss,
             "val_loss": val.loss,
@@ -423,17 +447,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": timer.seconds,
         }
         history.append(epoch, **values)
-        engine.log_epoch(epoch, preset.epochs, seconds=timer.seconds,
-                         **{k: v for k, v in values.items() if k != "seconds"})
+        engine.log_epoch(
+            epoch,
+            preset.epochs,
+            seconds=timer.seconds,
+            **{k: v for k, v in values.items() if k != "seconds"},
+        )
         if _is_better(values[preset.select_on], best, preset.select_on):
             best, best_epoch = values[preset.select_on], epoch
             torch.save(model.state_dict(), best_path)
             log.info("new best %s=%.4f at epoch %d", preset.select_on, best, epoch)
         engine.save_checkpoint(
-            checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
-            epoch=epoch, best_metric=best, history=history,
-            extra={"best_epoch": best_epoch, "preset": args.preset,
-                   "pretrained_loaded": pretrained_loaded},
+            checkpoint_path,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epoch=epoch,
+            best_metric=best,
+            history=history,
+            extra={
+                "best_epoch": best_epoch,
+                "preset": args.preset,
+                "pretrained_loaded": pretrained_loaded,
+            },
         )
     train_seconds = sum(history.column("seconds"))
 
@@ -444,15 +480,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     outputs = {}
     for split in ("val", "test"):
-        out = engine.evaluate(model, None, eval_loaders[split], desc=split,
-                              progress=not args.no_progress)
+        out = engine.evaluate(
+            model, None, eval_loaders[split], desc=split, progress=not args.no_progress
+        )
         outputs[split] = (out.targets.numpy(), _probs(out.outputs))
-        results[split] = classification_metrics(*outputs[split], CLASS_NAMES,
-                                                n_resamples=args.bootstrap, seed=args.seed)
+        results[split] = classification_metrics(
+            *outputs[split], CLASS_NAMES, n_resamples=args.bootstrap, seed=args.seed
+        )
         r = results[split]
-        log.info("%s: accuracy %s macro-F1 %s macro-AUC %s malignant sensitivity %s", split,
-                 *(_num(v) for v in (r["accuracy"], r["macro_f1"], r["macro_auc"],
-                                     r["per_class"]["malignant"]["recall"])))
+        log.info(
+            "%s: accuracy %s macro-F1 %s macro-AUC %s malignant sensitivity %s",
+            split,
+            *(
+                _num(v)
+                for v in (
+                    r["accuracy"],
+                    r["macro_f1"],
+                    r["macro_auc"],
+                    r["per_class"]["malignant"]["recall"],
+                )
+            ),
+        )
 
     config = {
         "preset": args.preset,
@@ -480,8 +528,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     (output_dir / "metrics.json").write_text(json.dumps(document, indent=1) + "\n")
     _write_plots(output_dir, history, outputs, images["test"], labels["test"], masks["test"])
-    report.write_classification_report(output_dir / "report.md", document,
-                                       command=getattr(args, "command_line", None))
+    report.write_classification_report(
+        output_dir / "report.md", document, command=getattr(args, "command_line", None)
+    )
 
     # Export (checked equal to eager) and publish.
     size = preprocessing.output_size
@@ -506,13 +555,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "like the image"
             )
         version = args.version or new_version_name()
-        info = export.publish(Path(args.model_dir), TASK_CLASSIFICATION, version, scripted,
-                              metadata)
-        document["published"] = {"path": str(info.path), "version": version,
-                                 "sha256": info.sha256}
+        info = export.publish(
+            Path(args.model_dir), TASK_CLASSIFICATION, version, scripted, metadata
+        )
+        document["published"] = {"path": str(info.path), "version": version, "sha256": info.sha256}
         (output_dir / "metrics.json").write_text(json.dumps(document, indent=1) + "\n")
-    log.info("done in %.0f s (training %.0f s); input %dx%d", time.perf_counter() - started,
-             train_seconds, size, size)
+    log.info(
+        "done in %.0f s (training %.0f s); input %dx%d",
+        time.perf_counter() - started,
+        train_seconds,
+        size,
+        size,
+    )
     return document
 
 
@@ -536,13 +590,18 @@ def _write_plots(output_dir, history, outputs, test_images, test_labels, test_ma
     for split, (y, p) in outputs.items():
         from training.metrics import confusion_matrix
 
-        plots.plot_confusion_matrix(confusion_matrix(y, p.argmax(1), len(CLASS_NAMES)),
-                                    CLASS_NAMES, output_dir / f"confusion_{split}.png",
-                                    title=f"confusion matrix ({split})")
-        plots.plot_roc_curves(y, p, CLASS_NAMES, output_dir / f"roc_{split}.png",
-                              title=f"ROC one vs rest ({split})")
-    plots.plot_loss_curves(history, output_dir / "loss_curves.png",
-                           extra=("val_accuracy", "val_macro_f1"))
+        plots.plot_confusion_matrix(
+            confusion_matrix(y, p.argmax(1), len(CLASS_NAMES)),
+            CLASS_NAMES,
+            output_dir / f"confusion_{split}.png",
+            title=f"confusion matrix ({split})",
+        )
+        plots.plot_roc_curves(
+            y, p, CLASS_NAMES, output_dir / f"roc_{split}.png", title=f"ROC one vs rest ({split})"
+        )
+    plots.plot_loss_curves(
+        history, output_dir / "loss_curves.png", extra=("val_accuracy", "val_macro_f1")
+    )
     y, p = outputs["test"]
     # A fixed, class-balanced pick of test images (the first four of each class), errors in red.
     pick = [i for c in range(len(CLASS_NAMES)) for i in np.flatnonzero(y == c)[:4]]
@@ -562,59 +621,124 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Train, evaluate, export and publish a breast-ultrasound classifier.",
         add_help=add_help,
     )
-    parser.add_argument("--preset", default="effnet-lite0", choices=sorted(PRESETS),
-                        help="recipe (default: effnet-lite0)")
-    parser.add_argument("--data-path", type=Path, required=True,
-                        help="folder in BUSI layout (<class>/<name>.png + masks); required")
-    parser.add_argument("--split-file", type=Path, default=None,
-                        help="grouped split file from `python -m training split`; made and saved "
-                        "into --output-dir when absent (default: none)")
-    parser.add_argument("--split-seed", type=int, default=0,
-                        help="seed of a split made on the fly (default: 0)")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="run folder: checkpoints, metrics, report, plots "
-                        "(default: runs/classification/<preset>)")
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="publish the TorchScript artifact into this model directory as "
-                        "<model-dir>/classification/<version>/ (default: none, don't publish)")
-    parser.add_argument("--version", default=None,
-                        help="artifact version name (default: UTC time, e.g. 20260101T120000Z)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="number of epochs (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="training batch size (default: the preset's)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (default: the preset's)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="resize and crop side in pixels (default: the preset's)")
-    parser.add_argument("--no-pretrained", action="store_true",
-                        help="start from random weights (default: the preset's choice)")
-    parser.add_argument("--mask-channel", default="none", choices=MASK_CHANNEL_CHOICES,
-                        help="append a lesion mask as a 4th channel; ground-truth leaks the label "
-                        "(normal masks are empty) and is for measuring that leak; predicted uses "
-                        "--segmenter at evaluation (default: none)")
-    parser.add_argument("--segmenter", type=Path, default=None,
-                        help="model directory holding the segmentation artifact whose masks "
-                        "--mask-channel predicted uses (default: none)")
+    parser.add_argument(
+        "--preset",
+        default="effnet-lite0",
+        choices=sorted(PRESETS),
+        help="recipe (default: effnet-lite0)",
+    )
+    parser.add_argument(
+        "--data-path",
+        type=Path,
+        required=True,
+        help="folder in BUSI layout (<class>/<name>.png + masks); required",
+    )
+    parser.add_argument(
+        "--split-file",
+        type=Path,
+        default=None,
+        help="grouped split file from `python -m training split`; made and saved "
+        "into --output-dir when absent (default: none)",
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="seed of a split made on the fly (default: 0)"
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="run folder: checkpoints, metrics, report, plots "
+        "(default: runs/classification/<preset>)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="publish the TorchScript artifact into this model directory as "
+        "<model-dir>/classification/<version>/ (default: none, don't publish)",
+    )
+    parser.add_argument(
+        "--version",
+        default=None,
+        help="artifact version name (default: UTC time, e.g. 20260101T120000Z)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="number of epochs (default: the preset's)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="training batch size (default: the preset's)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default: the preset's)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize and crop side in pixels (default: the preset's)",
+    )
+    parser.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="start from random weights (default: the preset's choice)",
+    )
+    parser.add_argument(
+        "--mask-channel",
+        default="none",
+        choices=MASK_CHANNEL_CHOICES,
+        help="append a lesion mask as a 4th channel; ground-truth leaks the label "
+        "(normal masks are empty) and is for measuring that leak; predicted uses "
+        "--segmenter at evaluation (default: none)",
+    )
+    parser.add_argument(
+        "--segmenter",
+        type=Path,
+        default=None,
+        help="model directory holding the segmentation artifact whose masks "
+        "--mask-channel predicted uses (default: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch intra-op threads (default: 2)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="data-loader worker processes (default: 0, load in the main process)")
-    parser.add_argument("--bootstrap", type=int, default=2000,
-                        help="bootstrap resamples for the 95%% intervals (default: 2000)")
-    parser.add_argument("--max-per-class", type=int, default=None,
-                        help="use at most this many images per class and split (default: all)")
-    parser.add_argument("--resume", type=Path, default=None,
-                        help="checkpoint to resume from, e.g. <output-dir>/checkpoint.pt "
-                        "(default: none)")
-    parser.add_argument("--test-only", action="store_true",
-                        help="skip training; evaluate the run's best checkpoint (default: off)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a run of seconds: 3 images per class and split, 1 epoch, 64 px, no "
-                        "pretrained weights, 200 bootstrap resamples (default: off)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars (default: show them)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch intra-op threads (default: 2)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="data-loader worker processes (default: 0, load in the main process)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=2000,
+        help="bootstrap resamples for the 95%% intervals (default: 2000)",
+    )
+    parser.add_argument(
+        "--max-per-class",
+        type=int,
+        default=None,
+        help="use at most this many images per class and split (default: all)",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="checkpoint to resume from, e.g. <output-dir>/checkpoint.pt (default: none)",
+    )
+    parser.add_argument(
+        "--test-only",
+        action="store_true",
+        help="skip training; evaluate the run's best checkpoint (default: off)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a run of seconds: 3 images per class and split, 1 epoch, 64 px, no "
+        "pretrained weights, 200 bootstrap resamples (default: off)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (default: show them)"
+    )
     return parser
 
 

@@ -168,7 +168,7 @@ def publish(
     scripted: torch.jit.ScriptModule,
     metadata: dict[str, Any],
 ) -> ArtifactInfo:
-    """Save `scripted` to a temporary file and publish it atomically as `<model_dir>/<task>/<version>`.
+    """Save `scripted` to a temp file; publish it atomically as `<model_dir>/<task>/<version>`.
 
     Raises the errors of shared.artifacts.publish_artifact (a bad name, an existing version,
     missing manifest fields).

@@ -34,8 +34,14 @@ def plot_confusion_matrix(
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
-            ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center",
-                    color="white" if norm[i, j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(m[i, j])}",
+                ha="center",
+                va="center",
+                color="white" if norm[i, j] > 0.6 else "black",
+            )
     ax.set_xticks(range(len(class_names)), class_names)
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted")
@@ -102,6 +108,9 @@ def plot_prediction_grid(
         if masks is not None and masks[i] is not None and np.any(masks[i]):
             ax.contour(masks[i] > 0, levels=[0.5], colors="yellow", linewidths=0.8)
         wrong = true_labels[i] != predictions[i]
-        ax.set_title(f"{true_labels[i]} -> {predictions[i]} ({confidences[i]:.2f})",
-                     fontsize=8, color="red" if wrong else "black")
+        ax.set_title(
+            f"{true_labels[i]} -> {predictions[i]} ({confidences[i]:.2f})",
+            fontsize=8,
+            color="red" if wrong else "black",
+        )
     return _save(fig, path, dpi=72)  # photographs compress badly: keep the committed PNG small

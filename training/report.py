@@ -23,10 +23,16 @@ def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, float | None]
     return [
         ("accuracy", _fmt(metrics["accuracy"], ci.get("accuracy")), metrics["accuracy"]),
         ("macro-F1", _fmt(metrics["macro_f1"], ci.get("macro_f1")), metrics["macro_f1"]),
-        ("macro one-vs-rest AUC", _fmt(metrics["macro_auc"], ci.get("macro_auc")),
-         metrics["macro_auc"]),
-        ("malignant sensitivity", _fmt(malignant["recall"], ci.get("malignant_recall")),
-         malignant["recall"]),
+        (
+            "macro one-vs-rest AUC",
+            _fmt(metrics["macro_auc"], ci.get("macro_auc")),
+            metrics["macro_auc"],
+        ),
+        (
+            "malignant sensitivity",
+            _fmt(malignant["recall"], ci.get("malignant_recall")),
+            malignant["recall"],
+        ),
     ]
 
 
@@ -49,8 +55,11 @@ def write_classification_report(
     if cfg.get("smoke"):
         lines += ["**Smoke run** (tiny subset, 1 epoch): the numbers mean nothing.", ""]
     if cfg["mask_channel"] == "ground-truth":
-        lines += ["**Ground-truth mask channel: these numbers include the label leak** (normal "
-                  "images have empty masks) and do not describe a deployable model.", ""]
+        lines += [
+            "**Ground-truth mask channel: these numbers include the label leak** (normal "
+            "images have empty masks) and do not describe a deployable model.",
+            "",
+        ]
     if command:
         lines += ["Command:", "", f"    {command}", ""]
     test, val = document["test"], document["validation"]
@@ -66,14 +75,26 @@ def write_classification_report(
     ):
         met = "yes" if raw is not None and raw >= TARGETS[key] else "no"
         lines.append(f"| {label} | {text} | >= {TARGETS[key]:.2f} | {met} | {vtext} |")
-    lines += ["", "Per class (test):", "", "| class | precision | recall | F1 | AUC | n |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Per class (test):",
+        "",
+        "| class | precision | recall | F1 | AUC | n |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in names:
         pc = test["per_class"][name]
-        lines.append(f"| {name} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | "
-                     f"{_fmt(pc['f1'])} | {_fmt(pc['auc'])} | {pc['support']} |")
-    lines += ["", "Confusion matrix (test; rows true, columns predicted):", "",
-              "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines.append(
+            f"| {name} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | "
+            f"{_fmt(pc['f1'])} | {_fmt(pc['auc'])} | {pc['support']} |"
+        )
+    lines += [
+        "",
+        "Confusion matrix (test; rows true, columns predicted):",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for name, row in zip(names, test["confusion_matrix"], strict=True):
         lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
     lines += [

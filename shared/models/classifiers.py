@@ -66,7 +66,8 @@ def resnet18(num_classes: int = 3, in_channels: int = 3, pretrained: bool = Fals
             log.info("resnet18: loaded torchvision ImageNet weights")
         except Exception as exc:  # offline, blocked or corrupt download: continue from scratch
             log.warning(
-                "resnet18: torchvision ImageNet weights unreachable (%s: %s); training from scratch",
+                "resnet18: torchvision ImageNet weights unreachable (%s: %s); "
+                "training from scratch",
                 type(exc).__name__,
                 str(exc)[:200],
             )
@@ -87,14 +88,18 @@ def efficientnet_lite0(
     """
     import timm
 
-    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes,
-                              drop_rate=drop_rate)
+    model = timm.create_model(
+        "efficientnet_lite0", pretrained=False, num_classes=num_classes, drop_rate=drop_rate
+    )
     loaded = False
     if pretrained:
         from shared.models.unet import load_lite0_imagenet_state_dict
 
-        state = {k: v for k, v in load_lite0_imagenet_state_dict().items()
-                 if not k.startswith("classifier.")}
+        state = {
+            k: v
+            for k, v in load_lite0_imagenet_state_dict().items()
+            if not k.startswith("classifier.")
+        }
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) != {"classifier.weight", "classifier.bias"}:
             raise RuntimeError(f"lite0 weights do not fit: missing={missing} extra={unexpected}")

@@ -45,8 +45,9 @@ def test_lite0_imagenet_weights_load_strictly_after_the_key_rename():
     model = build_model("efficientnet_lite0", num_classes=3, pretrained=True)
     assert model.pretrained_loaded
     torch.testing.assert_close(model.conv_stem.weight, state["conv_stem.weight"])
-    torch.testing.assert_close(model.blocks[6][0].conv_pwl.weight,
-                               state["blocks.6.0.conv_pwl.weight"])
+    torch.testing.assert_close(
+        model.blocks[6][0].conv_pwl.weight, state["blocks.6.0.conv_pwl.weight"]
+    )
     assert model.classifier.weight.shape == (3, 1280)
 
 

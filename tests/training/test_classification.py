@@ -50,22 +50,49 @@ def write_busi_folder(root: Path, per_class: int = 8, seed: int = 0) -> Path:
 def test_smoke_run_reports_exports_and_publishes_a_verified_artifact(tmp_path):
     data = write_busi_folder(tmp_path / "busi")
     out, registry = tmp_path / "run", tmp_path / "models"
-    base = ["--preset", "effnet-lite0", "--data-path", str(data),
-            "--split-file", str(tmp_path / "split.json"), "--output-dir", str(out),
-            "--smoke", "--no-progress", "--threads", "1", "--bootstrap", "50"]
+    base = [
+        "--preset",
+        "effnet-lite0",
+        "--data-path",
+        str(data),
+        "--split-file",
+        str(tmp_path / "split.json"),
+        "--output-dir",
+        str(out),
+        "--smoke",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--bootstrap",
+        "50",
+    ]
     document = classification.main(
         classification.parse_args([*base, "--model-dir", str(registry), "--version", "smoke-1"])
     )
 
-    for name in ("metrics.json", "report.md", "loss_curves.png", "confusion_test.png",
-                 "roc_test.png", "samples_test.png", "checkpoint.pt", "best.pt"):
+    for name in (
+        "metrics.json",
+        "report.md",
+        "loss_curves.png",
+        "confusion_test.png",
+        "roc_test.png",
+        "samples_test.png",
+        "checkpoint.pt",
+        "best.pt",
+    ):
         assert (out / name).is_file(), name
     assert (tmp_path / "split.json").is_file()  # made on the fly, reusable
     metrics = json.loads((out / "metrics.json").read_text())
     for split in ("validation", "test"):
         m = metrics[split]
-        assert {"accuracy", "macro_f1", "macro_auc", "per_class", "confusion_matrix",
-                "ci95"} <= set(m)
+        assert {
+            "accuracy",
+            "macro_f1",
+            "macro_auc",
+            "per_class",
+            "confusion_matrix",
+            "ci95",
+        } <= set(m)
         assert sum(map(sum, m["confusion_matrix"])) == m["n"]
         assert set(m["per_class"]) == set(CLASS_NAMES)
     assert metrics["training"]["smoke"] is True and metrics["training"]["epochs_run"] == 1
@@ -84,9 +111,9 @@ def test_smoke_run_reports_exports_and_publishes_a_verified_artifact(tmp_path):
     assert scripted(torch.from_numpy(pre(image))[None]).shape == (1, 3)
 
     # --resume continues from the checkpoint for one more epoch; history keeps both
-    classification.main(classification.parse_args(
-        [*base, "--epochs", "2", "--resume", str(out / "checkpoint.pt")]
-    ))
+    classification.main(
+        classification.parse_args([*base, "--epochs", "2", "--resume", str(out / "checkpoint.pt")])
+    )
     again = json.loads((out / "metrics.json").read_text())
     assert [row["epoch"] for row in again["history"]["epochs"]] == [1, 2]
     assert "published" not in again  # no --model-dir: nothing published
@@ -101,7 +128,12 @@ def test_seed_preset_is_the_seed_recipe():
     seed = get_preset("seed-resnet18")
     assert (seed.architecture, seed.resize, seed.crop) == ("resnet18", 256, 224)
     assert (seed.optimizer, seed.lr, seed.momentum, seed.nesterov, seed.weight_decay) == (
-        "sgd", 1e-3, 0.9, True, 1e-5)
+        "sgd",
+        1e-3,
+        0.9,
+        True,
+        1e-5,
+    )
     assert (seed.scheduler, seed.step_size, seed.gamma) == ("step", 10, 0.1)
     assert seed.label_smoothing == 0 and not seed.class_weighted
 

@@ -50,8 +50,16 @@ def test_checkpoint_round_trip_restores_states_and_history(tmp_path):
     history = History()
     history.append(1, train_loss=0.5, val_loss=0.7)
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, model=model, optimizer=opt, scheduler=sched, epoch=1,
-                    best_metric=0.8, history=history, extra={"preset": "x"})
+    save_checkpoint(
+        path,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        epoch=1,
+        best_metric=0.8,
+        history=history,
+        extra={"preset": "x"},
+    )
 
     model2 = nn.Linear(4, 2)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)

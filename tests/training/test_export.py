@@ -50,9 +50,14 @@ def test_publish_writes_a_verified_artifact(tmp_path):
     pre = Preprocessing(resize=16)
     scripted = export_torchscript(model, torch.randn(1, 3, 16, 16))
     metadata = build_metadata(
-        task="classification", name="tiny-cls", architecture="tiny", preprocessing=pre,
-        output={"type": "logits", "shape": [3]}, metrics={"test": {"accuracy": 1.0}},
-        training={"preset": "tiny"}, data_fingerprint={"sha256": "0" * 64, "n_images": 1},
+        task="classification",
+        name="tiny-cls",
+        architecture="tiny",
+        preprocessing=pre,
+        output={"type": "logits", "shape": [3]},
+        metrics={"test": {"accuracy": 1.0}},
+        training={"preset": "tiny"},
+        data_fingerprint={"sha256": "0" * 64, "n_images": 1},
         class_names=("normal", "benign", "malignant"),
     )
     info = publish(tmp_path, "classification", "v1", scripted, metadata)
@@ -68,6 +73,13 @@ def test_publish_writes_a_verified_artifact(tmp_path):
 
 def test_build_metadata_rejects_a_classifier_without_class_names():
     with pytest.raises(ValueError):
-        build_metadata(task="classification", name="n", architecture="a",
-                       preprocessing=Preprocessing(resize=8), output={}, metrics={},
-                       training={}, data_fingerprint={})
+        build_metadata(
+            task="classification",
+            name="n",
+            architecture="a",
+            preprocessing=Preprocessing(resize=8),
+            output={},
+            metrics={},
+            training={},
+            data_fingerprint={},
+        )
