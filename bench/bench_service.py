@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.registry import configure_torch, load_model  # noqa: E402
-from service.settings import available_cpus  # noqa: E402
+from service.settings import available_cpus, default_torch_threads  # noqa: E402
 from shared.artifacts import verify_artifact  # noqa: E402
 from shared.decoding import decode_image  # noqa: E402
 from shared.labels import TASK_CLASSIFICATION, TASK_SEGMENTATION, TASKS  # noqa: E402
@@ -89,9 +89,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         type=int,
-        default=available_cpus(),
+        default=default_torch_threads(),
         help="TORCH_THREADS for the service and the bare forward "
-        "(default: the CPUs this process may use)",
+        "(default: the service's default, usable CPUs - 1)",
     )
     parser.add_argument(
         "--image-size", type=int, default=256, help="side of the synthetic PNG (default: 256)"

@@ -27,6 +27,16 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_torch_threads() -> int:
+    """All usable CPUs but one, which is left to the event loop, decoding and preprocessing.
+
+    Measured with bench/bench_service.py on 2 cores: with TORCH_THREADS=2 the forwards' threads
+    fight the request handling for both cores and /classify throughput at 4 clients halves
+    (28/s against 48-56/s with 1 thread), at the price of a few ms on a lone request.
+    """
+    return max(1, available_cpus() - 1)
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Each field is read from the environment variable of its name."""
 
@@ -47,7 +57,9 @@ class Settings(BaseSettings):
         DEFAULT_MAX_FRAMES, ge=1, description="Most frames a multi-frame DICOM may declare"
     )
     TORCH_THREADS: int = Field(
-        default_factory=available_cpus, ge=1, description="torch intra-op threads"
+        default_factory=default_torch_threads,
+        ge=1,
+        description="torch intra-op threads (default: usable CPUs - 1, at least 1)",
     )
     CLASSIFICATION_VERSION: str = Field(
         "", description="Pinned classification version; empty serves the newest"

@@ -306,7 +306,7 @@ def test_compose_defaults_resolve_to_the_service_settings():
     settings = Settings(**{k: v for k, v in api_env.items() if v != ""})
     assert settings.CLASSIFICATION_VERSION == "20260101T000000Z"
     assert settings.HOST == "0.0.0.0" and str(settings.MODEL_DIR) == "/models"
-    assert int(config["services"]["api"]["cpus"]) == settings.TORCH_THREADS
+    assert settings.TORCH_THREADS == max(1, int(config["services"]["api"]["cpus"]) - 1)
     assert set(config["services"]) == {"api", "seed-models", "train", "prometheus"}
 
 
