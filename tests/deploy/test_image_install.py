@@ -45,7 +45,11 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _data_files(package: str) -> set[str]:
-    """Files of a package that are not Python source: what the code reads at run time."""
+    """Files of a package that are not Python source: what the code reads at run time.
+
+    training/reports/ is left out: it documents how the shipped models were trained (reports,
+    plots, logs) and no code reads it.
+    """
     root = REPO / package
     return {
         path.relative_to(REPO).as_posix()
@@ -53,6 +57,7 @@ def _data_files(package: str) -> set[str]:
         if path.is_file()
         and path.suffix not in (".py", ".pyc", ".md")
         and "__pycache__" not in path.parts
+        and not path.is_relative_to(REPO / "training" / "reports")
     }
 
 
