@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from synthetic_busi import write_busi_folder
 
 from shared.artifacts import list_versions, verify_artifact
 from shared.labels import TASK_SEGMENTATION
@@ -16,30 +16,6 @@ from shared.preprocessing import Preprocessing
 from training import segmentation
 from training.seg_metrics import bootstrap_mean_ci, score_masks, threshold_sweep
 from training.segmentation import DiceBCELoss, augment_pair, get_preset
-
-
-def _write_busi_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
-    """Speckled grey scans with a bright ellipse (the lesion) and its mask; normals have none."""
-    rng = np.random.default_rng(seed)
-    for name in ("normal", "benign", "malignant"):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            h, w = int(rng.integers(60, 90)), int(rng.integers(70, 100))
-            image = rng.normal(60, 20, size=(h, w))
-            mask = np.zeros((h, w), dtype=np.uint8)
-            if name != "normal":
-                yy, xx = np.mgrid[:h, :w]
-                cy, cx = rng.integers(h // 3, 2 * h // 3), rng.integers(w // 3, 2 * w // 3)
-                inside = ((yy - cy) / (h / 6)) ** 2 + ((xx - cx) / (w / 5)) ** 2 <= 1
-                image[inside] += 120
-                mask[inside] = 255
-            # a different offset per image keeps the near-duplicate grouping from merging them
-            image += rng.uniform(-40, 40) + 30 * np.sin(np.arange(w) / (3 + i))[None, :]
-            stem = f"{name} ({i + 1})"
-            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{stem}.png")
-            Image.fromarray(mask).save(folder / f"{stem}_mask.png")
-    return root
 
 
 @pytest.mark.slow
@@ -51,7 +27,7 @@ def _write_busi_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
 def test_smoke_run_writes_report_and_publishes_a_verified_artifact(
     tmp_path: Path, preset: list[str]
 ) -> None:
-    data = _write_busi_folder(tmp_path / "busi")
+    data = write_busi_folder(tmp_path / "busi")
     out, registry = tmp_path / "run", tmp_path / "models"
     base = [
         "--preset", *preset,
