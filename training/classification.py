@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared.artifacts import new_version_name
+from shared.artifacts import new_version_name, sha256_file
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION
 from shared.models import build_model
 from shared.postprocessing import softmax
@@ -42,14 +41,11 @@ from shared.preprocessing import Preprocessing
 from training import engine, export, plots, report
 from training.data import (
     SPLITS,
-    Sample,
     data_fingerprint,
     load_image,
     load_mask,
-    load_split,
-    make_split,
-    save_split,
-    scan_dataset,
+    resolve_split,
+    subset_per_class,
 )
 from training.metrics import classification_metrics
 
@@ -217,15 +213,6 @@ class ClassificationDataset(Dataset):
         return torch.from_numpy(x), self.labels[index]
 
 
-def _subset_per_class(samples: list[Sample], n: int) -> list[Sample]:
-    out, seen = [], {}
-    for sample in samples:
-        if seen.get(sample.label, 0) < n:
-            out.append(sample)
-            seen[sample.label] = seen.get(sample.label, 0) + 1
-    return out
-
-
 def predict_masks(segmenter_dir: Path, images: list[np.ndarray]) -> list[np.ndarray]:
     """Lesion masks (uint8 0/255, image size) predicted by the newest verified segmentation
     artifact under `segmenter_dir` (a model directory), exactly as the service would."""
@@ -271,15 +258,8 @@ def build_scheduler(
         sched = torch.optim.lr_scheduler.StepLR(optimizer, preset.step_size, preset.gamma)
         return sched, "epoch"
     if preset.scheduler == "cosine":
-        total = max(1, epochs * steps_per_epoch)
         warmup = int(round(preset.warmup_epochs * steps_per_epoch))
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
+        factor = engine.warmup_cosine(epochs * steps_per_epoch, warmup)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
     raise ValueError(f"unknown scheduler {preset.scheduler!r}")
 
@@ -329,17 +309,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     # Data: the grouped split, decoded once and held in memory (623 x 256 x 256 bytes).
-    samples = scan_dataset(args.data_path)
-    if args.split_file and Path(args.split_file).exists():
-        split_path = Path(args.split_file)
-    else:
-        split_path = Path(args.split_file) if args.split_file else output_dir / "split.json"
-        log.info("no split file: making one (seed %d) at %s", args.split_seed, split_path)
-        save_split(make_split(args.data_path, seed=args.split_seed), split_path)
-    by_split = load_split(split_path, samples)
+    samples, by_split, split_path = resolve_split(
+        args.data_path,
+        args.split_file,
+        fallback=args.split_file or output_dir / "split.json",
+        seed=args.split_seed,
+    )
     if args.smoke or args.max_per_class:
         n = args.max_per_class or 3
-        by_split = {s: _subset_per_class(v, n) for s, v in by_split.items()}
+        by_split = {s: subset_per_class(v, n) for s, v in by_split.items()}
     images = {s: [load_image(x) for x in by_split[s]] for s in SPLITS}
     labels = {s: [x.label for x in by_split[s]] for s in SPLITS}
     log.info(
@@ -514,7 +492,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "epochs_run": len(history.epochs),
         "train_seconds": round(train_seconds, 1),
         "split_file": str(split_path),
-        "split_sha256": engine_sha256(split_path),
+        "split_sha256": sha256_file(split_path),
     }
     fingerprint = {**data_fingerprint(samples), "split_file": str(split_path)}
     document = {
@@ -574,12 +552,6 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def engine_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The numbers worth carrying in an artifact's manifest."""
     keys = ("n", "accuracy", "macro_f1", "macro_auc", "per_class", "confusion_matrix", "ci95")
@@ -637,8 +609,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--split-file",
         type=Path,
         default=None,
-        help="grouped split file from `python -m training split`; made and saved "
-        "into --output-dir when absent (default: none)",
+        help="grouped split file from `python -m training split`; when it does not exist, "
+        "a split is made and saved there (or into --output-dir if not given) (default: none)",
     )
     parser.add_argument(
         "--split-seed", type=int, default=0, help="seed of a split made on the fly (default: 0)"

@@ -239,6 +239,36 @@ def make_split(root: Path, seed: int = 0) -> dict[str, object]:
     }
 
 
+def subset_per_class(samples: list[Sample], n: int) -> list[Sample]:
+    """The first `n` samples of each class, in order: a tiny but complete data set (smoke runs)."""
+    out: list[Sample] = []
+    seen: Counter[int] = Counter()
+    for sample in samples:
+        if seen[sample.label] < n:
+            seen[sample.label] += 1
+            out.append(sample)
+    return out
+
+
+def resolve_split(
+    data_path: Path, split_file: Path | None, fallback: Path, seed: int = 0
+) -> tuple[list[Sample], dict[str, list[Sample]], Path]:
+    """Scan `data_path` and split it by the split file, making and saving one when it is absent.
+
+    Returns the samples, the samples per split and the split file used: `split_file` when it
+    exists, else a new grouped split (seed `seed`) saved at `fallback`. Raises ValueError when an
+    existing split file does not match the folder.
+    """
+    samples = scan_dataset(data_path)
+    if split_file is not None and Path(split_file).is_file():
+        path = Path(split_file)
+    else:
+        path = Path(fallback)
+        log.warning("no split file: making the grouped split (seed %d) at %s", seed, path)
+        save_split(make_split(data_path, seed=seed), path)
+    return samples, load_split(path, samples), path
+
+
 def save_split(document: dict[str, object], path: Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")

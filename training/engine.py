@@ -19,6 +19,7 @@ serves a classifier (targets: class indices) and a segmenter (targets: masks).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import sys
@@ -36,6 +37,21 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def warmup_cosine(
+    total_steps: int, warmup_steps: int, floor: float = 0.0
+) -> Callable[[int], float]:
+    """LR factor per step: linear warmup to 1, then cosine down to `floor` at `total_steps`."""
+    total = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def seed_everything(seed: int) -> None:

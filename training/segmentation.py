@@ -41,10 +41,8 @@ from training.data import (
     data_fingerprint,
     load_image,
     load_mask,
-    load_split,
-    make_split,
-    save_split,
-    scan_dataset,
+    resolve_split,
+    subset_per_class,
 )
 from training.export import build_metadata, export_torchscript, publish
 from training.seg_metrics import (
@@ -329,16 +327,10 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, preset: SegPreset, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration linear warmup then cosine from each group's lr down to min_lr / lr of it."""
-    total = max(1, preset.epochs * steps_per_epoch)
     warmup = int(preset.warmup_epochs * steps_per_epoch)
-    floor = preset.min_lr / preset.lr
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
+    factor = engine.warmup_cosine(
+        preset.epochs * steps_per_epoch, warmup, floor=preset.min_lr / preset.lr
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -450,17 +442,6 @@ def resolve_preset(args: argparse.Namespace) -> SegPreset:
     return replace(preset, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def split_samples(args: argparse.Namespace, output_dir: Path) -> tuple[dict, str]:
-    samples = scan_dataset(args.data_path)
-    if args.split_file is not None and Path(args.split_file).is_file():
-        return load_split(args.split_file, samples), str(args.split_file)
-    log.warning("split file %s not found: making the grouped split in memory", args.split_file)
-    document = make_split(args.data_path)
-    made = output_dir / "split.json"
-    save_split(document, made)
-    return load_split(made, samples), str(made)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m training segment`; returns the exit status."""
     parser = get_args_parser()
@@ -487,9 +468,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("torch threads: %d", threads)
 
     # data: grouped split, decoded once into memory
-    splits, split_file = split_samples(args, output_dir)
+    _, splits, split_path = resolve_split(
+        args.data_path, args.split_file, fallback=output_dir / "split.json"
+    )
+    split_file = str(split_path)
     if args.smoke:  # a few of each class keeps every code path alive
-        splits = {name: _few_per_class(items, 4) for name, items in splits.items()}
+        splits = {name: subset_per_class(items, 4) for name, items in splits.items()}
     started = time.perf_counter()
     data = {name: load_split_images(items) for name, items in splits.items()}
     log.info(
@@ -873,16 +857,6 @@ def _display_path(path: str) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def _few_per_class(samples: list[Sample], n: int) -> list[Sample]:
-    seen: dict[str, int] = {}
-    out = []
-    for s in samples:
-        if seen.get(s.class_name, 0) < n:
-            seen[s.class_name] = seen.get(s.class_name, 0) + 1
-            out.append(s)
-    return out
 
 
 def _sample_indices(class_names: list[str], per_class: int) -> list[int]:
