@@ -20,7 +20,8 @@ from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from shared.decoding import DecodedImage, decode_image, sniff_format
 from shared.labels import LESION_CLASSES, TASK_CLASSIFICATION, TASK_SEGMENTATION
-from shared.postprocessing import class_probabilities, lesion_geometry, probability_to_mask, sigmoid
+from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
+from shared.preprocessing import Layout
 
 
 @dataclass
@@ -111,39 +112,68 @@ class Predictor:
         self._observe("decode", "", started)
         return image
 
-    def input_batch(self, model: LoadedModel, image: DecodedImage) -> np.ndarray:
-        """The (1, C, S, S) float32 batch `model` gets for `image`."""
+    def input_batch(self, model: LoadedModel, image: DecodedImage) -> tuple[np.ndarray, Layout]:
+        """The (1, C, S, S) float32 batch `model` gets for `image`, and where the frame went."""
         started = time.perf_counter()
-        batch = model.preprocessing(image.pixels)[None]
+        layout = model.preprocessing.layout(image.pixels)
+        resized = model.preprocessing.resize_image(image.pixels, layout)
+        batch = model.preprocessing.normalise(resized)[None]
         self._observe("preprocess", model.task, started)
-        return batch
+        return batch, layout
 
-    def _classify(self, model: LoadedModel, image: DecodedImage) -> Classification:
-        batch = self.input_batch(model, image)
-        started = time.perf_counter()
-        logits = self.registry.forward(model, batch)[0]
-        started = self._observe("inference", model.task, started)
+    def _classification(self, model: LoadedModel, logits: np.ndarray) -> Classification:
         probabilities = class_probabilities(logits, model.class_names)
         label = max(probabilities, key=probabilities.__getitem__)
-        self._observe("postprocess", model.task, started)
         return Classification(label=label, probabilities=probabilities, model=model)
 
-    def _segment(self, model: LoadedModel, image: DecodedImage) -> Segmentation:
-        batch = self.input_batch(model, image)
-        started = time.perf_counter()
-        output = self.registry.forward(model, batch)[0, 0]
-        started = self._observe("inference", model.task, started)
-        probability = sigmoid(output) if model.output_type == "logits" else output
-        height, width = image.pixels.shape
-        mask = probability_to_mask(probability, model.threshold, height, width)
+    def _segmentation(
+        self, model: LoadedModel, output: np.ndarray, layout: Layout
+    ) -> Segmentation:
+        """A model-sized map (logits or probability) -> the frame-sized mask and its geometry."""
+        probability = output if model.output_type == "probability" else sigmoid(output)
+        frame = model.preprocessing.frame_map(probability.astype(np.float32), layout)
+        mask = np.where(frame > model.threshold, 255, 0).astype(np.uint8)
         geometry = lesion_geometry(mask)
-        self._observe("postprocess", model.task, started)
         return Segmentation(
             mask_png=encode_png(mask),
             lesion_area_fraction=geometry.area_fraction,
             bbox=geometry.bbox,
             model=model,
         )
+
+    def _classify(self, model: LoadedModel, image: DecodedImage) -> Classification:
+        batch, _ = self.input_batch(model, image)
+        started = time.perf_counter()
+        logits = self.registry.forward(model, batch)[0]
+        started = self._observe("inference", model.task, started)
+        classification = self._classification(model, logits)
+        self._observe("postprocess", model.task, started)
+        return classification
+
+    def _segment(self, model: LoadedModel, image: DecodedImage) -> Segmentation:
+        batch, layout = self.input_batch(model, image)
+        started = time.perf_counter()
+        output = self.registry.forward(model, batch)[0, 0]
+        started = self._observe("inference", model.task, started)
+        segmentation = self._segmentation(model, output, layout)
+        self._observe("postprocess", model.task, started)
+        return segmentation
+
+    def _joint(
+        self, model: LoadedModel, image: DecodedImage, segment: str
+    ) -> tuple[Classification, Segmentation | None]:
+        """One forward of the joint model. `segment`: "always", "never" or "lesion" (only when
+        the finding is benign or malignant, as /diagnose does)."""
+        batch, layout = self.input_batch(model, image)
+        started = time.perf_counter()
+        class_logits, mask_logits = self.registry.forward(model, batch)
+        started = self._observe("inference", model.task, started)
+        classification = self._classification(model, class_logits[0])
+        segmentation = None
+        if segment == "always" or (segment == "lesion" and classification.label in LESION_CLASSES):
+            segmentation = self._segmentation(model, mask_logits[0, 0], layout)
+        self._observe("postprocess", model.task, started)
+        return classification, segmentation
 
     @staticmethod
     def _facts(image: DecodedImage) -> ImageFacts:
@@ -157,31 +187,46 @@ class Predictor:
 
     def classify(self, request: ImageRequest) -> tuple[ImageFacts, Classification]:
         """Raises ModelUnavailableError, or an InputError for bytes that cannot be used."""
-        model = self.registry.get(TASK_CLASSIFICATION)
+        joint = self.registry.joint()
+        model = joint or self.registry.get(TASK_CLASSIFICATION)
         self._record_models(request, model)
         image = self.decode(request)
+        if joint is not None:
+            return self._facts(image), self._joint(joint, image, "never")[0]
         return self._facts(image), self._classify(model, image)
 
     def segment(self, request: ImageRequest) -> tuple[ImageFacts, Segmentation]:
         """Raises ModelUnavailableError, or an InputError for bytes that cannot be used."""
-        model = self.registry.get(TASK_SEGMENTATION)
+        joint = self.registry.joint()
+        model = joint or self.registry.get(TASK_SEGMENTATION)
         self._record_models(request, model)
         image = self.decode(request)
+        if joint is not None:
+            segmentation = self._joint(joint, image, "always")[1]
+            assert segmentation is not None
+            return self._facts(image), segmentation
         return self._facts(image), self._segment(model, image)
 
     def diagnose(self, request: ImageRequest, include_image: bool = False) -> Diagnosis:
         """Classify; segment when the finding is a lesion (benign or malignant).
 
-        With `include_image`, the analysed grayscale frame comes back as a PNG too: a browser
-        cannot draw a DICOM, and the outline must sit on exactly the pixels that were analysed.
+        With a joint model loaded this is one forward for both answers. With `include_image`,
+        the analysed grayscale frame comes back as a PNG too: a browser cannot draw a DICOM,
+        and the outline must sit on exactly the pixels that were analysed.
         """
-        classifier = self.registry.get(TASK_CLASSIFICATION)
-        segmenter = self.registry.get(TASK_SEGMENTATION)
-        self._record_models(request, classifier, segmenter)
-        image = self.decode(request)
-        classification = self._classify(classifier, image)
-        segmentation = None
-        if classification.label in LESION_CLASSES:
-            segmentation = self._segment(segmenter, image)
+        joint = self.registry.joint()
+        if joint is not None:
+            self._record_models(request, joint)
+            image = self.decode(request)
+            classification, segmentation = self._joint(joint, image, "lesion")
+        else:
+            classifier = self.registry.get(TASK_CLASSIFICATION)
+            segmenter = self.registry.get(TASK_SEGMENTATION)
+            self._record_models(request, classifier, segmenter)
+            image = self.decode(request)
+            classification = self._classify(classifier, image)
+            segmentation = None
+            if classification.label in LESION_CLASSES:
+                segmentation = self._segment(segmenter, image)
         image_png = encode_png(image.pixels) if include_image else None
         return Diagnosis(self._facts(image), classification, segmentation, image_png)

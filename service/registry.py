@@ -21,7 +21,13 @@ import torch
 from service.metrics import ServiceMetrics
 from shared.artifacts import ArtifactInfo, list_versions, resolve_artifact, verify_artifact
 from shared.errors import ArtifactError, ArtifactIntegrityError, ModelUnavailableError
-from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_SEGMENTATION, TASKS
+from shared.labels import (
+    CLASS_NAMES,
+    TASK_CLASSIFICATION,
+    TASK_DIAGNOSIS,
+    TASK_SEGMENTATION,
+    TASKS,
+)
 from shared.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -50,9 +56,10 @@ class LoadedModel:
     preprocessing: Preprocessing
     input_shape: tuple[int, int, int]  # channels, height, width
     output_shape: tuple[int, ...]  # without the batch axis
-    class_names: tuple[str, ...] = ()  # classification only
+    class_names: tuple[str, ...] = ()  # classification and diagnosis
     output_type: str = "logits"
-    threshold: float = 0.5  # segmentation only
+    threshold: float = 0.5  # segmentation and diagnosis
+    mask_shape: tuple[int, ...] = ()  # diagnosis only: the second output, without the batch axis
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -91,32 +98,62 @@ def _spec_from_manifest(info: ArtifactInfo) -> dict:
             f"manifest input {list(input_shape)} disagrees with its preprocessing "
             f"({preprocessing.channels} x {side} x {side})"
         )
+    spec: dict = {"preprocessing": preprocessing, "input_shape": input_shape}
     spec_out = meta["output"] if isinstance(meta["output"], dict) else {}
+    if info.task == TASK_DIAGNOSIS:
+        return {**spec, **_joint_spec(meta, spec_out, side)}
     output_shape = _int_tuple(spec_out.get("shape"), "output.shape")
     output_type = spec_out.get("type", "logits")
     if output_type not in ("logits", "probability"):
         raise ArtifactIntegrityError("manifest output.type must be 'logits' or 'probability'")
-    spec = {
-        "preprocessing": preprocessing,
-        "input_shape": input_shape,
-        "output_shape": output_shape,
-        "output_type": output_type,
-    }
+    spec.update(output_shape=output_shape, output_type=output_type)
     if info.task == TASK_CLASSIFICATION:
-        class_names = tuple(meta.get("class_names") or ())
-        if sorted(class_names) != sorted(CLASS_NAMES):
-            raise ArtifactIntegrityError(f"class_names must be an ordering of {list(CLASS_NAMES)}")
-        if output_shape != (len(class_names),):
-            raise ArtifactIntegrityError("output.shape must be [number of class_names]")
-        spec["class_names"] = class_names
+        spec["class_names"] = _class_names(meta, output_shape)
     elif info.task == TASK_SEGMENTATION:
         if len(output_shape) != 3 or output_shape[0] != 1:
             raise ArtifactIntegrityError("segmentation output.shape must be [1, height, width]")
-        threshold = spec_out.get("threshold", 0.5)
-        if not isinstance(threshold, int | float) or not 0.0 < threshold < 1.0:
-            raise ArtifactIntegrityError("segmentation output.threshold must lie in (0, 1)")
-        spec["threshold"] = float(threshold)
+        spec["threshold"] = _threshold(spec_out)
     return spec
+
+
+def _class_names(meta: dict, output_shape: tuple[int, ...]) -> tuple[str, ...]:
+    class_names = tuple(meta.get("class_names") or ())
+    if sorted(class_names) != sorted(CLASS_NAMES):
+        raise ArtifactIntegrityError(f"class_names must be an ordering of {list(CLASS_NAMES)}")
+    if output_shape != (len(class_names),):
+        raise ArtifactIntegrityError("the class output shape must be [number of class_names]")
+    return class_names
+
+
+def _threshold(spec_out: dict) -> float:
+    threshold = spec_out.get("threshold", 0.5)
+    if not isinstance(threshold, int | float) or not 0.0 < threshold < 1.0:
+        raise ArtifactIntegrityError("the mask output's threshold must lie in (0, 1)")
+    return float(threshold)
+
+
+def _joint_spec(meta: dict, spec_out: dict, side: int) -> dict:
+    """A diagnosis artifact: output {"type": "joint", "classes": {...}, "mask": {...}}."""
+    classes, mask = spec_out.get("classes"), spec_out.get("mask")
+    if spec_out.get("type") != "joint" or not isinstance(classes, dict) or not isinstance(
+        mask, dict
+    ):
+        raise ArtifactIntegrityError(
+            "a diagnosis manifest's output must be {type: joint, classes: {...}, mask: {...}}"
+        )
+    if classes.get("type", "logits") != "logits" or mask.get("type", "logits") != "logits":
+        raise ArtifactIntegrityError("a diagnosis model's outputs must be logits")
+    output_shape = _int_tuple(classes.get("shape"), "output.classes.shape")
+    mask_shape = _int_tuple(mask.get("shape"), "output.mask.shape")
+    if mask_shape != (1, side, side):
+        raise ArtifactIntegrityError(f"output.mask.shape must be [1, {side}, {side}]")
+    return {
+        "output_shape": output_shape,
+        "output_type": "joint",
+        "class_names": _class_names(meta, output_shape),
+        "threshold": _threshold(mask),
+        "mask_shape": mask_shape,
+    }
 
 
 def load_model(info: ArtifactInfo, lock: threading.Lock | None = None) -> LoadedModel:
@@ -133,17 +170,24 @@ def load_model(info: ArtifactInfo, lock: threading.Lock | None = None) -> Loaded
         raise ArtifactIntegrityError("the model file is not a loadable TorchScript file") from exc
     module.eval()
     dummy = torch.zeros((1, *spec["input_shape"]), dtype=torch.float32)
-    expected = (1, *spec["output_shape"])
+    expected = [(1, *spec["output_shape"])]
+    if spec.get("mask_shape"):
+        expected.append((1, *spec["mask_shape"]))
     for _ in range(_WARMUP_FORWARDS):
         try:
             with lock or _NO_LOCK, torch.inference_mode():
                 output = module(dummy)
         except Exception as exc:
             raise ArtifactIntegrityError("the warm-up forward failed") from exc
-        if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
-            shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output)
+        outputs = list(output) if isinstance(output, tuple | list) else [output]
+        shapes = [
+            list(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in outputs
+        ]
+        if shapes != [list(e) for e in expected]:
+            got = shapes[0] if len(shapes) == 1 else shapes
+            declared = list(expected[0]) if len(expected) == 1 else [list(e) for e in expected]
             raise ArtifactIntegrityError(
-                f"the warm-up forward returned {shape}, the manifest declares {list(expected)}"
+                f"the warm-up forward returned {got}, the manifest declares {declared}"
             )
     return LoadedModel(info=info, module=module, **spec)
 
@@ -196,18 +240,37 @@ class ModelRegistry:
         """A snapshot {task: model} of what serves now."""
         return dict(self._models)
 
+    def joint(self) -> LoadedModel | None:
+        """The joint (diagnosis) model when one is loaded: it then answers every endpoint."""
+        return self._models.get(TASK_DIAGNOSIS)
+
     @property
     def ready(self) -> bool:
-        return all(task in self._models for task in self.tasks)
+        """Every endpoint can answer: a joint model is loaded, or a model for each other task.
 
-    def forward(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray:
-        """Run the model on a (N, C, H, W) float32 batch; forwards run one at a time."""
+        A registry that serves only some of the tasks (tests, a pinned single-task replica) is
+        ready when all of its tasks are loaded.
+        """
+        if TASK_DIAGNOSIS in self.tasks and TASK_DIAGNOSIS in self._models:
+            return True
+        separate = [t for t in self.tasks if t != TASK_DIAGNOSIS]
+        if not separate:
+            return False
+        return all(task in self._models for task in separate)
+
+    def forward(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Run the model on a (N, C, H, W) float32 batch; forwards run one at a time.
+
+        A joint model returns a tuple (class logits, mask logits); the others one array.
+        """
         tensor = torch.from_numpy(batch)
         self.metrics.inference_queue.inc()
         with self.inference_lock:
             self.metrics.inference_queue.dec()
             with torch.inference_mode():
                 output = model.module(tensor)
+        if isinstance(output, tuple | list):
+            return tuple(o.numpy() for o in output)
         return output.numpy()
 
     # --- loading -----------------------------------------------------------------------------
@@ -219,7 +282,8 @@ class ModelRegistry:
     def refresh(self) -> None:
         """Load what should serve each task, if that changed since the last call."""
         with self._refresh_lock:
-            for task in self.tasks:
+            # the joint model first: when it serves, the separate tasks are optional
+            for task in sorted(self.tasks, key=lambda t: t != TASK_DIAGNOSIS):
                 try:
                     self._refresh_task(task)
                 except Exception:  # never let one task's surprise stop the poller
@@ -247,6 +311,10 @@ class ModelRegistry:
                     extra={"task": task, "version": version, "reason": exc.code},
                 )  # fmt: skip
 
+        if not names and pin is None and (task == TASK_DIAGNOSIS or self.joint() is not None):
+            # a registry of separate models has no joint one; a joint one needs no separate ones
+            log.info("no %s artifacts in %s", task, self.model_dir, extra={"task": task})
+            return
         try:
             info = resolve_artifact(self.model_dir, task, pin)
         except ArtifactError as exc:

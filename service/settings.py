@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.artifacts import validate_version
 from shared.decoding import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
 from shared.errors import InvalidVersionError
-from shared.labels import TASK_CLASSIFICATION, TASK_SEGMENTATION
+from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models"
@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     SEGMENTATION_VERSION: str = Field(
         "", description="Pinned segmentation version; empty serves the newest"
     )
+    DIAGNOSIS_VERSION: str = Field(
+        "",
+        description=(
+            "Pinned joint (diagnosis) version; empty serves the newest. A loaded joint model "
+            "answers /classify, /segment and /diagnose"
+        ),
+    )
     RELOAD_INTERVAL_S: float = Field(
         10.0, ge=0, description="Seconds between checks for new model versions; 0 disables"
     )
@@ -76,7 +83,7 @@ class Settings(BaseSettings):
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     LOG_FORMAT: Literal["json", "text"] = "json"
 
-    @field_validator("CLASSIFICATION_VERSION", "SEGMENTATION_VERSION")
+    @field_validator("CLASSIFICATION_VERSION", "SEGMENTATION_VERSION", "DIAGNOSIS_VERSION")
     @classmethod
     def _pin_is_a_version_name(cls, value: str) -> str:
         value = value.strip()
@@ -92,6 +99,7 @@ class Settings(BaseSettings):
         return {
             TASK_CLASSIFICATION: self.CLASSIFICATION_VERSION or None,
             TASK_SEGMENTATION: self.SEGMENTATION_VERSION or None,
+            TASK_DIAGNOSIS: self.DIAGNOSIS_VERSION or None,
         }
 
 

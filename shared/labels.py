@@ -8,4 +8,6 @@ LESION_CLASSES: frozenset[str] = frozenset({"benign", "malignant"})
 
 TASK_CLASSIFICATION = "classification"
 TASK_SEGMENTATION = "segmentation"
-TASKS: tuple[str, ...] = (TASK_CLASSIFICATION, TASK_SEGMENTATION)
+TASK_DIAGNOSIS = "diagnosis"
+"""One joint artifact that outputs both the class logits and the lesion mask logits."""
+TASKS: tuple[str, ...] = (TASK_CLASSIFICATION, TASK_SEGMENTATION, TASK_DIAGNOSIS)

