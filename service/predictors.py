@@ -126,9 +126,7 @@ class Predictor:
         label = max(probabilities, key=probabilities.__getitem__)
         return Classification(label=label, probabilities=probabilities, model=model)
 
-    def _segmentation(
-        self, model: LoadedModel, output: np.ndarray, layout: Layout
-    ) -> Segmentation:
+    def _segmentation(self, model: LoadedModel, output: np.ndarray, layout: Layout) -> Segmentation:
         """A model-sized map (logits or probability) -> the frame-sized mask and its geometry."""
         probability = output if model.output_type == "probability" else sigmoid(output)
         frame = model.preprocessing.frame_map(probability.astype(np.float32), layout)

@@ -135,8 +135,10 @@ def _threshold(spec_out: dict) -> float:
 def _joint_spec(meta: dict, spec_out: dict, side: int) -> dict:
     """A diagnosis artifact: output {"type": "joint", "classes": {...}, "mask": {...}}."""
     classes, mask = spec_out.get("classes"), spec_out.get("mask")
-    if spec_out.get("type") != "joint" or not isinstance(classes, dict) or not isinstance(
-        mask, dict
+    if (
+        spec_out.get("type") != "joint"
+        or not isinstance(classes, dict)
+        or not isinstance(mask, dict)
     ):
         raise ArtifactIntegrityError(
             "a diagnosis manifest's output must be {type: joint, classes: {...}, mask: {...}}"

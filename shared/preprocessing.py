@@ -83,7 +83,9 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.resize_mode not in _RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {self.resize_mode!r}")
+            raise ValueError(
+                f"resize_mode must be one of {_RESIZE_MODES}, got {self.resize_mode!r}"
+            )
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {tuple(_INTERPOLATIONS)}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:

@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -371,7 +371,12 @@ def train(
         dataset.set_epoch(epoch)
         with engine.Timer() as timer:
             loss = engine.train_one_epoch(
-                model, loss_fn, optimizer, loader, epoch, step_scheduler=scheduler,
+                model,
+                loss_fn,
+                optimizer,
+                loader,
+                epoch,
+                step_scheduler=scheduler,
                 progress=progress,
             )
         lr = optimizer.param_groups[0]["lr"]
@@ -379,8 +384,13 @@ def train(
         engine.log_epoch(epoch, preset.epochs, timer.seconds, train_loss=loss)
         if checkpoint is not None:
             engine.save_checkpoint(
-                checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                best_metric=None, history=history,
+                checkpoint,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                epoch=epoch,
+                best_metric=None,
+                history=history,
             )
     model.eval()
     return model, history, time.perf_counter() - started
@@ -405,8 +415,10 @@ def predict(
         chunk = images[start : start + batch_size]
         layouts = [preprocessing.layout(im) for im in chunk]
         x = np.stack(
-            [preprocessing.normalise(preprocessing.resize_image(im, lay))
-             for im, lay in zip(chunk, layouts, strict=True)]
+            [
+                preprocessing.normalise(preprocessing.resize_image(im, lay))
+                for im, lay in zip(chunk, layouts, strict=True)
+            ]
         )
         class_logits, mask_logits = net(torch.from_numpy(x))
         for logits in class_logits.float().numpy():
@@ -628,13 +640,18 @@ def render_report(report: dict[str, Any]) -> str:
             lo, hi = fig["ci95"].get(key, [float("nan"), float("nan")])
             cells.append(f"{fig[key]:.3f} [{lo:.3f}, {hi:.3f}]")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Per fold (plain images):", "", "| fold | seconds | "
-              + " | ".join(k for k, _ in METRIC_ROWS) + " |",
-              "|---|---|" + "---|" * len(METRIC_ROWS)]
+    lines += [
+        "",
+        "Per fold (plain images):",
+        "",
+        "| fold | seconds | " + " | ".join(k for k, _ in METRIC_ROWS) + " |",
+        "|---|---|" + "---|" * len(METRIC_ROWS),
+    ]
     for fold in report["per_fold"]:
         lines.append(
             f"| {fold['fold']} | {fold['train_seconds']:.0f} | "
-            + " | ".join(f"{fold[k]:.3f}" for k, _ in METRIC_ROWS) + " |"
+            + " | ".join(f"{fold[k]:.3f}" for k, _ in METRIC_ROWS)
+            + " |"
         )
     lines += ["", "Recipe: `" + json.dumps(report["recipe"]) + "`", ""]
     return "\n".join(lines)
@@ -676,7 +693,10 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     data = load_all(samples)
     model, history, seconds = train(
-        preset, data, seed=args.seed, pretrained=not args.no_pretrained,
+        preset,
+        data,
+        seed=args.seed,
+        pretrained=not args.no_pretrained,
         checkpoint=output / "fit.ckpt",
     )
     torch.save(
@@ -739,7 +759,7 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
     return {"version": version, "path": str(info.path), "seconds": seconds}
 
 
-# --- command line ----------------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------
 
 
 def resolve_preset(args: argparse.Namespace) -> JointPreset:
