@@ -5,6 +5,7 @@
     python -m training segment --preset ...                  (training.segmentation)
     python -m training cv --preset joint-lite0 --data-path D grouped 5-fold cross-validation
     python -m training fit --preset joint-lite0 --data-path D train on all images, publish
+    python -m training oof --preset joint-lite0 --data-path D out-of-fold logits + features
 
 Each command's own `--help` lists its flags and their defaults.
 """
@@ -21,7 +22,7 @@ from training.engine import setup_logging
 
 log = logging.getLogger("training")
 
-COMMANDS = ("split", "classify", "segment", "cv", "fit")
+COMMANDS = ("split", "classify", "segment", "cv", "fit", "oof")
 
 
 def get_split_args_parser() -> argparse.ArgumentParser:
@@ -80,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         args = classification.parse_args(rest)
         args.command_line = "python -m training classify " + " ".join(rest)
         classification.main(args)
-    elif command in ("cv", "fit"):
+    elif command in ("cv", "fit", "oof"):
         from training import joint
 
-        if command == "cv":
+        if command == "oof":
+            joint.oof_main(joint.parse_oof_args(rest))
+        elif command == "cv":
             args = joint.parse_cv_args(rest)
             setup_logging(Path(args.output_dir) / "train.log")
             joint.cv_main(args)

@@ -400,33 +400,48 @@ def train(
 
 
 @torch.inference_mode()
+@dataclass
+class Predictions:
+    """What the served model says about a list of frames, plus the pooled encoder features."""
+
+    logits: np.ndarray  # (N, K) class logits, flip-averaged when the recipe says so
+    probs: np.ndarray  # (N, K) softmax of the logits
+    maps: list[np.ndarray]  # frame-sized lesion probability maps
+    features: np.ndarray  # (N, C) pooled deepest encoder features of the unflipped input
+
+
+@torch.inference_mode()
 def predict(
-    model: nn.Module,
+    model: JointUNet,
     preprocessing: Preprocessing,
     images: list[np.ndarray],
     flip_tta: bool,
     batch_size: int = 16,
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Class probabilities (N, K) and frame-sized lesion probability maps, as served."""
+) -> Predictions:
+    """Class logits and probabilities and frame-sized lesion probability maps, as served."""
     net = JointFlipAverage(model) if flip_tta else model
     net.eval()
-    probs, maps = [], []
+    logits_out, maps, features = [], [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         layouts = [preprocessing.layout(im) for im in chunk]
-        x = np.stack(
-            [
-                preprocessing.normalise(preprocessing.resize_image(im, lay))
-                for im, lay in zip(chunk, layouts, strict=True)
-            ]
+        x = torch.from_numpy(
+            np.stack(
+                [
+                    preprocessing.normalise(preprocessing.resize_image(im, lay))
+                    for im, lay in zip(chunk, layouts, strict=True)
+                ]
+            )
         )
-        class_logits, mask_logits = net(torch.from_numpy(x))
-        for logits in class_logits.float().numpy():
-            probs.append(softmax(logits.astype(np.float64)))
+        class_logits, mask_logits = net(x)
+        logits_out.append(class_logits.float().numpy().astype(np.float64))
+        features.append(model.encoder(x)[-1].mean(dim=(2, 3)).float().numpy())
         for logits, lay in zip(mask_logits.float().numpy(), layouts, strict=True):
             prob = 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64)))
             maps.append(preprocessing.frame_map(prob.astype(np.float32), lay))
-    return np.stack(probs), maps
+    logits = np.concatenate(logits_out)
+    probs = np.stack([softmax(row) for row in logits])
+    return Predictions(logits, probs, maps, np.concatenate(features))
 
 
 def evaluate_images(
@@ -438,9 +453,11 @@ def evaluate_images(
     if canvas is not None:
         placed = [on_canvas(im, m, canvas) for im, m in zip(images, masks, strict=True)]
         images, masks = [p[0] for p in placed], [p[1] for p in placed]
-    probs, maps = predict(model, preprocessing, images, preset.flip_tta)
+    out = predict(model, preprocessing, images, preset.flip_tta)
     rows = []
-    for sample, p, prob_map, truth in zip(data.samples, probs, maps, masks, strict=True):
+    for sample, p, logits, prob_map, truth in zip(
+        data.samples, out.probs, out.logits, out.maps, masks, strict=True
+    ):
         pred_mask = prob_map > preset.threshold
         dice, _ = dice_iou(pred_mask, truth > 127)
         rows.append(
@@ -448,6 +465,7 @@ def evaluate_images(
                 "key": sample.key,
                 "label": sample.label,
                 "probs": [round(float(v), 6) for v in p],
+                "logits": [round(float(v), 5) for v in logits],
                 "dice": round(dice, 6),
                 "mask_pixels": int(pred_mask.sum()),
             }
@@ -573,6 +591,7 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result) + "\n")
         tmp.replace(path)
+        torch.save(model.state_dict(), output / f"fold{fold}.pt")  # for later analyses
         (output / f"fold{fold}.ckpt").unlink(missing_ok=True)
         log.info("fold %d: %s", fold, json.dumps(_figures(result["rows"]["plain"])))
     done = sorted(output.glob("fold*.json"))
@@ -580,6 +599,44 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
         log.info("%d of %d folds done; the pooled report waits for the rest", len(done), k)
         return {"folds_done": len(done)}
     return write_cv_report(output, args.preset, args.resamples)
+
+
+def oof_main(args: argparse.Namespace) -> Path:
+    """Re-score every image with the fold model that did not train on it (`fold<k>.pt` in the
+    CV folder) and write `oof_logits.json`: class logits as served (flip-averaged when the
+    recipe says so) and the pooled deepest encoder features, for calibration and OOD work."""
+    preset = resolve_preset(args)
+    samples = scan_dataset(args.data_path)
+    items = load_folds(Path(args.folds_file), samples)
+    engine.configure_threads(args.threads)
+    data = load_all(samples)
+    preprocessing = preprocessing_for(preset)
+    rows = []
+    for weights in sorted(Path(args.output_dir).glob("fold*.pt")):
+        fold = int(weights.stem.removeprefix("fold"))
+        model = build_model(preset, pretrained=False)
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.eval()
+        held_out = [i for i, s in enumerate(samples) if items[s.key]["fold"] == fold]
+        out = predict(model, preprocessing, [data.images[i] for i in held_out], preset.flip_tta)
+        for j, i in enumerate(held_out):
+            key = samples[i].key
+            rows.append(
+                {
+                    "key": key,
+                    "label": samples[i].label,
+                    "fold": fold,
+                    "group": items[key]["group"],
+                    "logits": [round(float(v), 5) for v in out.logits[j]],
+                    "features": [round(float(v), 5) for v in out.features[j]],
+                }
+            )
+        log.info("fold %d: %d held-out images re-scored", fold, len(held_out))
+    if len(rows) != len(samples):
+        raise ValueError(f"fold weights cover {len(rows)} of {len(samples)} images")
+    path = Path(args.output_dir) / "oof_logits.json"
+    path.write_text(json.dumps({"preset": args.preset, "rows": rows}) + "\n")
+    return path
 
 
 def write_cv_report(output: Path, preset_name: str, n_resamples: int = 1000) -> dict[str, Any]:
@@ -801,6 +858,17 @@ def parse_cv_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--folds-file", type=Path, default=DEFAULT_FOLDS_FILE)
     parser.add_argument("--report-only", action="store_true", help="pool finished folds only")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = Path("training/reports/cv") / args.preset
+    return args
+
+
+def parse_oof_args(argv: list[str]) -> argparse.Namespace:
+    parser = common_parser(
+        "python -m training oof", "Out-of-fold logits and features from the CV fold models"
+    )
+    parser.add_argument("--folds-file", type=Path, default=DEFAULT_FOLDS_FILE)
     args = parser.parse_args(argv)
     if args.output_dir is None:
         args.output_dir = Path("training/reports/cv") / args.preset

@@ -111,6 +111,13 @@ def test_cv_then_fit_publish_a_diagnosis_artifact_the_service_loads(tmp_path: Pa
     assert 0.0 <= plain["accuracy"] <= 1.0 and plain["n"] == 18
     assert plain["ci95"]["accuracy"][0] <= plain["accuracy"] <= plain["ci95"]["accuracy"][1]
     assert "near-duplicate group" in (cv_dir / "report.md").read_text()
+    argv = ["oof", *common, "--folds-file", str(folds_file), "--output-dir", str(cv_dir)]
+    assert training_main(argv) == 0
+    rescored = json.loads((cv_dir / "oof_logits.json").read_text())["rows"]
+    by_key = {row["key"]: row for row in oof["plain"]}
+    for row in rescored:  # the saved fold weights reproduce the CV run's own scores
+        assert np.allclose(row["logits"], by_key[row["key"]]["logits"], atol=1e-3)
+        assert len(row["features"]) == 320
 
     argv = ["fit", *common, "--output-dir", str(fit_dir), "--model-dir", str(registry),
             "--cv-report", str(cv_dir / "report.json"), "--version", "j-1"]  # fmt: skip
