@@ -42,7 +42,7 @@ from service.registry import configure_torch, load_model  # noqa: E402
 from service.settings import available_cpus, default_torch_threads  # noqa: E402
 from shared.artifacts import verify_artifact  # noqa: E402
 from shared.decoding import decode_image  # noqa: E402
-from shared.labels import TASK_CLASSIFICATION, TASK_SEGMENTATION, TASKS  # noqa: E402
+from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASKS  # noqa: E402
 
 ENDPOINTS = ("/classify", "/segment", "/diagnose")
 TARGET_P50_RATIO = 1.3  # /classify p50 at 1 client <= 1.3 x bare forward p50
@@ -323,8 +323,9 @@ def markdown(results: list[Result], facts: dict[str, str], extra: dict[str, obje
         f"Machine: {facts['cpu']}, {facts['nproc']} CPUs ({facts['usable_cpus']} usable), "
         f"load average at start {facts['loadavg_at_start']}; Python {facts['python']}, "
         f"torch {facts['torch']}, TORCH_THREADS={extra['threads']}; {facts['date']}.",
-        f"Models: classification {extra['versions'][TASK_CLASSIFICATION]}, "
-        f"segmentation {extra['versions'][TASK_SEGMENTATION]} from {extra['model_dir']}; "
+        "Models: "
+        + ", ".join(f"{task} {version}" for task, version in extra["versions"].items())
+        + f" from {extra['model_dir']}; "
         f"input {extra['image_size']}x{extra['image_size']} grayscale PNG "
         f"({extra['png_bytes']} bytes).",
         "",
@@ -375,7 +376,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         wait_ready(process, base_url)
         served = httpx.get(f"{base_url}/models", timeout=10).json()
-        versions = {task: served["models"][task]["version"] for task in TASKS}
+        versions = {
+            task: described["version"]
+            for task, described in served["models"].items()
+            if described is not None and task in TASKS
+        }
         for endpoint in ENDPOINTS:
             measure_http(base_url, endpoint, png, 1, args.warmup, args.max_seconds)
         rss_after_warmup = memory_kib(process.pid)["VmRSS"]
@@ -400,7 +405,7 @@ def main(args: argparse.Namespace) -> int:
     # service, torch is configured on the main thread and the models load, warm up and run on a
     # worker thread started afterwards (the service's lifespan, then anyio's worker threads).
     configure_torch(args.threads)
-    for task in TASKS:
+    for task in versions:
         results.append(on_worker_thread(
             measure_bare_forward, model_dir, task, versions[task], png, args.requests,
             args.max_seconds,
@@ -408,7 +413,9 @@ def main(args: argparse.Namespace) -> int:
     trained_during = trained_during or training_running()
 
     by_key = {(r.name, r.clients): r for r in results}
-    bare = by_key[(f"bare forward ({TASK_CLASSIFICATION})", 1)]
+    # what answers /classify: the joint model when one is served, else the classifier
+    classify_task = TASK_DIAGNOSIS if TASK_DIAGNOSIS in versions else TASK_CLASSIFICATION
+    bare = by_key[(f"bare forward ({classify_task})", 1)]
     ratios = {
         "p50": by_key[("/classify", 1)].p50_ms / bare.p50_ms,
         "throughput": by_key[("/classify", args.clients)].throughput_rps / bare.throughput_rps,

@@ -40,3 +40,21 @@ def test_bench_prints_the_table_the_ratios_and_the_memory(tiny_model_dir, tmp_pa
         report["rss_after_warmup_mib"] > 0
         and report["rss_peak_mib"] >= report["rss_after_warmup_mib"]
     )
+
+
+def test_bench_forward_times_every_served_artifact(tiny_model_dir, tmp_path):
+    out = tmp_path / "forward.json"
+    args = ["--model-dir", str(tiny_model_dir), "--rounds", "1", "--forwards", "3", "--json",
+            str(out)]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_forward.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "/diagnose forward total (classifier + segmenter)" in result.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"classification", "segmentation"}
+    assert all(fig["best_p50_ms"] > 0 for fig in figures.values())
