@@ -6,6 +6,7 @@
     python -m training cv --preset joint-lite0 --data-path D grouped 5-fold cross-validation
     python -m training fit --preset joint-lite0 --data-path D train on all images, publish
     python -m training oof --preset joint-lite0 --data-path D out-of-fold logits + features
+    python -m training fold-split --fold K --output F        split file whose test set is fold K
 
 Each command's own `--help` lists its flags and their defaults.
 """
@@ -22,7 +23,7 @@ from training.engine import setup_logging
 
 log = logging.getLogger("training")
 
-COMMANDS = ("split", "classify", "segment", "cv", "fit", "oof")
+COMMANDS = ("split", "classify", "segment", "cv", "fit", "oof", "fold-split")
 
 
 def get_split_args_parser() -> argparse.ArgumentParser:
@@ -81,6 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         args = classification.parse_args(rest)
         args.command_line = "python -m training classify " + " ".join(rest)
         classification.main(args)
+    elif command == "fold-split":
+        from training.joint import DEFAULT_FOLDS_FILE, fold_split
+
+        parser = argparse.ArgumentParser(prog="python -m training fold-split")
+        parser.add_argument("--fold", type=int, required=True, help="the fold to hold out")
+        parser.add_argument("--folds-file", type=Path, default=DEFAULT_FOLDS_FILE)
+        parser.add_argument("--output", type=Path, required=True, help="split file to write")
+        args = parser.parse_args(rest)
+        document = fold_split(json.loads(args.folds_file.read_text()), args.fold)
+        args.output.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
     elif command in ("cv", "fit", "oof"):
         from training import joint
 

@@ -399,7 +399,6 @@ def train(
 # --- evaluation --------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 @dataclass
 class Predictions:
     """What the served model says about a list of frames, plus the pooled encoder features."""
@@ -730,6 +729,24 @@ def write_folds(data_path: Path, path: Path, samples: list[Sample] | None = None
     document["fingerprint"] = data_fingerprint(samples)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+
+
+def fold_split(folds_doc: dict[str, Any], fold: int, val_fraction: float = 0.15) -> dict:
+    """A train / val / test split file (training.data's format) whose test split is CV fold
+    `fold`, so the separate classification and segmentation jobs can be scored on exactly the
+    images a joint fold model was scored on. Val is a grouped, stratified `val_fraction` of the
+    other folds (those jobs choose checkpoints and thresholds on it); train is the rest."""
+    from training.data import grouped_stratified_split
+
+    items = folds_doc["items"]
+    rest = sorted(k for k, v in items.items() if v["fold"] != fold)
+    labels = [CLASS_NAMES.index(k.split("/", 1)[0]) for k in rest]
+    groups = [int(items[k]["group"]) for k in rest]
+    splits = grouped_stratified_split(labels, groups, (1 - val_fraction, val_fraction, 0.0))
+    out = {k: {"split": "test", "group": v["group"]} for k, v in items.items() if v["fold"] == fold}
+    for key, split, group in zip(rest, splits, groups, strict=True):
+        out[key] = {"split": split, "group": group}
+    return {"seed": 0, "from_folds": {"fold": fold, "val_fraction": val_fraction}, "items": out}
 
 
 # --- refit on all the data and publish -----------------------------------------------------------
