@@ -129,3 +129,19 @@ def test_cv_then_fit_publish_a_diagnosis_artifact_the_service_loads(tmp_path: Pa
     loaded = load_model(info)
     assert loaded.output_type == "joint" and loaded.class_names == CLASS_NAMES
     assert loaded.mask_shape == (1, 64, 64)
+
+
+def test_fold_split_tests_on_exactly_one_fold_and_keeps_groups_whole():
+    rng = np.random.default_rng(1)
+    labels = [int(v) for v in rng.integers(0, 3, size=120)]
+    keys = [f"{CLASS_NAMES[label]}/img{i}.png" for i, label in enumerate(labels)]
+    groups = [i // 2 for i in range(120)]  # pairs of near-copies
+    folds = joint.make_folds(keys, labels, groups, k=5)
+    split = joint.fold_split(folds, fold=2)["items"]
+    test = {k for k, v in split.items() if v["split"] == "test"}
+    assert test == {k for k, v in folds["items"].items() if v["fold"] == 2}
+    split_of_group: dict[int, set[str]] = {}
+    for key, group in zip(keys, groups, strict=True):
+        split_of_group.setdefault(group, set()).add(split[key]["split"])
+    assert all(len(s) == 1 for s in split_of_group.values())
+    assert 0.1 < sum(v["split"] == "val" for v in split.values()) / (120 - len(test)) < 0.2
