@@ -55,6 +55,8 @@ STATUS_BY_ERROR: dict[type[domain.BusiError], int] = {
     domain.NoPixelDataError: 422,
     domain.UnsupportedDicomError: 422,
     domain.FrameOutOfRangeError: 422,
+    domain.NotUltrasoundError: 422,
+    domain.NonImageDicomError: 422,
     domain.ArtifactError: 503,
     domain.ModelUnavailableError: 503,
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,9 +19,11 @@ from PIL import Image
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from shared.decoding import DecodedImage, decode_image, sniff_format
+from shared.dicom_policy import check_ultrasound_image
 from shared.labels import LESION_CLASSES, TASK_CLASSIFICATION, TASK_SEGMENTATION
 from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
 from shared.preprocessing import Layout
+from shared.quality import OodDetector, Quality
 
 
 @dataclass
@@ -43,13 +45,21 @@ class ImageFacts:
     height: int
     frame: int
     n_frames: int
+    quality: Quality  # is it like the scans the models learnt from
+
+
+# Without a setting or an artifact's own value: no class has a majority of the probability.
+DEFAULT_UNCERTAIN_BELOW = 0.5
 
 
 @dataclass(frozen=True)
 class Classification:
     label: str
-    probabilities: dict[str, float]
+    probabilities: dict[str, float]  # calibrated when the artifact declares a calibration
     model: LoadedModel
+    calibrated: bool = False
+    uncertain: bool = False  # the top probability is under the uncertain threshold
+    reliable: bool = True  # neither uncertain nor on an image flagged out of distribution
 
 
 @dataclass(frozen=True)
@@ -79,11 +89,21 @@ class Predictor:
     """Runs requests against the models the registry serves at the moment each request starts."""
 
     def __init__(
-        self, registry: ModelRegistry, metrics: ServiceMetrics, max_pixels: int, max_frames: int
+        self,
+        registry: ModelRegistry,
+        metrics: ServiceMetrics,
+        max_pixels: int,
+        max_frames: int,
+        detector: OodDetector,
+        uncertain_below: float | None = None,
+        allow_non_ultrasound: bool = False,
     ) -> None:
         self.registry = registry
         self.max_pixels = max_pixels
         self.max_frames = max_frames
+        self.detector = detector
+        self.uncertain_below = uncertain_below  # None: each artifact's own, else the default
+        self.allow_non_ultrasound = allow_non_ultrasound
         self._stage = metrics.stage_latency
 
     def _observe(self, stage: str, task: str, started: float) -> float:
@@ -101,6 +121,8 @@ class Predictor:
             sha256=hashlib.sha256(request.data).hexdigest()[:12],
             format=sniff_format(request.data),
         )
+        if request.facts["format"] == "dicom" and not self.allow_non_ultrasound:
+            check_ultrasound_image(request.data)  # before any pixel is decoded
         image = decode_image(
             request.data,
             declared_format=request.declared_format,
@@ -122,9 +144,27 @@ class Predictor:
         return batch, layout
 
     def _classification(self, model: LoadedModel, logits: np.ndarray) -> Classification:
-        probabilities = class_probabilities(logits, model.class_names)
+        calibration = model.calibration
+        probabilities = class_probabilities(calibration.apply(logits), model.class_names)
         label = max(probabilities, key=probabilities.__getitem__)
-        return Classification(label=label, probabilities=probabilities, model=model)
+        below = self.uncertain_below
+        if below is None:
+            below = calibration.uncertain_below
+        if below is None:
+            below = DEFAULT_UNCERTAIN_BELOW
+        return Classification(
+            label=label,
+            probabilities=probabilities,
+            model=model,
+            calibrated=calibration.calibrated,
+            uncertain=probabilities[label] < below,
+        )
+
+    @staticmethod
+    def _judged(classification: Classification, facts: ImageFacts) -> Classification:
+        """The label is not to be relied on when uncertain or the image looks out of place."""
+        reliable = facts.quality.in_distribution and not classification.uncertain
+        return replace(classification, reliable=reliable)
 
     def _segmentation(self, model: LoadedModel, output: np.ndarray, layout: Layout) -> Segmentation:
         """A model-sized map (logits or probability) -> the frame-sized mask and its geometry."""
@@ -173,10 +213,13 @@ class Predictor:
         self._observe("postprocess", model.task, started)
         return classification, segmentation
 
-    @staticmethod
-    def _facts(image: DecodedImage) -> ImageFacts:
+    def _facts(self, image: DecodedImage) -> ImageFacts:
+        """What was analysed, with the out-of-distribution verdict on it."""
+        started = time.perf_counter()
+        quality = self.detector.assess(image.pixels)
+        self._observe("quality", "", started)
         height, width = image.pixels.shape
-        return ImageFacts(image.format, width, height, image.frame, image.n_frames)
+        return ImageFacts(image.format, width, height, image.frame, image.n_frames, quality)
 
     def _record_models(self, request: ImageRequest, *models: LoadedModel) -> None:
         request.facts["models"] = {model.task: model.version for model in models}
@@ -189,9 +232,10 @@ class Predictor:
         model = joint or self.registry.get(TASK_CLASSIFICATION)
         self._record_models(request, model)
         image = self.decode(request)
+        facts = self._facts(image)
         if joint is not None:
-            return self._facts(image), self._joint(joint, image, "never")[0]
-        return self._facts(image), self._classify(model, image)
+            return facts, self._judged(self._joint(joint, image, "never")[0], facts)
+        return facts, self._judged(self._classify(model, image), facts)
 
     def segment(self, request: ImageRequest) -> tuple[ImageFacts, Segmentation]:
         """Raises ModelUnavailableError, or an InputError for bytes that cannot be used."""
@@ -227,4 +271,5 @@ class Predictor:
             if classification.label in LESION_CLASSES:
                 segmentation = self._segment(segmenter, image)
         image_png = encode_png(image.pixels) if include_image else None
-        return Diagnosis(self._facts(image), classification, segmentation, image_png)
+        facts = self._facts(image)
+        return Diagnosis(facts, self._judged(classification, facts), segmentation, image_png)

@@ -20,6 +20,7 @@ import torch
 
 from service.metrics import ServiceMetrics
 from shared.artifacts import ArtifactInfo, list_versions, resolve_artifact, verify_artifact
+from shared.calibration import Calibration
 from shared.errors import ArtifactError, ArtifactIntegrityError, ModelUnavailableError
 from shared.labels import (
     CLASS_NAMES,
@@ -60,6 +61,7 @@ class LoadedModel:
     output_type: str = "logits"
     threshold: float = 0.5  # segmentation and diagnosis
     mask_shape: tuple[int, ...] = ()  # diagnosis only: the second output, without the batch axis
+    calibration: Calibration = Calibration()  # of the class logits; identity when not declared
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -109,6 +111,7 @@ def _spec_from_manifest(info: ArtifactInfo) -> dict:
     spec.update(output_shape=output_shape, output_type=output_type)
     if info.task == TASK_CLASSIFICATION:
         spec["class_names"] = _class_names(meta, output_shape)
+        spec["calibration"] = Calibration.from_manifest(spec_out, len(spec["class_names"]))
     elif info.task == TASK_SEGMENTATION:
         if len(output_shape) != 3 or output_shape[0] != 1:
             raise ArtifactIntegrityError("segmentation output.shape must be [1, height, width]")
@@ -153,6 +156,7 @@ def _joint_spec(meta: dict, spec_out: dict, side: int) -> dict:
         "output_shape": output_shape,
         "output_type": "joint",
         "class_names": _class_names(meta, output_shape),
+        "calibration": Calibration.from_manifest(classes, output_shape[0]),
         "threshold": _threshold(mask),
         "mask_shape": mask_shape,
     }

@@ -9,6 +9,7 @@ from service.metrics import ServiceMetrics
 from service.predictors import Predictor
 from service.registry import ModelRegistry
 from service.settings import Settings
+from shared.quality import load_detector
 
 
 @dataclass
@@ -23,5 +24,13 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> Runtime:
         metrics = ServiceMetrics()
         registry = ModelRegistry(settings.MODEL_DIR, settings.pinned_versions(), metrics)
-        predictor = Predictor(registry, metrics, settings.MAX_PIXELS, settings.MAX_FRAMES)
+        predictor = Predictor(
+            registry,
+            metrics,
+            settings.MAX_PIXELS,
+            settings.MAX_FRAMES,
+            detector=load_detector(settings.OOD_DETECTOR_FILE),
+            uncertain_below=settings.UNCERTAIN_BELOW,
+            allow_non_ultrasound=settings.ALLOW_NON_ULTRASOUND_DICOM,
+        )
         return cls(settings, metrics, registry, predictor)

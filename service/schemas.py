@@ -39,10 +39,44 @@ class BBox(BaseModel):
     height: int
 
 
+class Quality(BaseModel):
+    """Whether the image looks like the breast-ultrasound scans the models learnt from."""
+
+    in_distribution: bool = Field(
+        description="false: the image does not look like a breast-ultrasound scan of the kind "
+        "the models were trained on; read every result on it as unreliable"
+    )
+    score: float = Field(
+        ge=0,
+        description="Distance of the image's statistics to those of the training scans, in "
+        "units of the flag threshold: above 1 is flagged",
+        examples=[0.42],
+    )
+    reasons: list[str] = Field(
+        description="Why the image was flagged (empty when in distribution)",
+        examples=[[]],
+    )
+
+
 class ClassificationResult(BaseModel):
     label: Label
     probabilities: dict[str, float] = Field(
-        examples=[{"normal": 0.08, "benign": 0.85, "malignant": 0.07}]
+        description="Per class; calibrated when `calibrated` is true (the artifact declares a "
+        "calibration fitted on out-of-fold data), else the raw softmax",
+        examples=[{"normal": 0.08, "benign": 0.85, "malignant": 0.07}],
+    )
+    calibrated: bool = Field(
+        False, description="The probabilities went through the artifact's calibration"
+    )
+    uncertain: bool = Field(
+        False,
+        description="The top probability is below the uncertain threshold (UNCERTAIN_BELOW, "
+        "else the artifact's own): the model cannot tell the classes apart well enough",
+    )
+    reliable: bool = Field(
+        True,
+        description="false when `uncertain` or the image is flagged out of distribution "
+        "(quality.in_distribution false): the label is then not to be relied on",
     )
     model: ModelRef
 
@@ -60,11 +94,13 @@ class SegmentationResult(BaseModel):
 
 class ClassifyResponse(ClassificationResult):
     image: ImageInfo
+    quality: Quality
     request_id: str = Field(examples=[_REQUEST_ID])
 
 
 class SegmentResponse(SegmentationResult):
     image: ImageInfo
+    quality: Quality
     request_id: str = Field(examples=[_REQUEST_ID])
 
 
@@ -74,6 +110,7 @@ class DiagnoseResponse(BaseModel):
         description="Present when the finding is benign or malignant, else null"
     )
     image: ImageInfo
+    quality: Quality
     image_png: str | None = Field(
         default=None,
         description="With ?include_image=true: the analysed frame as a base64 one-channel PNG "
@@ -106,6 +143,17 @@ class ReadyResponse(BaseModel):
     )
 
 
+class CalibrationDescription(BaseModel):
+    calibrated: bool = Field(description="The served probabilities are calibrated")
+    method: Literal["none", "temperature", "vector"]
+    temperature: float = Field(examples=[1.6])
+    uncertain_below: float = Field(
+        description="Top probability under which a classification is reported uncertain "
+        "(the UNCERTAIN_BELOW setting, else the artifact's own value, else 0.5)",
+        examples=[0.55],
+    )
+
+
 class ModelDescription(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -121,6 +169,9 @@ class ModelDescription(BaseModel):
     preprocessing: dict[str, Any]
     metrics: dict[str, Any] = Field(
         default_factory=dict, description="Evaluation metrics from the artifact's metadata"
+    )
+    calibration: CalibrationDescription | None = Field(
+        None, description="How the class probabilities are calibrated (models with classes)"
     )
     intended_use: str | None = None
 

@@ -14,6 +14,7 @@ from shared.artifacts import validate_version
 from shared.decoding import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
 from shared.errors import InvalidVersionError
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
+from shared.quality import DEFAULT_DETECTOR_FILE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models"
@@ -79,6 +80,26 @@ class Settings(BaseSettings):
     )
     GRACEFUL_SHUTDOWN_S: float = Field(
         20.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM"
+    )
+    UNCERTAIN_BELOW: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description=(
+            "A classification whose top (calibrated) probability is below this is reported "
+            "uncertain; unset: the serving artifact's own uncertain_below, else 0.5"
+        ),
+    )
+    OOD_DETECTOR_FILE: Path = Field(
+        DEFAULT_DETECTOR_FILE,
+        description="The image-statistics out-of-distribution detector the quality flag uses",
+    )
+    ALLOW_NON_ULTRASOUND_DICOM: bool = Field(
+        False,
+        description=(
+            "Analyse DICOM objects whose Modality is not US or whose SOP class is not an image "
+            "(SEG, SR, RT) instead of refusing them with 422"
+        ),
     )
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     LOG_FORMAT: Literal["json", "text"] = "json"

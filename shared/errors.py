@@ -78,6 +78,18 @@ class FrameOutOfRangeError(InputError):
     code = "frame_out_of_range"
 
 
+class NotUltrasoundError(InputError):
+    """A DICOM image whose Modality says it is not ultrasound (CT, MR, MG, ...)."""
+
+    code = "not_ultrasound"
+
+
+class NonImageDicomError(InputError):
+    """A DICOM object of a non-image SOP class (segmentation, structured report, RT object)."""
+
+    code = "non_image_dicom"
+
+
 # --- artifacts: model files on the registry volume ------------------------------------------
 
 

@@ -7,6 +7,9 @@
     python -m training fit --preset joint-lite0 --data-path D train on all images, publish
     python -m training oof --preset joint-lite0 --data-path D out-of-fold logits + features
     python -m training fold-split --fold K --output F        split file whose test set is fold K
+    python -m training calibrate --oof F [--output-dir R]    temperature + abstain band from OOF
+    python -m training ood --data-path D [--detector-out J]  evaluate and fit the OOD check
+    python -m training shortcuts --cv-dir R --data-path D    predictions with marks inpainted
 
 Each command's own `--help` lists its flags and their defaults.
 """
@@ -23,7 +26,10 @@ from training.engine import setup_logging
 
 log = logging.getLogger("training")
 
-COMMANDS = ("split", "classify", "segment", "cv", "fit", "oof", "fold-split")
+COMMANDS = (
+    "split", "classify", "segment", "cv", "fit", "oof", "fold-split", "calibrate", "ood",
+    "shortcuts",
+)
 
 
 def get_split_args_parser() -> argparse.ArgumentParser:
@@ -105,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             args = joint.parse_fit_args(rest)
             setup_logging(Path(args.output_dir) / "train.log")
             joint.fit_main(args)
+    elif command in ("calibrate", "ood", "shortcuts"):
+        from training import calibration, ood, shortcuts
+
+        module = {"calibrate": calibration, "ood": ood, "shortcuts": shortcuts}[command]
+        module.main(module.parse_args(rest))
     else:
         from training import segmentation
 

@@ -19,6 +19,7 @@ from service.schemas import (
     DiagnoseResponse,
     ImageInfo,
     ModelRef,
+    Quality,
     SegmentationResult,
     SegmentResponse,
     error_responses,
@@ -65,10 +66,22 @@ def _image_info(facts: ImageFacts) -> ImageInfo:
     )
 
 
+def _quality(facts: ImageFacts) -> Quality:
+    quality = facts.quality
+    return Quality(
+        in_distribution=quality.in_distribution,
+        score=quality.score,
+        reasons=list(quality.reasons),
+    )
+
+
 def _classification(result: Classification) -> dict[str, Any]:
     return {
         "label": result.label,
         "probabilities": result.probabilities,
+        "calibrated": result.calibrated,
+        "uncertain": result.uncertain,
+        "reliable": result.reliable,
         "model": _model_ref(result.model),
     }
 
@@ -106,7 +119,10 @@ async def classify(
     """Classify a breast-ultrasound image as normal, benign or malignant."""
     facts, result = await anyio.to_thread.run_sync(predictor.classify, image)
     return ClassifyResponse(
-        **_classification(result), image=_image_info(facts), request_id=request_id
+        **_classification(result),
+        image=_image_info(facts),
+        quality=_quality(facts),
+        request_id=request_id,
     )
 
 
@@ -117,7 +133,8 @@ async def classify(
         **_ERRORS,
         200: {
             "description": "The lesion mask and its geometry; with `Accept: image/png`, the "
-            "mask PNG itself (one channel, the input's size, 0 / 255)",
+            "mask PNG itself (one channel, the input's size, 0 / 255), with the quality "
+            "verdict in the X-In-Distribution and X-Quality-Score headers",
             "content": {"image/png": {"schema": _BINARY}},
         },
     },
@@ -136,9 +153,16 @@ async def segment(
                 "X-Model-Name": result.model.name,
                 "X-Model-Version": result.model.version,
                 "X-Lesion-Area-Fraction": f"{result.lesion_area_fraction:.6f}",
+                "X-In-Distribution": "true" if facts.quality.in_distribution else "false",
+                "X-Quality-Score": f"{facts.quality.score:.4f}",
             },
         )
-    return SegmentResponse(**_segmentation(result), image=_image_info(facts), request_id=request_id)
+    return SegmentResponse(
+        **_segmentation(result),
+        image=_image_info(facts),
+        quality=_quality(facts),
+        request_id=request_id,
+    )
 
 
 @router.post(
@@ -167,6 +191,7 @@ async def diagnose(
             else None
         ),
         image=_image_info(result.image),
+        quality=_quality(result.image),
         image_png=(
             base64.b64encode(result.image_png).decode("ascii") if result.image_png else None
         ),

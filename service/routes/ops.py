@@ -7,7 +7,14 @@ from fastapi.responses import JSONResponse
 
 from service.deps import RuntimeDep
 from service.metrics import CONTENT_TYPE_LATEST
-from service.schemas import HealthResponse, ModelDescription, ModelsResponse, ReadyResponse
+from service.predictors import DEFAULT_UNCERTAIN_BELOW
+from service.schemas import (
+    CalibrationDescription,
+    HealthResponse,
+    ModelDescription,
+    ModelsResponse,
+    ReadyResponse,
+)
 
 router = APIRouter(tags=["operations"])
 
@@ -50,6 +57,17 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
             described[task] = None
             continue
         meta = model.info.metadata
+        calibration = None
+        if model.class_names:
+            cal = model.calibration
+            below = runtime.settings.UNCERTAIN_BELOW
+            below = cal.uncertain_below if below is None else below
+            calibration = CalibrationDescription(
+                calibrated=cal.calibrated,
+                method=cal.method,
+                temperature=cal.temperature,
+                uncertain_below=DEFAULT_UNCERTAIN_BELOW if below is None else below,
+            )
         described[task] = ModelDescription(
             task=task,
             name=model.name,
@@ -62,6 +80,7 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
             output=meta["output"],
             preprocessing=meta["preprocessing"],
             metrics=meta.get("metrics") or {},
+            calibration=calibration,
             intended_use=meta.get("intended_use"),
         )
     return ModelsResponse(models=described)

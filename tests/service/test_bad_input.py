@@ -76,11 +76,12 @@ def test_one_pixel_image_is_too_small(client):
     assert_error(response, 422, "image_too_small")
 
 
-def test_dicom_without_pixel_data_is_a_422(client):
+def test_dicom_structured_report_is_a_422_non_image(client):
+    # Its SOP class says it is a report before the decoder would find it has no pixels.
     response = client.post(
         "/diagnose", content=dicom(with_pixels=False), headers={"Content-Type": "application/dicom"}
     )
-    assert_error(response, 422, "no_pixel_data")
+    assert_error(response, 422, "non_image_dicom")
 
 
 def test_frame_out_of_range_is_a_422(client):
