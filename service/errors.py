@@ -54,6 +54,7 @@ STATUS_BY_ERROR: dict[type[domain.BusiError], int] = {
     domain.ImageTooSmallError: 422,
     domain.NoPixelDataError: 422,
     domain.UnsupportedDicomError: 422,
+    domain.InvalidDicomValueError: 422,
     domain.FrameOutOfRangeError: 422,
     domain.NotUltrasoundError: 422,
     domain.NonImageDicomError: 422,

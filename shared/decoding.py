@@ -11,8 +11,14 @@ declared; a declaration that disagrees with the bytes is an error, not a hint.
   PS3.10 files.
 
 Size caps are checked from the header, before any pixel is decoded: ``rows * cols <= max_pixels``
-per frame, ``frames <= max_frames``, and both sides ``>= MIN_SIDE``. Pillow's process-wide
-``Image.MAX_IMAGE_PIXELS`` plays no part (see `_PILLOW_OPENERS`).
+per frame; the frame's decoded size, ``rows * cols * samples * bytes per sample <=
+max_decoded_bytes``; the longer side at most ``max_aspect_ratio`` times the shorter (a 8 x 1,000,000
+strip is tiny as a file and as pixels, but preprocessing scales its shorter side up);
+``frames <= max_frames``, and both sides ``>= MIN_SIDE``. A DICOM must also hold the frames it
+declares (enough native bytes, or at least one fragment per frame). Every header field the decoder
+uses is checked for type and multiplicity first, so a malformed header is a `CorruptImageError`,
+never a TypeError. Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` plays no part (see
+`_PILLOW_OPENERS`).
 
 Conversions to (H, W) uint8, one rule per case:
 
@@ -37,6 +43,7 @@ Conversions to (H, W) uint8, one rule per case:
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from dataclasses import dataclass
 from io import BytesIO
@@ -45,6 +52,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin
 from pydicom import Dataset, dcmread
+from pydicom.encaps import parse_basic_offsets, parse_fragments
+from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -53,7 +62,6 @@ from pydicom.pixels import (
     convert_color_space,
     get_decoder,
 )
-from pydicom.pixels.utils import get_nr_frames
 
 from shared.errors import (
     CorruptImageError,
@@ -62,6 +70,7 @@ from shared.errors import (
     FrameOutOfRangeError,
     ImageTooLargeError,
     ImageTooSmallError,
+    InvalidDicomValueError,
     NoPixelDataError,
     UnsupportedDicomError,
     UnsupportedFormatError,
@@ -72,7 +81,16 @@ log = logging.getLogger(__name__)
 FORMATS = ("png", "jpeg", "dicom")
 DEFAULT_MAX_PIXELS = 40_000_000  # per frame, rows * cols
 DEFAULT_MAX_FRAMES = 2_000
+# One frame as decoded, before conversion to 8-bit gray: 40 M pixels of 8-bit RGB fit, 16-bit
+# RGB of that size (240 MB) does not.
+DEFAULT_MAX_DECODED_BYTES = 128 * 1024 * 1024
+# Ultrasound frames are 4:3 to 16:9, panoramic sweeps a few times wider; 10:1 leaves room.
+DEFAULT_MAX_ASPECT_RATIO = 10.0
 MIN_SIDE = 8
+# Rows of float64 temporaries worked on at a time when scaling to 8 bits (bounds peak memory).
+_SCALE_BLOCK_VALUES = 1 << 21
+# Rescale and window values beyond these are not ultrasound (or CT) values but broken headers.
+_MAX_ABS_DISPLAY_VALUE = 1e7
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8\xff"
@@ -136,6 +154,8 @@ def decode_image(
     frame: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_frames: int = DEFAULT_MAX_FRAMES,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> DecodedImage:
     """Decode PNG, JPEG or DICOM bytes to one (H, W) uint8 grayscale frame.
 
@@ -143,8 +163,9 @@ def decode_image(
 
     Raises EmptyInputError, UnsupportedFormatError, FormatMismatchError, CorruptImageError,
     ImageTooLargeError, ImageTooSmallError, FrameOutOfRangeError, and for DICOM also
-    NoPixelDataError and UnsupportedDicomError. Raises ValueError for a `declared_format` outside
-    FORMATS and RuntimeError if Pillow was set to accept truncated images: both are caller bugs.
+    NoPixelDataError, UnsupportedDicomError and InvalidDicomValueError. Raises ValueError for a
+    `declared_format` outside FORMATS and RuntimeError if Pillow was set to accept truncated
+    images: both are caller bugs.
     """
     if declared_format is not None and declared_format not in FORMATS:
         raise ValueError(f"declared_format must be one of {FORMATS} or None")
@@ -160,10 +181,11 @@ def decode_image(
     if frame < 0:
         raise FrameOutOfRangeError("The requested frame does not exist; frames count from 0.")
 
+    caps = _Caps(max_pixels, max_frames, max_decoded_bytes, max_aspect_ratio)
     if fmt == "dicom":
-        decoded = _decode_dicom(data, frame, max_pixels, max_frames)
+        decoded = _decode_dicom(data, frame, caps)
     else:
-        decoded = _decode_pillow(data, fmt, frame, max_pixels)
+        decoded = _decode_pillow(data, fmt, frame, caps)
     log.debug(
         "decoded image",
         extra={
@@ -179,13 +201,31 @@ def decode_image(
 # --- shared helpers ------------------------------------------------------------------------------
 
 
-def _check_dimensions(rows: int, cols: int, max_pixels: int) -> None:
-    if rows * cols > max_pixels:
+class _Caps(NamedTuple):
+    max_pixels: int
+    max_frames: int
+    max_decoded_bytes: int
+    max_aspect_ratio: float
+
+
+def _check_dimensions(rows: int, cols: int, frame_bytes: int, caps: _Caps) -> None:
+    """Refuse from the header alone: too many pixels or bytes, too thin, too small."""
+    if rows * cols > caps.max_pixels:
         raise ImageTooLargeError(
-            f"The image has more than {max_pixels} pixels; it was not decoded."
+            f"The image has more than {caps.max_pixels} pixels; it was not decoded."
+        )
+    if frame_bytes > caps.max_decoded_bytes:
+        raise ImageTooLargeError(
+            f"The image would take more than {caps.max_decoded_bytes} bytes decoded; "
+            "it was not decoded."
         )
     if min(rows, cols) < MIN_SIDE:
         raise ImageTooSmallError(f"The image must be at least {MIN_SIDE} pixels on each side.")
+    if max(rows, cols) > caps.max_aspect_ratio * min(rows, cols):
+        raise ImageTooLargeError(
+            f"The image is more than {caps.max_aspect_ratio:g} times longer than it is wide; "
+            "it was not decoded."
+        )
 
 
 def _check_single_frame(frame: int) -> None:
@@ -194,11 +234,23 @@ def _check_single_frame(frame: int) -> None:
 
 
 def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map [low, high] linearly onto 0..255, clipping outside and rounding to nearest."""
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values.astype(np.float64) - low) * (255.0 / (high - low))
-    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+    """Map [low, high] linearly onto 0..255, clipping outside and rounding to nearest.
+
+    Works on blocks of rows, so the float64 temporary stays a few MB whatever the frame's size.
+    """
+    out = np.zeros(values.shape, dtype=np.uint8)
+    if not high > low:  # also false for NaN bounds
+        return out
+    factor = 255.0 / (high - low)
+    per_row = max(1, math.prod(values.shape[1:]))
+    step = max(1, _SCALE_BLOCK_VALUES // per_row)
+    for start in range(0, values.shape[0], step):
+        block = values[start : start + step].astype(np.float64)
+        block -= low
+        block *= factor
+        np.clip(block, 0.0, 255.0, out=block)
+        out[start : start + step] = np.rint(block, out=block)
+    return out
 
 
 def _rgb_to_luma(rgb: np.ndarray, max_value: int) -> np.ndarray:
@@ -217,7 +269,11 @@ def _log_failure(stage: str, exc: BaseException) -> None:
 # --- PNG / JPEG ----------------------------------------------------------------------------------
 
 
-def _decode_pillow(data: bytes, fmt: str, frame: int, max_pixels: int) -> DecodedImage:
+# Bytes per pixel of Pillow's in-memory modes (Pillow keeps 1-bit images one byte per pixel).
+_PILLOW_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2}
+
+
+def _decode_pillow(data: bytes, fmt: str, frame: int, caps: _Caps) -> DecodedImage:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # A process-wide switch someone else flipped: truncated uploads would decode as partly
         # grey images and be classified. Fail loudly instead of silently.
@@ -231,7 +287,9 @@ def _decode_pillow(data: bytes, fmt: str, frame: int, max_pixels: int) -> Decode
         raise CorruptImageError(f"The {name} header is invalid.") from exc
 
     with image:
-        _check_dimensions(image.height, image.width, max_pixels)
+        bytes_per_pixel = _PILLOW_MODE_BYTES.get(image.mode, 4)  # RGB(A), CMYK, I, F: 4
+        frame_bytes = image.height * image.width * bytes_per_pixel
+        _check_dimensions(image.height, image.width, frame_bytes, caps)
         try:
             image.load()
             pixels = _pillow_to_gray(ImageOps.exif_transpose(image))
@@ -260,9 +318,43 @@ class _DicomHeader(NamedTuple):
     rows: int
     cols: int
     samples: int
+    bits_allocated: int
     n_frames: int
     photometric: str
     transfer_syntax: str
+
+    def frame_bytes(self) -> int:
+        """Bytes of one frame as decoded (before any conversion to 8-bit gray)."""
+        return self.rows * self.cols * self.samples * max(1, self.bits_allocated // 8)
+
+
+class _BadField(Exception):
+    """A header field of the wrong type, multiplicity or range (carries the keyword only)."""
+
+
+def _header_int(ds: Dataset, keyword: str, low: int, high: int, default: int | None = None) -> int:
+    """An integer header field with value multiplicity 1 and low <= value <= high.
+
+    pydicom keeps a value it cannot convert (IS `1A`, US of the wrong length) as a str or bytes,
+    and a backslash-separated one as a MultiValue: all of those are refused here, by keyword.
+    """
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is None:
+            raise _BadField(keyword)
+        return default
+    if isinstance(value, MultiValue | str | bytes | float) or not isinstance(value, int):
+        raise _BadField(keyword)
+    if not low <= int(value) <= high:
+        raise _BadField(keyword)
+    return int(value)
+
+
+def _header_text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if not isinstance(value, str) or isinstance(value, MultiValue):
+        raise _BadField(keyword)
+    return value.strip().upper()
 
 
 def _read_dicom(data: bytes) -> tuple[Dataset, _DicomHeader | None]:
@@ -271,14 +363,19 @@ def _read_dicom(data: bytes) -> tuple[Dataset, _DicomHeader | None]:
         ds = dcmread(BytesIO(data), force=False)
         if "PixelData" not in ds:
             return ds, None
+        # Element values are converted lazily: reading a field is where pydicom fails.
         header = _DicomHeader(
-            rows=int(ds.Rows),
-            cols=int(ds.Columns),
-            samples=int(ds.get("SamplesPerPixel", 1)),
-            n_frames=get_nr_frames(ds, warn=False),
-            photometric=str(ds.PhotometricInterpretation).strip().upper(),
-            transfer_syntax=ds.file_meta.TransferSyntaxUID,
+            rows=_header_int(ds, "Rows", 1, 65535),
+            cols=_header_int(ds, "Columns", 1, 65535),
+            samples=_header_int(ds, "SamplesPerPixel", 1, 4, default=1),
+            bits_allocated=_header_int(ds, "BitsAllocated", 1, 64),
+            n_frames=_header_int(ds, "NumberOfFrames", 1, 2**31 - 1, default=1),
+            photometric=_header_text(ds, "PhotometricInterpretation"),
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         )
+    except _BadField as exc:
+        _log_failure("dicom header", exc)
+        raise CorruptImageError(f"The DICOM header field {exc} is missing or malformed.") from None
     # pydicom raises a wide range of types on malformed input; none of them is our bug to surface.
     except Exception as exc:
         _log_failure("dicom header", exc)
@@ -287,7 +384,31 @@ def _read_dicom(data: bytes) -> tuple[Dataset, _DicomHeader | None]:
     return ds, header
 
 
-def _decode_dicom(data: bytes, frame: int, max_pixels: int, max_frames: int) -> DecodedImage:
+def _frames_in_data(ds: Dataset, header: _DicomHeader) -> int:
+    """How many frames the Pixel Data can hold: native bytes / frame size, or for encapsulated
+    data the Extended or Basic Offset Table's entries, else the fragments (a frame spans one or
+    more fragments, so there are never fewer fragments than frames)."""
+    pixel_data = ds.PixelData
+    if not isinstance(pixel_data, bytes | bytearray):
+        raise CorruptImageError("The DICOM pixel data cannot be read.")
+    element = ds["PixelData"]
+    if not element.is_undefined_length:
+        if header.photometric == "YBR_FULL_422":  # PS3.5 8.2.3: two samples per pixel stored
+            bits = header.rows * header.cols * 2 * header.bits_allocated
+        else:
+            bits = header.rows * header.cols * header.samples * header.bits_allocated
+        return len(pixel_data) * 8 // max(1, bits)
+    extended = ds.get("ExtendedOffsetTable")
+    if isinstance(extended, bytes) and extended:
+        return len(extended) // 8
+    offsets = parse_basic_offsets(pixel_data)
+    if len(offsets) > 1:
+        return len(offsets)
+    # The fragments start after the Basic Offset Table's item: an 8-byte header, 4 per entry.
+    return parse_fragments(pixel_data[8 + 4 * len(offsets) :])[0]
+
+
+def _decode_dicom(data: bytes, frame: int, caps: _Caps) -> DecodedImage:
     ds, header = _read_dicom(data)
     if header is None:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -300,15 +421,36 @@ def _decode_dicom(data: bytes, frame: int, max_pixels: int, max_frames: int) -> 
             raise CorruptImageError("The DICOM pixel data is missing or truncated.")
         raise NoPixelDataError("The DICOM object holds no image (e.g. a report or a plan).")
 
-    _check_dimensions(header.rows, header.cols, max_pixels)
-    if header.n_frames > max_frames:
+    _check_dimensions(header.rows, header.cols, header.frame_bytes(), caps)
+    if header.n_frames > caps.max_frames:
         raise ImageTooLargeError(
-            f"The image has more than {max_frames} frames; it was not decoded."
+            f"The image has more than {caps.max_frames} frames; it was not decoded."
         )
-    if frame >= header.n_frames:
-        raise FrameOutOfRangeError("The requested frame does not exist in this image.")
     if header.samples not in (1, 3) or header.photometric not in _DICOM_PHOTOMETRIC:
         raise UnsupportedDicomError("The DICOM photometric interpretation is not supported.")
+    # PS3.3 C.7.6.3.1.2: monochrome and palette images have one sample per pixel, colour three.
+    one_sample = header.photometric in (*_DICOM_MONOCHROME, "PALETTE COLOR")
+    if (header.samples == 1) != one_sample:
+        raise CorruptImageError(
+            "The DICOM samples per pixel do not match its photometric interpretation."
+        )
+    try:
+        held = _frames_in_data(ds, header)
+    except CorruptImageError:
+        raise
+    except Exception as exc:  # pydicom's fragment parser on a broken item sequence
+        _log_failure("dicom fragments", exc)
+        raise CorruptImageError("The DICOM pixel data cannot be read.") from None
+    if held < header.n_frames:
+        raise CorruptImageError(
+            "The DICOM pixel data is truncated or holds fewer frames than the "
+            f"{header.n_frames} it declares; it was not decoded."
+        )
+    if frame >= header.n_frames:
+        raise FrameOutOfRangeError(
+            f"The requested frame does not exist: this image has {header.n_frames} "
+            f"frame{'s' if header.n_frames != 1 else ''}, numbered from 0."
+        )
 
     try:
         decoder = get_decoder(header.transfer_syntax)
@@ -328,12 +470,18 @@ def _decode_dicom(data: bytes, frame: int, max_pixels: int, max_frames: int) -> 
         pixels = _dicom_to_gray(
             frame_pixels, ds, str(props["photometric_interpretation"]), int(props["bits_stored"])
         )
+    except InvalidDicomValueError:
+        raise
     except NotImplementedError as exc:
         _log_failure("dicom lut", exc)
         raise UnsupportedDicomError("The DICOM display transform is not supported.") from None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
         _log_failure("dicom lut", exc)
         raise CorruptImageError("The DICOM display transform parameters are invalid.") from None
+    if pixels.shape != (header.rows, header.cols) or pixels.dtype != np.uint8:
+        # A decoder that disagrees with the header (e.g. a photometric interpretation it
+        # changed): refuse rather than analyse something of another shape.
+        raise CorruptImageError("The DICOM pixel data does not match its header.")
     return DecodedImage(np.ascontiguousarray(pixels), "dicom", frame, header.n_frames)
 
 
@@ -353,8 +501,38 @@ def _dicom_to_gray(arr: np.ndarray, ds: Dataset, photometric: str, bits_stored: 
     return _rgb_to_luma(arr, 2**bits_stored - 1)
 
 
+def _finite_display_values(ds: Dataset, keywords: tuple[str, ...]) -> None:
+    """Refuse rescale and window values that are not finite or far outside any real range.
+
+    A NaN slope or an infinite width would map every pixel to 0 and be analysed as a blank
+    frame; that must be a refusal, not a "normal" answer.
+    """
+    for keyword in keywords:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        values = value if isinstance(value, MultiValue | list | tuple) else [value]
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise CorruptImageError(f"The DICOM header field {keyword} is malformed.") from None
+        if not all(math.isfinite(v) and abs(v) <= _MAX_ABS_DISPLAY_VALUE for v in numbers):
+            raise InvalidDicomValueError(
+                f"The DICOM {keyword} is not a finite value within +/-{_MAX_ABS_DISPLAY_VALUE:g}."
+            )
+    if "RescaleSlope" in keywords and ds.get("RescaleSlope") not in (None, ""):
+        if float(ds.RescaleSlope) == 0:
+            raise InvalidDicomValueError("The DICOM RescaleSlope is 0: every pixel would be equal.")
+    width = ds.get("WindowWidth")
+    if "WindowWidth" in keywords and width not in (None, ""):
+        first = width[0] if isinstance(width, MultiValue) else width
+        if float(first) < 1:  # PS3.3 C.11.2.1.2.1: Window Width shall be >= 1
+            raise InvalidDicomValueError("The DICOM WindowWidth is below 1.")
+
+
 def _monochrome_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     # PS3.4 N.2: stored values -> modality LUT (e.g. rescale to HU) -> VOI LUT -> presentation.
+    _finite_display_values(ds, ("RescaleSlope", "RescaleIntercept"))
     values = apply_modality_lut(arr, ds)
     voi_lut = ds.get("VOILUTSequence")
     if voi_lut and "LUTDescriptor" in voi_lut[0] and "LUTData" in voi_lut[0]:
@@ -363,6 +541,7 @@ def _monochrome_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
         out = apply_voi(np.rint(values).astype(np.int64), ds)
         return _scale_to_uint8(out, 0, 2 ** int(voi_lut[0].LUTDescriptor[2]) - 1)
     if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        _finite_display_values(ds, ("WindowCenter", "WindowWidth"))
         out = apply_windowing(values, ds)
         # pydicom maps the window onto an output range that depends on BitsStored, signedness and
         # rescale; windowing the two infinities reads that range back without re-deriving it.

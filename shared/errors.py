@@ -72,6 +72,12 @@ class UnsupportedDicomError(InputError):
     code = "unsupported_dicom"
 
 
+class InvalidDicomValueError(InputError):
+    """A DICOM display value (rescale, window) that is not finite or is far outside any range."""
+
+    code = "invalid_dicom_value"
+
+
 class FrameOutOfRangeError(InputError):
     """The requested frame does not exist in a multi-frame image."""
 

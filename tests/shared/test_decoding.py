@@ -37,6 +37,7 @@ from shared.errors import (
     FrameOutOfRangeError,
     ImageTooLargeError,
     ImageTooSmallError,
+    InvalidDicomValueError,
     NoPixelDataError,
     UnsupportedDicomError,
     UnsupportedFormatError,
@@ -491,7 +492,7 @@ def test_decode_rejects_dicom_with_truncated_pixel_data() -> None:
     data = _dicom(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
     with pytest.raises(CorruptImageError) as info:
         decode_image(data[:-1000])
-    assert info.value.message == "The DICOM pixel data cannot be decoded."
+    assert info.value.message.startswith("The DICOM pixel data is truncated")
 
 
 def test_decode_rejects_dicom_with_unsupported_transfer_syntax() -> None:
@@ -523,11 +524,12 @@ def test_decode_rejects_dicom_frame_with_broken_codestream_but_reads_the_others(
 
 
 def test_decode_error_messages_carry_no_dicom_values() -> None:
-    ds = _dicom_dataset(np.zeros((8, 8), np.uint8), PatientName="Doe^Jane", Rows=12345)
+    ds = _dicom_dataset(np.zeros((8, 8), np.uint8), PatientName="Doe^Jane", Rows=77)
     with pytest.raises(CorruptImageError) as info:
         decode_image(_dicom_bytes(ds))
-    assert "Doe" not in info.value.message and "12345" not in info.value.message
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "Doe" not in info.value.message and "77" not in info.value.message
+    error = info.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
 
 
 # --- DICOM, pydicom's shipped files --------------------------------------------------------------
@@ -573,3 +575,122 @@ def test_decode_matches_luma_of_pydicom_rgb_for_uncompressed_rgb_file() -> None:
     expected = rgb @ np.array([0.299, 0.587, 0.114])
     difference = np.abs(decode_image(data).pixels - expected)
     assert difference.max() <= 0.5 + 1e-6  # nearest-integer rounding of the BT.601 sum
+
+
+# --- DICOM header fields of the wrong type, multiplicity or value (issue 12) ----------------------
+
+
+def _with_number_of_frames(raw_value: bytes) -> bytes:
+    """A one-frame DICOM whose NumberOfFrames element holds `raw_value` as written on disk."""
+    data = _dicom(np.zeros((16, 16), np.uint8), NumberOfFrames=1)
+    if len(raw_value) % 2:
+        raw_value += b" "
+    old = b"\x28\x00\x08\x00IS\x02\x001 "
+    assert old in data
+    new = b"\x28\x00\x08\x00IS" + struct.pack("<H", len(raw_value)) + raw_value
+    return data.replace(old, new)
+
+
+@pytest.mark.parametrize("raw", [b"1A", b"abc", b"1\\2", b"-3", b"0"])
+def test_decode_rejects_malformed_number_of_frames_as_corrupt(raw: bytes) -> None:
+    with pytest.raises(CorruptImageError) as info:
+        decode_image(_with_number_of_frames(raw))
+    assert "NumberOfFrames" in info.value.message
+
+
+def test_decode_rejects_pydicom_bad_vr_file_as_corrupt() -> None:
+    with pytest.raises(CorruptImageError):
+        decode_image(_pydicom_test_file("badVR.dcm"))
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"])
+def test_decode_rejects_three_samples_with_a_one_sample_photometric(photometric: str) -> None:
+    ds = _dicom_dataset(np.zeros((16, 16, 3), np.uint8), "RGB")
+    ds.PhotometricInterpretation = photometric
+    with pytest.raises(CorruptImageError, match="samples per pixel"):
+        decode_image(_dicom_bytes(ds))
+
+
+def test_decode_rejects_rgb_with_one_sample() -> None:
+    ds = _dicom_dataset(np.zeros((16, 16), np.uint8))
+    ds.PhotometricInterpretation = "RGB"
+    with pytest.raises(CorruptImageError, match="samples per pixel"):
+        decode_image(_dicom_bytes(ds))
+
+
+@pytest.mark.parametrize(
+    "elements",
+    [
+        {"RescaleSlope": "NaN", "RescaleIntercept": "0"},
+        {"RescaleSlope": "inf", "RescaleIntercept": "0"},
+        {"RescaleSlope": "1", "RescaleIntercept": "-inf"},
+        {"RescaleSlope": "1e308", "RescaleIntercept": "0"},
+        {"RescaleSlope": "0", "RescaleIntercept": "0"},
+        {"WindowCenter": "NaN", "WindowWidth": "100"},
+        {"WindowCenter": "100", "WindowWidth": "inf"},
+        {"WindowCenter": "100", "WindowWidth": "1e300"},
+        {"WindowCenter": "100", "WindowWidth": "0.5"},
+    ],
+)
+def test_decode_refuses_non_finite_or_absurd_display_values(elements: dict[str, str]) -> None:
+    pixels = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    with pytest.raises(InvalidDicomValueError) as info:
+        decode_image(_dicom(pixels, **elements))
+    assert info.value.code == "invalid_dicom_value"
+    assert any(keyword in info.value.message for keyword in elements)
+
+
+def test_decode_rejects_a_file_declaring_more_frames_than_its_fragments() -> None:
+    from pydicom.uid import RLELossless
+
+    ds = _dicom_dataset(np.zeros((64, 64), np.uint8))
+    ds.compress(RLELossless)
+    ds.NumberOfFrames = 2000
+    with pytest.raises(CorruptImageError, match="fewer frames than the 2000"):
+        decode_image(_dicom_bytes(ds))
+
+
+def test_decode_rejects_a_native_file_declaring_more_frames_than_its_bytes() -> None:
+    ds = _dicom_dataset(np.zeros((64, 64), np.uint8), NumberOfFrames=3)
+    with pytest.raises(CorruptImageError, match="fewer frames than the 3"):
+        decode_image(_dicom_bytes(ds))
+
+
+def test_decode_frame_out_of_range_says_how_many_frames() -> None:
+    data = _dicom(np.zeros((4, 16, 16), np.uint8))
+    with pytest.raises(FrameOutOfRangeError, match="this image has 4 frames"):
+        decode_image(data, frame=4)
+
+
+# --- memory caps: decoded bytes and aspect ratio (issue 12) ------------------------------------
+
+
+def test_decode_counts_samples_and_bit_depth_against_the_byte_cap() -> None:
+    rgb16 = _dicom(np.zeros((64, 64, 3), np.uint16), "RGB")  # 64 * 64 * 3 * 2 = 24576 bytes
+    assert decode_image(rgb16, max_decoded_bytes=24576).pixels.shape == (64, 64)
+    with pytest.raises(ImageTooLargeError, match="bytes decoded"):
+        decode_image(rgb16, max_decoded_bytes=24575)
+
+
+def test_decode_counts_png_bands_against_the_byte_cap() -> None:
+    data = _png(Image.new("RGB", (64, 64)))  # held as 4 bytes per pixel by Pillow
+    with pytest.raises(ImageTooLargeError, match="bytes decoded"):
+        decode_image(data, max_decoded_bytes=64 * 64 * 4 - 1)
+
+
+@pytest.mark.parametrize(("width", "height"), [(8, 1_000_000), (5_000_000, 8), (81, 8)])
+def test_decode_refuses_thin_strips_from_the_header(width: int, height: int) -> None:
+    with pytest.raises(ImageTooLargeError, match="times longer"):
+        decode_image(_png_header_only(width, height))
+
+
+def test_decode_accepts_an_aspect_ratio_of_exactly_the_cap() -> None:
+    assert decode_image(_png(Image.new("L", (80, 8)))).pixels.shape == (8, 80)
+
+
+def test_scale_to_uint8_in_blocks_equals_the_whole_frame_formula() -> None:
+    from shared import decoding
+
+    values = np.random.default_rng(0).integers(-3000, 3000, (3000, 1500)).astype(np.int16)
+    whole = np.rint(np.clip((values.astype(np.float64) + 1000) * (255.0 / 2500), 0, 255))
+    np.testing.assert_array_equal(decoding._scale_to_uint8(values, -1000, 1500), whole)
