@@ -39,7 +39,7 @@ from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.models.joint import JointFlipAverage, JointUNet
 from shared.postprocessing import dice_iou, softmax
 from shared.preprocessing import Preprocessing
-from training import engine
+from training import distributed, engine
 from training.data import Sample, data_fingerprint, load_image, load_mask, scan_dataset
 from training.metrics import _scalars, confusion_matrix
 from training.segmentation import augment_pair
@@ -346,13 +346,26 @@ def train(
     engine.seed_everything(seed)
     preprocessing = preprocessing_for(preset)
     model = build_model(preset, pretrained)
-    dataset = JointDataset(data, preprocessing, preset, seed=seed)
+    # Under torchrun (training.distributed): every rank starts from rank 0's weights, draws its
+    # own dropout and augmentation, loads batch / N of each global batch from its own shard and
+    # DDP averages the gradients. Outside torchrun each helper below is the identity.
+    if distributed.rank() > 0:
+        engine.seed_everything(distributed.rank_seed(seed))
+    net = distributed.wrap(model)
+    dataset = JointDataset(data, preprocessing, preset, seed=distributed.rank_seed(seed))
+    sampler = distributed.sampler(dataset, seed)
     loader = DataLoader(
-        dataset, batch_size=preset.batch_size, shuffle=True, drop_last=True, collate_fn=_collate
+        dataset,
+        batch_size=distributed.per_rank_batch(preset.batch_size),
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=_collate,
     )
     weights = class_weights(data.labels) if preset.class_weighted else None
     loss_fn = JointLoss(weights, preset.label_smoothing, preset.mask_weight)
-    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = loss_fn.to(distributed.device())
+    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
@@ -364,34 +377,44 @@ def train(
     history = engine.History()
     start_epoch = 1
     if checkpoint is not None and Path(checkpoint).is_file():
-        state = engine.load_checkpoint(checkpoint, model, optimizer, scheduler)
+        # Every rank resumes the weights; only rank 0 takes the saved random state (its own).
+        state = engine.load_checkpoint(
+            checkpoint,
+            distributed.module(net),
+            optimizer,
+            scheduler,
+            restore_rng=distributed.is_main(),
+        )
         history, start_epoch = state.history, state.epoch + 1
     started = time.perf_counter()
     for epoch in range(start_epoch, preset.epochs + 1):
         dataset.set_epoch(epoch)
+        distributed.set_epoch(sampler, epoch)
         with engine.Timer() as timer:
             loss = engine.train_one_epoch(
-                model,
+                net,
                 loss_fn,
                 optimizer,
-                loader,
+                distributed.on_device(loader),
                 epoch,
                 step_scheduler=scheduler,
-                progress=progress,
+                progress=progress and distributed.is_main(),
             )
+        loss = distributed.mean(loss)  # each rank measured its own shard
         lr = optimizer.param_groups[0]["lr"]
         history.append(epoch, train_loss=loss, lr=lr, seconds=timer.seconds)
         engine.log_epoch(epoch, preset.epochs, timer.seconds, train_loss=loss)
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             engine.save_checkpoint(
                 checkpoint,
-                model=model,
+                model=distributed.module(net),
                 optimizer=optimizer,
                 scheduler=scheduler,
                 epoch=epoch,
                 best_metric=None,
                 history=history,
             )
+    distributed.unwrap(net, into=model)
     model.eval()
     return model, history, time.perf_counter() - started
 
@@ -546,9 +569,10 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
 
         samples = subset_per_class(samples, args.subset)
     folds_file = Path(args.folds_file)
-    if not folds_file.is_file():
+    if not folds_file.is_file() and distributed.is_main():
         log.warning("no fold file: making grouped 5-fold split at %s", folds_file)
         write_folds(args.data_path, folds_file, samples)
+    distributed.barrier()  # under torchrun the other ranks read the file rank 0 wrote
     items = load_folds(folds_file, samples)
     k = int(json.loads(folds_file.read_text())["k"])
     output = Path(args.output_dir)
@@ -571,6 +595,8 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
             pretrained=not args.no_pretrained,
             checkpoint=output / f"fold{fold}.ckpt",
         )
+        if not distributed.is_main():
+            continue  # rank 0 evaluates and writes; the others go on to the next fold
         held_out = data.pick(test_idx)
         result = {
             "fold": fold,
@@ -593,6 +619,8 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
         torch.save(model.state_dict(), output / f"fold{fold}.pt")  # for later analyses
         (output / f"fold{fold}.ckpt").unlink(missing_ok=True)
         log.info("fold %d: %s", fold, json.dumps(_figures(result["rows"]["plain"])))
+    if not distributed.is_main():
+        return {"rank": distributed.rank()}
     done = sorted(output.glob("fold*.json"))
     if len(done) < k:
         log.info("%d of %d folds done; the pooled report waits for the rest", len(done), k)
@@ -773,6 +801,8 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
         pretrained=not args.no_pretrained,
         checkpoint=output / "fit.ckpt",
     )
+    if not distributed.is_main():
+        return {"rank": distributed.rank()}  # rank 0 exports, reports and publishes
     torch.save(
         {"model": model.state_dict(), "history": history.to_dict(), "seconds": seconds},
         output / "final.pt",
