@@ -793,20 +793,27 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
     engine.configure_threads(args.threads)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    data = load_all(samples)
-    model, history, seconds = train(
-        preset,
-        data,
-        seed=args.seed,
-        pretrained=not args.no_pretrained,
-        checkpoint=output / "fit.ckpt",
-    )
-    if not distributed.is_main():
-        return {"rank": distributed.rank()}  # rank 0 exports, reports and publishes
-    torch.save(
-        {"model": model.state_dict(), "history": history.to_dict(), "seconds": seconds},
-        output / "final.pt",
-    )
+    if args.weights:  # publish a finished run again (e.g. with its calibration), no training
+        model = build_model(preset, pretrained=False)
+        saved = torch.load(args.weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        model.eval()
+        history, seconds = engine.History.from_dict(saved["history"]), float(saved["seconds"])
+    else:
+        data = load_all(samples)
+        model, history, seconds = train(
+            preset,
+            data,
+            seed=args.seed,
+            pretrained=not args.no_pretrained,
+            checkpoint=output / "fit.ckpt",
+        )
+        if not distributed.is_main():
+            return {"rank": distributed.rank()}  # rank 0 exports, reports and publishes
+        torch.save(
+            {"model": model.state_dict(), "history": history.to_dict(), "seconds": seconds},
+            output / "final.pt",
+        )
     if args.cv_report and not Path(args.cv_report).is_file():
         log.warning("no cross-validation report at %s: publishing without it", args.cv_report)
         args.cv_report = None
@@ -815,6 +822,11 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
     example = torch.zeros((1, 3, preset.size, preset.size))
     scripted = export_torchscript(served, example)
     cv = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
+    calibration: dict[str, Any] = {}
+    if args.calibration:
+        from training.calibration import manifest_fields
+
+        calibration = manifest_fields(args.calibration)  # validated; see training.calibration
     metrics = {
         "kind": "cross-validated" if cv else "none",
         "note": (
@@ -832,7 +844,7 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
         preprocessing=preprocessing,
         output={
             "type": "joint",
-            "classes": {"type": "logits", "shape": [len(CLASS_NAMES)]},
+            "classes": {"type": "logits", "shape": [len(CLASS_NAMES)], **calibration},
             "mask": {
                 "type": "logits",
                 "shape": [1, preset.size, preset.size],
@@ -926,6 +938,18 @@ def parse_fit_args(argv: list[str]) -> argparse.Namespace:
     parser = common_parser("python -m training fit", "Train the joint recipe on all images")
     parser.add_argument("--model-dir", type=Path, default=Path("models"))
     parser.add_argument("--cv-report", type=Path, default=None, help="report.json of its CV")
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="manifest.json of `python -m training calibrate` (default: uncalibrated)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="final.pt of an earlier fit: export and publish it without training",
+    )
     parser.add_argument("--name", default=None, help="artifact name (default: the preset)")
     parser.add_argument("--version", default=None, help="version (default: UTC timestamp)")
     args = parser.parse_args(argv)

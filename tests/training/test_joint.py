@@ -129,6 +129,21 @@ def test_cv_then_fit_publish_a_diagnosis_artifact_the_service_loads(tmp_path: Pa
     loaded = load_model(info)
     assert loaded.output_type == "joint" and loaded.class_names == CLASS_NAMES
     assert loaded.mask_shape == (1, 64, 64)
+    assert not loaded.calibration.calibrated
+
+    # the same weights published again with a calibration: no training, same forward
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"calibrated": True, "temperature": 1.5}))
+    argv = ["fit", *common, "--output-dir", str(fit_dir), "--model-dir", str(registry),
+            "--weights", str(fit_dir / "final.pt"), "--calibration", str(calibration),
+            "--version", "j-2"]  # fmt: skip
+    assert training_main(argv) == 0
+    again = load_model(verify_artifact(registry, TASK_DIAGNOSIS, "j-2"))
+    assert again.info.metadata["output"]["classes"]["temperature"] == 1.5
+    assert again.calibration.calibrated and again.calibration.temperature == 1.5
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again.module(x), loaded.module(x))
 
 
 def test_fold_split_tests_on_exactly_one_fold_and_keeps_groups_whole():
