@@ -40,7 +40,7 @@ pytestmark = [
     ),
 ]
 
-EMBEDDED_DEFAULTS = all(
+EMBEDDED_DEFAULTS = (REPO_ROOT / "models" / "diagnosis").is_dir() or all(
     (REPO_ROOT / "models" / task).is_dir() for task in ("classification", "segmentation")
 )
 WIDE = {"width": 1280, "height": 800}
