@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 from service.errors import install_error_handlers
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.registry import ReloadPoller, configure_torch
-from service.routes import inference, ops, page
+from service.routes import dicomweb, inference, ops, page
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
 
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(inference.router)
+    app.include_router(dicomweb.router)
     app.include_router(ops.router)
     app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR, check_dir=False), name="static")

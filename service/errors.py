@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.dicom_results import DicomOutputNeedsDicomInputError, UnreferenceableDicomError
+from service.stow import MalformedMultipartError
 from shared import errors as domain
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ STATUS_BY_ERROR: dict[type[domain.BusiError], int] = {
     domain.UnsupportedFormatError: 415,
     domain.FormatMismatchError: 415,
     UnsupportedMediaTypeError: 415,
+    DicomOutputNeedsDicomInputError: 406,
+    UnreferenceableDicomError: 422,
+    MalformedMultipartError: 400,
     domain.ImageTooLargeError: 422,
     domain.ImageTooSmallError: 422,
     domain.NoPixelDataError: 422,

@@ -58,5 +58,20 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
+        self.dicomweb_instances = Counter(
+            "busi_dicomweb_instances",
+            "Instances received by STOW-RS (POST /dicomweb/studies), by outcome (analysed, "
+            "failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.results_deliveries = Counter(
+            "busi_results_deliveries",
+            "SEG + SR deliveries to RESULTS_STOW_URL, by outcome (delivered, failed); a failed "
+            "one is reported to the sender as a failed instance.",
+            ["outcome"],
+            registry=self.registry,
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

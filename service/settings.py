@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.artifacts import validate_version
@@ -100,6 +100,34 @@ class Settings(BaseSettings):
             "Analyse DICOM objects whose Modality is not US or whose SOP class is not an image "
             "(SEG, SR, RT) instead of refusing them with 422"
         ),
+    )
+    DICOM_UID_ROOT: str = Field(
+        "",
+        pattern=r"^$|^[12](\.(0|[1-9][0-9]*)){1,12}\.?$",
+        max_length=40,
+        description=(
+            "Your organisation's UID root for the SEG and SR results; empty: UUID-derived "
+            "2.25.<uuid> UIDs (PS3.5 B.2), which need no registered root"
+        ),
+    )
+    RESULTS_STOW_URL: str = Field(
+        "",
+        pattern=r"^$|^https?://",
+        description="STOW-RS URL (e.g. http://pacs/dicom-web/studies) to send each SEG and SR "
+        "made by POST /dicomweb/studies to; empty: they are sent nowhere",
+    )
+    RESULTS_STOW_USERNAME: str = Field("", description="Basic-auth user for RESULTS_STOW_URL")
+    RESULTS_STOW_PASSWORD: SecretStr = Field(
+        SecretStr(""), description="Basic-auth password for RESULTS_STOW_URL"
+    )
+    RESULTS_STOW_TOKEN: SecretStr = Field(
+        SecretStr(""), description="Bearer token for RESULTS_STOW_URL (instead of basic auth)"
+    )
+    RESULTS_STOW_ATTEMPTS: int = Field(
+        3, ge=1, le=10, description="Tries per delivery to RESULTS_STOW_URL, backing off between"
+    )
+    RESULTS_STOW_TIMEOUT_S: float = Field(
+        15.0, gt=0, description="Timeout of one delivery try to RESULTS_STOW_URL"
     )
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     LOG_FORMAT: Literal["json", "text"] = "json"

@@ -10,6 +10,13 @@ import anyio.to_thread
 from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import ImageDep, PredictorDep, RequestIdDep
+from service.dicom_output import (
+    NOT_ACCEPTABLE_RESPONSE,
+    SEG_AND_SR_CONTENT,
+    SEG_CONTENT,
+    DicomResultsDep,
+    accepted_dicom,
+)
 from service.predictors import Classification, ImageFacts, Segmentation
 from service.registry import LoadedModel
 from service.schemas import (
@@ -135,16 +142,25 @@ async def classify(
             "description": "The lesion mask and its geometry; with `Accept: image/png`, the "
             "mask PNG itself (one channel, the input's size, 0 / 255), with the quality "
             "verdict in the X-In-Distribution and X-Quality-Score headers",
-            "content": {"image/png": {"schema": _BINARY}},
+            "content": {"image/png": {"schema": _BINARY}, **SEG_CONTENT},
         },
+        **NOT_ACCEPTABLE_RESPONSE,
     },
     openapi_extra=IMAGE_REQUEST_BODY,
 )
 async def segment(
-    request: Request, image: ImageDep, predictor: PredictorDep, request_id: RequestIdDep
+    request: Request,
+    image: ImageDep,
+    predictor: PredictorDep,
+    request_id: RequestIdDep,
+    dicom: DicomResultsDep,
 ) -> SegmentResponse | Response:
-    """Segment the lesion: a mask of the input's size, its area fraction and bounding box."""
+    """Segment the lesion: a mask of the input's size, its area fraction and bounding box; with
+    `Accept: application/dicom` (DICOM inputs only), a DICOM Segmentation of the frame."""
+    source = dicom.source(image) if accepted_dicom(request, multipart=False) else None
     facts, result = await anyio.to_thread.run_sync(predictor.segment, image)
+    if source is not None:
+        return await anyio.to_thread.run_sync(dicom.segment_response, source, facts, result)
     if _wants_png(request):
         return Response(
             result.mask_png,
@@ -168,10 +184,22 @@ async def segment(
 @router.post(
     "/diagnose",
     response_model=DiagnoseResponse,
-    responses=_ERRORS,
+    responses={
+        **_ERRORS,
+        200: {
+            "description": "The diagnosis; with `Accept: application/dicom` or "
+            '`multipart/related; type="application/dicom"` (DICOM inputs only), a '
+            "multipart/related body: the DICOM Segmentation (when the finding is a lesion), "
+            "then the TID 1500 Structured Report",
+            "content": SEG_AND_SR_CONTENT,
+        },
+        **NOT_ACCEPTABLE_RESPONSE,
+    },
     openapi_extra=IMAGE_REQUEST_BODY,
 )
 async def diagnose(
+    request: Request,
+    dicom: DicomResultsDep,
     image: ImageDep,
     predictor: PredictorDep,
     request_id: RequestIdDep,
@@ -179,10 +207,13 @@ async def diagnose(
         bool,
         Query(description="Also return the analysed frame as a base64 grayscale PNG (image_png)"),
     ] = False,
-) -> DiagnoseResponse:
+) -> DiagnoseResponse | Response:
     """Classify, then segment when the finding is benign or malignant (else segmentation null)."""
+    source = dicom.source(image) if accepted_dicom(request, multipart=True) else None
     run = partial(predictor.diagnose, image, include_image=include_image)
     result = await anyio.to_thread.run_sync(run)
+    if source is not None:
+        return await anyio.to_thread.run_sync(dicom.diagnose_response, source, result)
     return DiagnoseResponse(
         classification=ClassificationResult(**_classification(result.classification)),
         segmentation=(
