@@ -3,6 +3,9 @@
     python -m training shortcuts --cv-dir training/reports/cv/joint-lite0 \
         --data-path ../shared/data/busi [--preset joint-lite0] [--output-dir R]
 
+Without `--cv-dir` only the marks are detected: how common they are per class, and `marks.png`,
+a sample of images with what was detected drawn in red.
+
 Sonographers' calipers (small crosses, dotted lines) and burned-in text are bright, thin,
 high-contrast marks. `detect_marks` finds them with a white top-hat (the image minus its grey
 opening, which keeps only bright structures narrower than the opening) and keeps the bright
@@ -32,11 +35,13 @@ from shared.labels import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
-TOPHAT_SIZE = 9  # marks are narrower than this (pixels), lesions and tissue are wider
-TOPHAT_MIN = 50  # grey levels above the opening
-BRIGHT_MIN = 170  # marks are near-white
+TOPHAT_SIZE = 5  # marks are at most ~3 px wide; tissue ridges are wider and survive the opening
+TOPHAT_MIN = 100  # grey levels above the opening: sharp, high-contrast
+BRIGHT_MIN = 160  # marks are light grey to white
 MIN_AREA = 4
 MAX_FILL = 0.6  # a kept component covers at most this share of its bounding box (thin)
+DOT_AREA = 9  # compact components up to this size are kept as dots of a dotted caliper line ...
+DOT_TOPHAT = 150  # ... when this much brighter than their surroundings (speckle peaks are not)
 INPAINT_SIGMA = 3.0
 
 
@@ -54,11 +59,12 @@ def detect_marks(pixels: np.ndarray) -> np.ndarray:
             continue
         component = labels[box] == index
         area = int(component.sum())
-        fill = area / component.size
-        if area >= MIN_AREA and (
-            fill <= MAX_FILL or max(component.shape) >= 3 * min(component.shape)
-        ):
-            keep[index] = True
+        if area < MIN_AREA:
+            continue
+        elongated = max(component.shape) >= 3 * min(component.shape)
+        thin = area / component.size <= MAX_FILL or elongated
+        dot = area <= DOT_AREA and int(tophat[box][component].max()) >= DOT_TOPHAT
+        keep[index] = thin or dot
     marks = keep[labels]
     return ndimage.binary_dilation(marks, iterations=1)
 
@@ -132,26 +138,44 @@ def mark_prevalence(labels: np.ndarray, has_marks: np.ndarray) -> dict[str, floa
     }
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def overlay_grid(images: list[np.ndarray], masks: list[np.ndarray], path: Path) -> Path:
+    """Up to 16 frames with their detected marks in red, 4 to a row (for a human to judge)."""
+    from PIL import Image
+
+    tiles = []
+    for image, mask in list(zip(images, masks, strict=True))[:16]:
+        rgb = np.repeat(image[..., None], 3, axis=2)
+        rgb[mask] = (255, 0, 0)
+        tiles.append(np.asarray(Image.fromarray(rgb).resize((192, 192), Image.NEAREST)))
+    while len(tiles) % 4:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.concatenate(tiles[i : i + 4], axis=1) for i in range(0, len(tiles), 4)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
+
+
+def fold_predictions(
+    args: argparse.Namespace,
+    samples: list,
+    items: dict[str, dict[str, int]],
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Each fold model's probabilities on its held-out images: as they are, with the marks
+    inpainted, and with the same mark shapes inpainted elsewhere (the control)."""
     import torch
 
     from training import engine
-    from training.data import load_image, scan_dataset
-    from training.joint import build_model, get_preset, load_folds, predict, preprocessing_for
+    from training.joint import build_model, get_preset, predict, preprocessing_for
 
     preset = get_preset(args.preset)
-    samples = scan_dataset(args.data_path)
-    items = load_folds(Path(args.folds_file), samples)
     engine.configure_threads(args.threads)
     preprocessing = preprocessing_for(preset)
     rng = np.random.default_rng(0)
     n = len(samples)
-    labels = np.asarray([s.label for s in samples])
-    has_marks = np.zeros(n, bool)
-    mark_fraction = np.zeros(n)
-    variants = {
-        name: np.zeros((n, len(CLASS_NAMES))) for name in ("original", "inpainted", "control")
-    }
+    names = ("original", "inpainted", "control")
+    variants = {name: np.zeros((n, len(CLASS_NAMES))) for name in names}
     covered = np.zeros(n, bool)
     for weights in sorted(Path(args.cv_dir).glob("fold*.pt")):
         fold = int(weights.stem.removeprefix("fold"))
@@ -159,24 +183,35 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         model.eval()
         idx = [i for i, s in enumerate(samples) if items[s.key]["fold"] == fold]
-        images = [load_image(samples[i]) for i in idx]
-        masks = [detect_marks(im) for im in images]
-        for i, m in zip(idx, masks, strict=True):
-            has_marks[i], mark_fraction[i] = m.any(), m.mean()
         inputs = {
-            "original": images,
-            "inpainted": [inpaint(im, m) for im, m in zip(images, masks, strict=True)],
-            "control": [
-                inpaint(im, shifted_mask(m, rng)) for im, m in zip(images, masks, strict=True)
-            ],
+            "original": [images[i] for i in idx],
+            "inpainted": [inpaint(images[i], masks[i]) for i in idx],
+            "control": [inpaint(images[i], shifted_mask(masks[i], rng)) for i in idx],
         }
         for name, frames in inputs.items():
             variants[name][idx] = predict(model, preprocessing, frames, preset.flip_tta).probs
         covered[idx] = True
-        log.info("fold %d: %d images, %d with marks", fold, len(idx), int(has_marks[idx].sum()))
+        log.info("fold %d: %d held-out images compared", fold, len(idx))
     if not covered.all():
-        raise ValueError(f"fold weights cover {int(covered.sum())} of {n} images")
-    report = {
+        raise ValueError(f"fold weights in {args.cv_dir} cover {int(covered.sum())} of {n} images")
+    return variants
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from training.data import load_image, scan_dataset
+    from training.joint import load_folds
+
+    samples = scan_dataset(args.data_path)
+    labels = np.asarray([s.label for s in samples])
+    images = [load_image(s) for s in samples]
+    masks = [detect_marks(im) for im in images]
+    has_marks = np.asarray([m.any() for m in masks])
+    fraction = np.asarray([m.mean() for m in masks])
+    output = Path(args.output_dir)
+    marked = [i for i in range(len(samples)) if has_marks[i]][:: max(1, int(has_marks.sum()) // 16)]
+    if marked:
+        overlay_grid([images[i] for i in marked], [masks[i] for i in marked], output / "marks.png")
+    report: dict[str, Any] = {
         "command": "python -m training shortcuts " + " ".join(args.argv),
         "detector": {
             "tophat_size": TOPHAT_SIZE,
@@ -184,19 +219,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "bright_min": BRIGHT_MIN,
             "min_area": MIN_AREA,
             "max_fill": MAX_FILL,
+            "dot_area": DOT_AREA,
+            "dot_tophat": DOT_TOPHAT,
             "inpaint_sigma": INPAINT_SIGMA,
-        },  # fmt: skip
+        },
+        "n_images": len(samples),
         "images_with_marks": float(has_marks.mean()),
         "mark_prevalence_by_class": mark_prevalence(labels, has_marks),
-        "mean_marked_pixel_fraction": float(mark_fraction[has_marks].mean())
-        if has_marks.any()
-        else 0.0,
-        **compare(labels, has_marks, variants),
+        "mean_marked_pixel_fraction": float(fraction[has_marks].mean()) if has_marks.any() else 0.0,
     }
-    output = Path(args.output_dir)
+    if args.cv_dir is not None:
+        items = load_folds(Path(args.folds_file), samples)
+        variants = fold_predictions(args, samples, items, images, masks)
+        report.update(compare(labels, has_marks, variants))
     output.mkdir(parents=True, exist_ok=True)
     (output / "shortcuts.json").write_text(json.dumps(report, indent=1) + "\n")
-    log.info("shortcut check: %s", json.dumps({k: report[k] for k in ("all", "with_marks")}))
+    log.info(
+        "marks on %.1f%% of images (%s)%s",
+        100 * report["images_with_marks"],
+        ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["mark_prevalence_by_class"].items()),
+        "; " + json.dumps({k: report[k] for k in ("all", "with_marks")}) if "all" in report else "",
+    )
     return report
 
 
@@ -205,7 +248,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m training shortcuts",
         description="Compare fold-model predictions with and without calipers / text marks.",
     )
-    parser.add_argument("--cv-dir", type=Path, required=True, help="CV folder with fold<k>.pt")
+    parser.add_argument(
+        "--cv-dir",
+        type=Path,
+        default=None,
+        help="CV folder with the fold models fold<k>.pt (default: none: only detect the marks "
+        "and report how common they are)",
+    )
     parser.add_argument("--data-path", type=Path, required=True, help="BUSI folder; required")
     parser.add_argument(
         "--preset", default="joint-lite0", help="joint preset (default: joint-lite0)"
