@@ -793,6 +793,8 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
     engine.configure_threads(args.threads)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    if args.weights and not distributed.is_main():
+        return {"rank": distributed.rank()}  # publishing a finished run is rank 0's alone
     if args.weights:  # publish a finished run again (e.g. with its calibration), no training
         model = build_model(preset, pretrained=False)
         saved = torch.load(args.weights, map_location="cpu", weights_only=True)
