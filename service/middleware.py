@@ -6,11 +6,13 @@ lets the body limit count the bytes of each `http.request` message before anythi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import BodyTooLargeError, error_response, internal_error
@@ -73,6 +75,17 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client went away mid-upload: nobody is left to answer, and it is no server
+            # error. 499 is nginx's "client closed request"; it only reaches the log and metrics.
+            status = 499
+            state["error_code"] = "client_disconnected"
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when the shutdown grace period ends.
+            if not response_started:
+                status = 499
+                state["error_code"] = "cancelled_at_shutdown"
+            raise
         except Exception:
             error_log.exception("unhandled error", extra={"request_id": request_id})
             if response_started:

@@ -18,8 +18,15 @@ from PIL import Image
 
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
-from shared.decoding import DecodedImage, decode_image, sniff_format
+from shared.decoding import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_DECODED_BYTES,
+    DecodedImage,
+    decode_image,
+    sniff_format,
+)
 from shared.dicom_policy import check_ultrasound_image
+from shared.errors import ImageTooLargeError
 from shared.labels import LESION_CLASSES, TASK_CLASSIFICATION, TASK_SEGMENTATION
 from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
 from shared.preprocessing import Layout
@@ -97,10 +104,14 @@ class Predictor:
         detector: OodDetector,
         uncertain_below: float | None = None,
         allow_non_ultrasound: bool = False,
+        max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+        max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
     ) -> None:
         self.registry = registry
         self.max_pixels = max_pixels
         self.max_frames = max_frames
+        self.max_decoded_bytes = max_decoded_bytes
+        self.max_aspect_ratio = max_aspect_ratio
         self.detector = detector
         self.uncertain_below = uncertain_below  # None: each artifact's own, else the default
         self.allow_non_ultrasound = allow_non_ultrasound
@@ -129,6 +140,8 @@ class Predictor:
             frame=request.frame,
             max_pixels=self.max_pixels,
             max_frames=self.max_frames,
+            max_decoded_bytes=self.max_decoded_bytes,
+            max_aspect_ratio=self.max_aspect_ratio,
         )
         request.facts.update(frame=image.frame, n_frames=image.n_frames)
         self._observe("decode", "", started)
@@ -138,6 +151,13 @@ class Predictor:
         """The (1, C, S, S) float32 batch `model` gets for `image`, and where the frame went."""
         started = time.perf_counter()
         layout = model.preprocessing.layout(image.pixels)
+        if max(layout.resized) > self.max_aspect_ratio * model.preprocessing.resize:
+            # trim_border can leave a thin strip of a frame that passed the decoder's aspect cap;
+            # scaling its shorter side up would cost memory without bound.
+            raise ImageTooLargeError(
+                f"The image's content is more than {self.max_aspect_ratio:g} times longer than "
+                "it is wide; it was not analysed."
+            )
         resized = model.preprocessing.resize_image(image.pixels, layout)
         batch = model.preprocessing.normalise(resized)[None]
         self._observe("preprocess", model.task, started)

@@ -32,5 +32,7 @@ class Runtime:
             detector=load_detector(settings.OOD_DETECTOR_FILE),
             uncertain_below=settings.UNCERTAIN_BELOW,
             allow_non_ultrasound=settings.ALLOW_NON_ULTRASOUND_DICOM,
+            max_decoded_bytes=settings.MAX_DECODED_BYTES,
+            max_aspect_ratio=settings.MAX_ASPECT_RATIO,
         )
         return cls(settings, metrics, registry, predictor)

@@ -11,7 +11,12 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.artifacts import validate_version
-from shared.decoding import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
+from shared.decoding import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_MAX_PIXELS,
+)
 from shared.errors import InvalidVersionError
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 from shared.quality import DEFAULT_DETECTOR_FILE
@@ -56,6 +61,14 @@ class Settings(BaseSettings):
     )
     MAX_FRAMES: int = Field(
         DEFAULT_MAX_FRAMES, ge=1, description="Most frames a multi-frame DICOM may declare"
+    )
+    MAX_DECODED_BYTES: int = Field(
+        DEFAULT_MAX_DECODED_BYTES,
+        ge=1,
+        description="Largest frame as decoded: rows x columns x samples x bytes per sample",
+    )
+    MAX_ASPECT_RATIO: float = Field(
+        DEFAULT_MAX_ASPECT_RATIO, ge=1, description="Longest side over shortest side, at most"
     )
     TORCH_THREADS: int = Field(
         default_factory=default_torch_threads,
