@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.artifacts import validate_version
@@ -155,6 +155,14 @@ class Settings(BaseSettings):
             return validate_version(value)
         except InvalidVersionError as exc:
             raise ValueError(exc.message) from exc
+
+    @field_validator("UNCERTAIN_BELOW", "OOD_DETECTOR_FILE", mode="before")
+    @classmethod
+    def _empty_means_default(cls, value: object, info: ValidationInfo) -> object:
+        # compose passes an unset variable as "": the documented default, not a parse error
+        if value == "":
+            return None if info.field_name == "UNCERTAIN_BELOW" else DEFAULT_DETECTOR_FILE
+        return value
 
     def pinned_versions(self) -> dict[str, str | None]:
         """{task: pinned version or None}."""

@@ -25,6 +25,10 @@ const ERROR_SENTENCES = {
   image_too_large: "The image is too large to analyse (too many pixels or frames).",
   image_too_small: "The image is too small to analyse.",
   no_pixel_data: "This DICOM file holds no image (it may be a report or a plan).",
+  not_ultrasound:
+    "This DICOM image is not an ultrasound scan (its modality is not US). Choose a breast-ultrasound image.",
+  non_image_dicom:
+    "This DICOM file is not an image (it is a segmentation, a report or a radiotherapy object).",
   unsupported_dicom: "This DICOM image is stored in an encoding the service cannot read.",
   frame_out_of_range: "That frame does not exist in this file.",
   body_too_large: `The file is larger than ${MAX_UPLOAD_MB} MB.`,
@@ -69,6 +73,9 @@ const el = {
   frameRange: $("frame-range"),
   frameButton: $("frame-button"),
   findingLabel: $("finding-label"),
+  qualityWarning: $("quality-warning"),
+  qualityReasons: $("quality-reasons"),
+  uncertainNote: $("uncertain-note"),
   bars: $("probability-bars"),
   classificationModel: $("classification-model"),
   lesionFacts: $("lesion-facts"),
@@ -204,6 +211,7 @@ async function render(result, file, requestedFrame) {
   const info = result.image ?? {};
 
   renderFinding(cls);
+  renderQuality(result.quality, cls);
   renderLesion(seg, info);
   renderFrameChooser(info, requestedFrame);
   renderDownloads(result, seg);
@@ -263,6 +271,23 @@ function renderFinding(cls) {
     }),
   );
   el.classificationModel.textContent = modelText("Classification model", cls.model);
+}
+
+// The out-of-distribution flag and the uncertain band: the finding stays visible (the clinician
+// decides), but it is marked as not to be relied on.
+function renderQuality(quality, cls) {
+  const flagged = quality ? quality.in_distribution === false : false;
+  el.qualityWarning.hidden = !flagged;
+  el.qualityReasons.replaceChildren(
+    ...(flagged ? quality.reasons ?? [] : []).map((reason) => {
+      const li = document.createElement("li");
+      li.textContent = reason;
+      return li;
+    }),
+  );
+  el.uncertainNote.hidden = !cls.uncertain;
+  el.findingLabel.dataset.reliable = cls.reliable === false ? "false" : "true";
+  if (cls.reliable === false) el.findingLabel.textContent += " (not reliable)";
 }
 
 function renderLesion(seg, info) {

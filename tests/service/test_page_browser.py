@@ -293,3 +293,25 @@ def test_narrow_window_stacks_without_sideways_scrolling(browser, service_url, s
     screenshot(page, "4-png-result-narrow")
     assert page.js_errors == []
     page.close()
+
+
+def test_image_unlike_a_scan_shows_the_warning_and_marks_the_finding(
+    browser, service_url, tmp_path
+):
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((240, 320), 255, np.uint8)).save(blank)
+    page = open_page(browser, service_url, WIDE)
+    status = upload(page, blank)
+    body = diagnose(service_url, blank)
+
+    assert status == 200
+    assert body["quality"]["in_distribution"] is False
+    assert page.get_attribute("body", "data-state") == "result"
+    assert page.is_visible("#quality-warning")
+    reasons = page.locator("#quality-reasons li")
+    assert reasons.count() == len(body["quality"]["reasons"]) > 0
+    assert page.get_attribute("#finding-label", "data-reliable") == "false"
+    assert "not reliable" in page.inner_text("#finding-label")
+    screenshot(page, "5-out-of-distribution")
+    assert page.js_errors == []
+    page.close()
