@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import secrets
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,16 @@ from pydicom.uid import generate_uid
 from service.predictors import Classification, Segmentation
 from shared.errors import InputError
 from shared.labels import CLASS_NAMES
+
+
+# highdicom warns about odd attribute values it copies from the source (e.g. a one-component
+# Patient's Name), quoting the value: warnings can reach logs, patient data must not.
+def silence_highdicom_warnings() -> None:
+    """Install the filter (done at import; again by whoever resets the warning filters)."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\.|$)")
+
+
+silence_highdicom_warnings()
 
 DICOM_MEDIA_TYPE = "application/dicom"
 SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"

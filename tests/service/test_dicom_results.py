@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -29,7 +31,11 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 from service_inputs import LESION, jpeg, png, scan, uniform
 
-from service.dicom_results import PRIVATE_SCHEME, RESEARCH_STATEMENT
+from service.dicom_results import (
+    PRIVATE_SCHEME,
+    RESEARCH_STATEMENT,
+    silence_highdicom_warnings,
+)
 
 DICOM = {"Content-Type": "application/dicom"}
 WANT_DICOM = {**DICOM, "Accept": "application/dicom"}
@@ -273,3 +279,20 @@ def test_every_seg_and_sr_passes_dciodvfy(client: TestClient, tmp_path: Path) ->
             if errors:
                 failures[f"{name}/{label}"] = errors
     assert failures == {}
+
+
+def test_no_tag_value_reaches_warnings_or_logs(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = dcmread(io.BytesIO(pacs_dicom()))
+    ds.PatientName = "PLAINNAME"  # one component: highdicom warns about it, quoting it
+    ds.PatientID = "PID-TAG-VALUE-42"
+    data = _bytes(ds)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, not only the first of its kind ...
+        silence_highdicom_warnings()  # ... except those the service silences at import
+        with caplog.at_level(logging.DEBUG):
+            objects = diagnose_objects(client, data, "application/dicom")
+    assert objects[-1].PatientID == "PID-TAG-VALUE-42"  # the results do carry it, by design
+    said = caplog.text + "".join(str(w.message) for w in caught)
+    assert "PLAINNAME" not in said and "PID-TAG-VALUE-42" not in said
