@@ -17,6 +17,7 @@ from shared.postprocessing import softmax
 from shared.quality import OodDetector, image_statistics
 
 CLASSIFY_PNG = {"Content-Type": "image/png"}
+CLASSES = ("normal", "benign", "malignant")
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +173,30 @@ def test_setting_allows_non_ultrasound_dicom(serve, tiny_model_dir):
         )
     assert response.status_code == 200
     assert report.status_code == 422 and report.json()["error"]["code"] == "no_pixel_data"
+
+
+def test_joint_artifact_declaring_a_temperature_in_its_classes_is_calibrated(serve, tmp_path):
+    import torch
+    from test_joint_model import TinyJoint, joint_metadata
+
+    from shared.artifacts import publish_artifact
+    from shared.labels import TASK_DIAGNOSIS
+
+    model_file = tmp_path / "joint.pt"
+    torch.jit.script(TinyJoint().eval()).save(str(model_file))
+    plain, calibrated = joint_metadata(), joint_metadata()
+    calibrated["output"]["classes"].update(calibrated=True, temperature=3.0)
+    publish_artifact(tmp_path / "plain", TASK_DIAGNOSIS, "j1", model_file, plain)
+    publish_artifact(tmp_path / "calibrated", TASK_DIAGNOSIS, "j1", model_file, calibrated)
+    image = png(uniform(220))
+    with serve(tmp_path / "plain") as client:
+        raw = client.post("/diagnose", content=image, headers=CLASSIFY_PNG).json()
+    with serve(tmp_path / "calibrated") as client:
+        body = client.post("/diagnose", content=image, headers=CLASSIFY_PNG).json()
+        described = client.get("/models").json()["models"]["diagnosis"]["calibration"]
+    logits = np.log([raw["classification"]["probabilities"][c] for c in CLASSES])
+    got = [body["classification"]["probabilities"][c] for c in CLASSES]
+    np.testing.assert_allclose(got, softmax(logits / 3.0), rtol=1e-5)
+    assert raw["classification"]["calibrated"] is False
+    assert body["classification"]["calibrated"] is True
+    assert described["method"] == "temperature" and described["temperature"] == 3.0
