@@ -190,7 +190,7 @@ class Predictor:
         """A model-sized map (logits or probability) -> the frame-sized mask and its geometry."""
         probability = output if model.output_type == "probability" else sigmoid(output)
         frame = model.preprocessing.frame_map(probability.astype(np.float32), layout)
-        mask = np.where(frame > model.threshold, 255, 0).astype(np.uint8)
+        mask = np.where(frame > model.threshold, np.uint8(255), np.uint8(0))  # no int64 copy
         geometry = lesion_geometry(mask)
         return Segmentation(
             mask_png=encode_png(mask),

@@ -530,21 +530,47 @@ def _finite_display_values(ds: Dataset, keywords: tuple[str, ...]) -> None:
             raise InvalidDicomValueError("The DICOM WindowWidth is below 1.")
 
 
+def _row_blocks(arr: np.ndarray) -> range:
+    """Start rows of blocks of about _SCALE_BLOCK_VALUES values (step: `.step`)."""
+    step = max(1, _SCALE_BLOCK_VALUES // max(1, math.prod(arr.shape[1:])))
+    return range(0, arr.shape[0], step)
+
+
 def _monochrome_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     # PS3.4 N.2: stored values -> modality LUT (e.g. rescale to HU) -> VOI LUT -> presentation.
+    # Every step is elementwise, so it runs on blocks of rows: pydicom's float64 temporaries then
+    # stay a few MB instead of 8 bytes per pixel of a 40 M pixel frame, several times over.
     _finite_display_values(ds, ("RescaleSlope", "RescaleIntercept"))
-    values = apply_modality_lut(arr, ds)
     voi_lut = ds.get("VOILUTSequence")
     if voi_lut and "LUTDescriptor" in voi_lut[0] and "LUTData" in voi_lut[0]:
         # A VOI LUT wins over a window, as in pydicom's apply_voi_lut. Its output range is
         # 0..2**n - 1 with n the third LUT Descriptor value (PS3.3 C.11.2.1.1).
-        out = apply_voi(np.rint(values).astype(np.int64), ds)
-        return _scale_to_uint8(out, 0, 2 ** int(voi_lut[0].LUTDescriptor[2]) - 1)
-    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        low, high = 0, 2 ** int(voi_lut[0].LUTDescriptor[2]) - 1
+
+        def display(stored: np.ndarray) -> np.ndarray:
+            return apply_voi(np.rint(apply_modality_lut(stored, ds)).astype(np.int64), ds)
+
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         _finite_display_values(ds, ("WindowCenter", "WindowWidth"))
-        out = apply_windowing(values, ds)
         # pydicom maps the window onto an output range that depends on BitsStored, signedness and
         # rescale; windowing the two infinities reads that range back without re-deriving it.
         low, high = apply_windowing(np.array([-np.inf, np.inf]), ds)
-        return _scale_to_uint8(out, low, high)
-    return _scale_to_uint8(values, values.min(), values.max())
+
+        def display(stored: np.ndarray) -> np.ndarray:
+            return apply_windowing(apply_modality_lut(stored, ds), ds)
+
+    else:
+        low, high = math.inf, -math.inf
+        blocks = _row_blocks(arr)
+        for i in blocks:
+            values = apply_modality_lut(arr[i : i + blocks.step], ds)
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+
+        def display(stored: np.ndarray) -> np.ndarray:
+            return apply_modality_lut(stored, ds)
+
+    out = np.empty(arr.shape, dtype=np.uint8)
+    blocks = _row_blocks(arr)
+    for i in blocks:
+        out[i : i + blocks.step] = _scale_to_uint8(display(arr[i : i + blocks.step]), low, high)
+    return out
