@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_torch(settings.TORCH_THREADS)
+        runtime.registry.check_pins()  # a pin to a missing version stops the start-up here
         await anyio.to_thread.run_sync(runtime.registry.refresh)
         if runtime.registry.ready:
             log.info("ready: every model is loaded and warmed up")

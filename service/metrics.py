@@ -45,8 +45,14 @@ class ServiceMetrics:
         )
         self.reloads = Counter(
             "busi_model_reloads",
-            "Attempts to load a model version, by outcome (loaded, failed, rejected).",
+            "Attempts to load a model version, by outcome (loaded, failed, rejected, error).",
             ["task", "outcome"],
+            registry=self.registry,
+        )
+        self.fallback = Gauge(
+            "busi_model_fallback",
+            "1 while an older version serves a task: its newest verified one would not load.",
+            ["task"],
             registry=self.registry,
         )
         self.ready = Gauge(

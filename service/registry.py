@@ -19,9 +19,20 @@ import numpy as np
 import torch
 
 from service.metrics import ServiceMetrics
-from shared.artifacts import ArtifactInfo, list_versions, resolve_artifact, verify_artifact
+from shared.artifacts import (
+    ArtifactInfo,
+    list_versions,
+    resolve_artifact,
+    verified_artifacts,
+    verify_artifact,
+)
 from shared.calibration import Calibration
-from shared.errors import ArtifactError, ArtifactIntegrityError, ModelUnavailableError
+from shared.errors import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    ArtifactNotFoundError,
+    ModelUnavailableError,
+)
 from shared.labels import (
     CLASS_NAMES,
     TASK_CLASSIFICATION,
@@ -169,7 +180,13 @@ def load_model(info: ArtifactInfo, lock: threading.Lock | None = None) -> Loaded
     ArtifactIntegrityError when the manifest is inconsistent, the file is not TorchScript, or a
     forward fails or returns another shape than the manifest declares.
     """
-    spec = _spec_from_manifest(info)
+    try:
+        spec = _spec_from_manifest(info)
+    except ArtifactError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        # e.g. `class_names: 5`: a manifest that verifies but cannot describe a model
+        raise ArtifactIntegrityError("the manifest has a field of the wrong type") from exc
     try:
         module = torch.jit.load(str(info.model_path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError, ValueError, zip errors, ...
@@ -231,6 +248,8 @@ class ModelRegistry:
         self._models: dict[str, LoadedModel] = {}
         self._seen: dict[str, tuple[frozenset[str], str | None]] = {}
         self._refused: dict[str, set[tuple[str, str]]] = {task: set() for task in tasks}
+        # {task: the newest verified version} while an older one serves because it would not load
+        self.fallback: dict[str, str] = {}
         self._refresh_lock = threading.Lock()
 
     # --- serving -----------------------------------------------------------------------------
@@ -281,6 +300,22 @@ class ModelRegistry:
 
     # --- loading -----------------------------------------------------------------------------
 
+    def pins(self) -> dict[str, str | None]:
+        """{task: pinned version or None}."""
+        return dict(self._pins)
+
+    def check_pins(self) -> None:
+        """Fail fast on a pin to a version that does not exist (it would never load).
+
+        Raises ArtifactNotFoundError naming the setting and the version.
+        """
+        for task, pin in self._pins.items():
+            if pin and not (self.model_dir / task / pin).is_dir():
+                raise ArtifactNotFoundError(
+                    f"{task.upper()}_VERSION pins {task} version {pin}, which does not exist in "
+                    f"{self.model_dir}; publish it or unset the pin"
+                )
+
     def set_pin(self, task: str, version: str | None) -> None:
         """Pin `task` to a version (None: the newest); takes effect at the next refresh."""
         self._pins[task] = version or None
@@ -293,6 +328,7 @@ class ModelRegistry:
                 try:
                     self._refresh_task(task)
                 except Exception:  # never let one task's surprise stop the poller
+                    self.metrics.reloads.labels(task, "error").inc()  # feeds the load alert
                     log.exception("model refresh failed", extra={"task": task})
         self.metrics.ready.set(1 if self.ready else 0)
 
@@ -322,7 +358,12 @@ class ModelRegistry:
             log.info("no %s artifacts in %s", task, self.model_dir, extra={"task": task})
             return
         try:
-            info = resolve_artifact(self.model_dir, task, pin)
+            if pin:
+                candidates = [resolve_artifact(self.model_dir, task, pin)]
+            else:  # newest first: the newest that loads serves
+                candidates = verified_artifacts(self.model_dir, task)
+                if not candidates:
+                    raise ArtifactNotFoundError(f"no verified {task} model in the model directory")
         except ArtifactError as exc:
             log.error(
                 "no usable %s model%s in %s: %s; %s",
@@ -330,11 +371,34 @@ class ModelRegistry:
                 extra={"task": task, "reason": exc.code},
             )  # fmt: skip
             return
-        if current and (current.version, current.info.sha256) == (info.version, info.sha256):
-            return
-        if (info.version, info.sha256) in self._refused[task]:
-            return  # already failed to load; a newer publish or a new pin will move on
+        for info in candidates:
+            if current and (current.version, current.info.sha256) == (info.version, info.sha256):
+                break  # what serves is already the newest version that loads
+            if (info.version, info.sha256) in self._refused[task]:
+                continue  # already failed to load; try the next older one
+            if self._load(task, info, current, keeping):
+                break
+        self._note_fallback(task, candidates[0])
 
+    def _note_fallback(self, task: str, newest: ArtifactInfo) -> None:
+        serving = self._models.get(task)
+        older = serving is not None and serving.version != newest.version
+        self.metrics.fallback.labels(task).set(1 if older else 0)
+        if older and self.fallback.get(task) != newest.version:
+            log.warning(
+                "serving %s version %s: the newest, %s, could not be loaded",
+                task, serving.version, newest.version,
+                extra={"task": task, "version": serving.version, "newest": newest.version},
+            )  # fmt: skip
+        if older:
+            self.fallback[task] = newest.version
+        else:
+            self.fallback.pop(task, None)
+
+    def _load(
+        self, task: str, info: ArtifactInfo, current: LoadedModel | None, keeping: str
+    ) -> bool:
+        """Load `info` and make it serve `task`; False (counted, logged) when it fails."""
         started = time.perf_counter()
         try:
             model = load_model(info, self.inference_lock)
@@ -346,7 +410,7 @@ class ModelRegistry:
                 task, info.version, exc.message, keeping,
                 extra={"task": task, "version": info.version, "reason": exc.code},
             )  # fmt: skip
-            return
+            return False
         self._models[task] = model  # the swap: one reference assignment
         if current:
             self.metrics.model_info.remove(task, current.name, current.version, current.info.sha256)
@@ -358,6 +422,7 @@ class ModelRegistry:
             f", replacing {current.version}" if current else "",
             extra={"task": task, "version": model.version, "previous": current and current.version},
         )  # fmt: skip
+        return True
 
 
 class ReloadPoller:

@@ -141,6 +141,9 @@ class ReadyResponse(BaseModel):
         description="Version serving each task; null while none is loaded",
         examples=[{"classification": "20250101T120000Z", "segmentation": None}],
     )
+    pins: dict[str, str | None] = Field(
+        default_factory=dict, description="Pinned version per task (the *_VERSION settings)"
+    )
 
 
 class CalibrationDescription(BaseModel):
@@ -179,6 +182,14 @@ class ModelDescription(BaseModel):
 class ModelsResponse(BaseModel):
     models: dict[str, ModelDescription | None] = Field(
         description="Per task, the artifact serving it; null while none is loaded"
+    )
+    pins: dict[str, str | None] = Field(
+        default_factory=dict, description="Pinned version per task (the *_VERSION settings)"
+    )
+    fallback: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per task, the newest verified version when it failed to load and an older "
+        "one serves instead",
     )
 
 

@@ -234,8 +234,16 @@ def list_versions(model_dir: Path, task: str) -> list[str]:
         try:
             names.append(validate_version(entry.name))
         except InvalidVersionError:
-            log.warning("ignoring a folder with an invalid version name", extra={"task": task})
+            if (task, entry.name) not in _REPORTED_INVALID_NAMES:  # once per name, not per poll
+                _REPORTED_INVALID_NAMES.add((task, entry.name))
+                log.warning(
+                    "ignoring a folder with an invalid version name",
+                    extra={"task": task, "folder": ascii(entry.name)[:80]},
+                )
     return sorted(names)
+
+
+_REPORTED_INVALID_NAMES: set[tuple[str, str]] = set()
 
 
 def resolve_artifact(model_dir: Path, task: str, pinned: str | None = None) -> ArtifactInfo:
@@ -246,6 +254,17 @@ def resolve_artifact(model_dir: Path, task: str, pinned: str | None = None) -> A
     """
     if pinned:
         return verify_artifact(model_dir, task, pinned)
+    verified = verified_artifacts(model_dir, task)
+    if not verified:
+        raise ArtifactNotFoundError(f"no verified {task} model in the model directory")
+    return verified[0]
+
+
+def verified_artifacts(model_dir: Path, task: str) -> list[ArtifactInfo]:
+    """Every verified version of a task, newest first (by manifest `created_at`, then name).
+
+    Versions that fail verification are skipped with a warning. Raises nothing else.
+    """
     verified: list[ArtifactInfo] = []
     for version in list_versions(model_dir, task):
         try:
@@ -255,9 +274,9 @@ def resolve_artifact(model_dir: Path, task: str, pinned: str | None = None) -> A
                 "skipping unverifiable artifact",
                 extra={"task": task, "version": version, "reason": exc.message},
             )
-    if not verified:
-        raise ArtifactNotFoundError(f"no verified {task} model in the model directory")
-    return max(verified, key=lambda info: (str(info.metadata["created_at"]), info.version))
+    return sorted(
+        verified, key=lambda info: (str(info.metadata["created_at"]), info.version), reverse=True
+    )
 
 
 # The manifest (metadata.json) of every artifact. Fields marked * are filled in by

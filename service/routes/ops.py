@@ -42,7 +42,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
         status = "ready"
     else:
         status = "loading"
-    body = ReadyResponse(status=status, models=models)
+    body = ReadyResponse(status=status, models=models, pins=runtime.registry.pins())
     return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
 
 
@@ -83,7 +83,8 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
             calibration=calibration,
             intended_use=meta.get("intended_use"),
         )
-    return ModelsResponse(models=described)
+    registry = runtime.registry
+    return ModelsResponse(models=described, pins=registry.pins(), fallback=dict(registry.fallback))
 
 
 @router.get(

@@ -7,6 +7,8 @@ import logging
 import pytest
 from service_inputs import png
 
+from shared.artifacts import list_versions
+from shared.errors import ArtifactNotFoundError
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 
 
@@ -66,6 +68,7 @@ def test_corrupt_artifact_is_refused_at_start_up_and_the_service_stays_up(
         assert ready.json() == {
             "status": "loading",
             "models": {TASK_CLASSIFICATION: None, TASK_SEGMENTATION: "v1", TASK_DIAGNOSIS: None},
+            "pins": {TASK_CLASSIFICATION: None, TASK_SEGMENTATION: None, TASK_DIAGNOSIS: None},
         }
         response = client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
         assert response.status_code == 503
@@ -136,7 +139,58 @@ def test_empty_model_dir_starts_not_ready_with_a_clear_log_line(serve, tmp_path,
     assert "not ready" in caplog.text
 
 
-def test_missing_pinned_version_is_not_ready(serve, registry_dir, caplog):
-    with caplog.at_level(logging.INFO), serve(registry_dir, SEGMENTATION_VERSION="v9") as client:
+def test_pin_to_a_missing_version_fails_the_start_up_with_a_clear_message(serve, registry_dir):
+    with pytest.raises(ArtifactNotFoundError, match="SEGMENTATION_VERSION pins segmentation v"):
+        with serve(registry_dir, SEGMENTATION_VERSION="v9"):
+            pass
+
+
+def test_pins_are_shown_by_readyz_and_models(serve, registry_dir):
+    with serve(registry_dir, SEGMENTATION_VERSION="v1") as client:
+        ready = client.get("/readyz").json()
+        models = client.get("/models").json()
+    assert ready["pins"][TASK_SEGMENTATION] == "v1" and ready["pins"][TASK_CLASSIFICATION] is None
+    assert models["pins"] == ready["pins"] and models["fallback"] == {}
+
+
+def test_unloadable_newest_version_falls_back_to_the_newest_that_loads_after_a_restart(
+    serve, registry_dir, publish_tiny, caplog
+):
+    # A restarted replica never saw v1 serve; v2 verifies (good checksum) but fails its warm-up.
+    publish_tiny(
+        registry_dir,
+        TASK_SEGMENTATION,
+        "v2",
+        model="broken-segmentation",
+        created_at="2026-02-01T00:00:00+00:00",
+    )
+    with caplog.at_level(logging.INFO), serve(registry_dir) as client:
+        assert client.get("/readyz").status_code == 200
+        models = client.get("/models").json()
+        metrics = client.get("/metrics").text
+    assert models["models"][TASK_SEGMENTATION]["version"] == "v1"
+    assert models["fallback"] == {TASK_SEGMENTATION: "v2"}
+    assert 'busi_model_fallback{task="segmentation"} 1.0' in metrics
+    assert 'busi_model_reloads_total{outcome="failed",task="segmentation"} 1.0' in metrics
+    assert "serving segmentation version v1: the newest, v2, could not be loaded" in caplog.text
+
+
+def test_manifest_with_a_field_of_the_wrong_type_is_counted_as_a_failed_load(
+    serve, tmp_path, publish_tiny
+):
+    publish_tiny(tmp_path, TASK_CLASSIFICATION, "v1", class_names=5)
+    publish_tiny(tmp_path, TASK_SEGMENTATION, "v1")
+    with serve(tmp_path) as client:
         assert client.get("/readyz").status_code == 503
-    assert "no usable segmentation model (pinned v9)" in caplog.text
+        metrics = client.get("/metrics").text
+    assert 'busi_model_reloads_total{outcome="failed",task="classification"} 1.0' in metrics
+
+
+def test_odd_folder_names_are_logged_once_per_name(tmp_path, caplog):
+    for name in ("bad name", "also..bad"):
+        (tmp_path / TASK_SEGMENTATION / name).mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="shared.artifacts"):
+        for _ in range(5):  # five polls
+            assert list_versions(tmp_path, TASK_SEGMENTATION) == []
+    warnings = [r for r in caplog.records if "invalid version name" in r.getMessage()]
+    assert len(warnings) == 2
