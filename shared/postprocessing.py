@@ -24,7 +24,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def class_probabilities(
     logits: np.ndarray, class_names: tuple[str, ...] = CLASS_NAMES
 ) -> dict[str, float]:
-    """One image's logits (K,) -> {class name: probability}. Raises ValueError on a size mismatch."""
+    """One image's logits (K,) -> {class name: probability}.
+
+    Raises ValueError on a size mismatch.
+    """
     if logits.shape != (len(class_names),):
         raise ValueError(f"expected {len(class_names)} logits, got shape {logits.shape}")
     probs = softmax(logits.astype(np.float64))
@@ -63,9 +66,7 @@ def lesion_geometry(mask: np.ndarray) -> LesionGeometry:
     cols = np.flatnonzero(fg.any(axis=0))
     y0, y1 = int(rows[0]), int(rows[-1])
     x0, x1 = int(cols[0]), int(cols[-1])
-    return LesionGeometry(
-        area_fraction=float(fg.mean()), bbox=(x0, y0, x1 - x0 + 1, y1 - y0 + 1)
-    )
+    return LesionGeometry(area_fraction=float(fg.mean()), bbox=(x0, y0, x1 - x0 + 1, y1 - y0 + 1))
 
 
 def dice_iou(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
