@@ -25,6 +25,25 @@ def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
+def _text_part_bytes(value: str) -> bytes:
+    """The bytes of a `file` part that arrived as a text field.
+
+    python-multipart ignores an RFC 2231 file name (`filename*=UTF-8''...`, which curl and
+    browsers send for non-ASCII names), so such a part reaches us as a text field that Starlette
+    decoded as UTF-8, or as Latin-1 when that failed. Both are undone here: bytes that are not
+    UTF-8 came through Latin-1 (PNG and JPEG always: their first byte starts no UTF-8 text).
+    """
+    try:
+        latin1 = value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
+    try:
+        latin1.decode("utf-8")
+    except UnicodeDecodeError:
+        return latin1
+    return value.encode("utf-8")
+
+
 def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
@@ -53,13 +72,19 @@ async def read_image(
     """The image of the request: the multipart field `file`, or else the raw body."""
     media_type = _media_type(request.headers.get("content-type"))
     if media_type == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=4) as form:
+        # The body limit already bounds every part; Starlette's own 1 MiB cap on parts without
+        # a file name would refuse a `filename*=` upload (see _text_part_bytes).
+        max_part = request.app.state.runtime.settings.MAX_BODY_BYTES
+        async with request.form(max_files=1, max_fields=4, max_part_size=max_part) as form:
             upload = form.get("file")
-            if not isinstance(upload, UploadFile):
+            if isinstance(upload, UploadFile):
+                data = await upload.read()
+                # A part's type comes from the client's file name, so any other type is sniffed.
+                declared = MEDIA_TYPE_FORMATS.get(_media_type(upload.content_type))
+            elif isinstance(upload, str) and upload:
+                data, declared = _text_part_bytes(upload), None
+            else:
                 raise MissingFileError("send the image in the multipart field `file`")
-            data = await upload.read()
-            # A part's type comes from the client's file name, so any other type is sniffed.
-            declared = MEDIA_TYPE_FORMATS.get(_media_type(upload.content_type))
     elif media_type in MEDIA_TYPE_FORMATS or media_type in SNIFFED_MEDIA_TYPES:
         data = await request.body()
         declared = MEDIA_TYPE_FORMATS.get(media_type)

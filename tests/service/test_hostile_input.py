@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydicom import dcmread
-from service_inputs import dicom, png_declaring, scan
+from service_inputs import dicom, png, png_declaring, scan
 from test_bad_input import assert_error
 
 
@@ -53,3 +53,24 @@ def test_frame_out_of_range_says_how_many_frames_there_are(client):
     )
     error = assert_error(response, 422, "frame_out_of_range")
     assert "3 frames" in error["message"]
+
+
+def _multipart_with_rfc2231_name(data: bytes, content_type: bytes = b"image/png") -> bytes:
+    return (
+        b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; "
+        b"filename*=UTF-8''%C3%A9chographie.png\r\nContent-Type: " + content_type + b"\r\n\r\n"
+        + data + b"\r\n--xyz--\r\n"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["png", "dicom"])
+def test_a_multipart_upload_named_with_filename_star_is_analysed(client, kind):
+    data = png() if kind == "png" else dicom(scan())
+    expected = client.post("/classify", files={"file": ("scan", data, "application/octet-stream")})
+    response = client.post(
+        "/classify",
+        content=_multipart_with_rfc2231_name(data, b"application/octet-stream"),
+        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["probabilities"] == expected.json()["probabilities"]
