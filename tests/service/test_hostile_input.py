@@ -74,3 +74,10 @@ def test_a_multipart_upload_named_with_filename_star_is_analysed(client, kind):
     )
     assert response.status_code == 200, response.text
     assert response.json()["probabilities"] == expected.json()["probabilities"]
+
+
+def test_multipart_without_a_boundary_is_a_documented_400(client):
+    response = client.post(
+        "/classify", content=b"--x\r\n\r\n", headers={"Content-Type": "multipart/form-data"}
+    )
+    assert_error(response, 400, "bad_request")
