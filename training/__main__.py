@@ -7,6 +7,7 @@
     python -m training fit --preset joint-lite0 --data-path D train on all images, publish
     python -m training oof --preset joint-lite0 --data-path D out-of-fold logits + features
     python -m training fold-split --fold K --output F        split file whose test set is fold K
+    python -m training compare --classifier C --segmenter S --oof O ...  pair vs joint, same images
     python -m training calibrate --oof F [--output-dir R]    temperature + abstain band from OOF
     python -m training ood --data-path D [--detector-out J]  evaluate and fit the OOD check
     python -m training shortcuts --cv-dir R --data-path D    predictions with marks inpainted
@@ -27,8 +28,17 @@ from training.engine import setup_logging
 log = logging.getLogger("training")
 
 COMMANDS = (
-    "split", "classify", "segment", "cv", "fit", "oof", "fold-split", "calibrate", "ood",
+    "split",
+    "classify",
+    "segment",
+    "cv",
+    "fit",
+    "oof",
+    "fold-split",
+    "calibrate",
+    "ood",
     "shortcuts",
+    "compare",
 )
 
 
@@ -88,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         args = classification.parse_args(rest)
         args.command_line = "python -m training classify " + " ".join(rest)
         classification.main(args)
+    elif command == "compare":
+        from training import compare
+
+        compare.main(compare.parse_args(rest))
     elif command == "fold-split":
         from training.joint import DEFAULT_FOLDS_FILE, fold_split
 
