@@ -26,7 +26,7 @@ from service.registry import load_model
 from shared.artifacts import ArtifactInfo, verify_artifact
 from shared.postprocessing import class_probabilities, dice_iou, sigmoid
 from training.data import load_image, load_mask, scan_dataset
-from training.joint import CANVASES, METRIC_ROWS, on_canvas, summarise
+from training.joint import CANVASES, METRIC_ROWS, place_on_canvas, summarise
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     masks = [load_mask(s, im.shape) for s, im in zip(samples, images, strict=True)]
     pair: dict[str, list] = {}
     for name, aspect in CANVASES.items():
-        if aspect is None:
-            placed_images, placed_masks = images, masks
-        else:
-            placed = [on_canvas(im, m, aspect) for im, m in zip(images, masks, strict=True)]
-            placed_images, placed_masks = [p[0] for p in placed], [p[1] for p in placed]
+        placed_images, placed_masks = images, masks
+        if aspect is not None:
+            placed_images, placed_masks = place_on_canvas(images, masks, aspect)
         rows = score_pair(args.classifier, args.segmenter, placed_images, placed_masks, samples)
         pair[name] = [{**row, "group": groups[row["key"]]} for row in rows]
     oof = json.loads(Path(args.oof).read_text())

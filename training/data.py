@@ -167,6 +167,18 @@ def group_near_duplicates(
     return [roots.setdefault(uf.find(i), len(roots)) for i in range(len(images))]
 
 
+def groups_largest_first(groups: list[int], seed: int) -> tuple[dict[int, list[int]], list[int]]:
+    """The member indices of each group, and the groups in the order grouped splitters place
+    them: largest first, ties shuffled by `seed`."""
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    order = list(members)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: -len(members[g]))
+    return members, order
+
+
 def grouped_stratified_split(
     labels: list[int],
     groups: list[int],
@@ -179,13 +191,7 @@ def grouped_stratified_split(
     filed under two classes counts where it matters most. Groups are taken largest first (ties
     shuffled by `seed`) and each goes to the split furthest below its target for that class.
     """
-    members: dict[int, list[int]] = {}
-    for index, group in enumerate(groups):
-        members.setdefault(group, []).append(index)
-    rng = random.Random(seed)
-    order = list(members)
-    rng.shuffle(order)
-    order.sort(key=lambda g: -len(members[g]))
+    members, order = groups_largest_first(groups, seed)
     group_label = {g: max(labels[i] for i in members[g]) for g in members}
     totals = Counter(group_label[g] for g in members for _ in members[g])
     filled = {split: Counter() for split in SPLITS}

@@ -33,16 +33,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.models.joint import JointFlipAverage, JointUNet
 from shared.postprocessing import dice_iou, softmax
 from shared.preprocessing import Preprocessing
 from training import distributed, engine
-from training.data import Sample, data_fingerprint, load_image, load_mask, scan_dataset
+from training.data import (
+    Sample,
+    data_fingerprint,
+    groups_largest_first,
+    load_image,
+    scan_dataset,
+)
 from training.metrics import _scalars, confusion_matrix
-from training.segmentation import augment_pair
+from training.segmentation import (
+    LoadedSplit,
+    SegmentationDataset,
+    augment_pair,
+    load_split_images,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +134,7 @@ def make_folds(
     A group counts under its most severe label; groups go largest first (ties shuffled by
     `seed`) to the fold furthest below its share of that class, then of all images.
     """
-    members: dict[int, list[int]] = {}
-    for index, group in enumerate(groups):
-        members.setdefault(group, []).append(index)
-    rng = random.Random(seed)
-    order = list(members)
-    rng.shuffle(order)
-    order.sort(key=lambda g: -len(members[g]))
+    members, order = groups_largest_first(groups, seed)
     filled = [[0] * len(CLASS_NAMES) for _ in range(k)]
     sizes = [0] * k
     fold_of: dict[int, int] = {}
@@ -165,30 +170,6 @@ def load_folds(path: Path, samples: list[Sample]) -> dict[str, dict[str, int]]:
 # --- data --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Loaded:
-    samples: list[Sample]
-    images: list[np.ndarray]
-    masks: list[np.ndarray]
-
-    @property
-    def labels(self) -> list[int]:
-        return [s.label for s in self.samples]
-
-    def pick(self, indices: list[int]) -> Loaded:
-        return Loaded(
-            [self.samples[i] for i in indices],
-            [self.images[i] for i in indices],
-            [self.masks[i] for i in indices],
-        )
-
-
-def load_all(samples: list[Sample]) -> Loaded:
-    images = [load_image(s) for s in samples]
-    masks = [load_mask(s, im.shape) for s, im in zip(samples, images, strict=True)]
-    return Loaded(list(samples), images, masks)
-
-
 def burn_in_label(canvas: np.ndarray, top: int, left: int, rng: random.Random) -> None:
     """Draw a block of bright "text" (like a scanner's burned-in annotation) in place."""
     height, width = canvas.shape
@@ -215,6 +196,14 @@ def on_canvas(
     canvas_i[top : top + height, left : left + width] = image
     canvas_m[top : top + height, left : left + width] = mask
     return canvas_i, canvas_m
+
+
+def place_on_canvas(
+    images: list[np.ndarray], masks: list[np.ndarray], aspect: float
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`on_canvas` over lists of scans and their masks."""
+    placed = [on_canvas(im, m, aspect) for im, m in zip(images, masks, strict=True)]
+    return [p[0] for p in placed], [p[1] for p in placed]
 
 
 def augment_geometry(
@@ -250,27 +239,19 @@ def model_inputs(
     return x, y
 
 
-class JointDataset(Dataset):
-    """(input, (class index, mask target)) pairs, augmented when `preset` is given."""
+class JointDataset(SegmentationDataset):
+    """(input, (class index, mask target)) pairs, augmented when `preset` is given; the
+    per-epoch reseeding is SegmentationDataset's."""
 
     def __init__(
         self,
-        data: Loaded,
+        data: LoadedSplit,
         preprocessing: Preprocessing,
         preset: JointPreset | None = None,
         seed: int = 0,
     ) -> None:
-        self.data = data
-        self.preprocessing = preprocessing
+        super().__init__(data, preprocessing, augment=preset is not None, seed=seed)
         self.preset = preset
-        self.seed = seed
-        self.rng = random.Random(seed)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.rng = random.Random(self.seed * 100_003 + epoch)
-
-    def __len__(self) -> int:
-        return len(self.data.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         image, mask = self.data.images[index], self.data.masks[index]
@@ -332,7 +313,7 @@ def _collate(batch: list) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tenso
 
 def train(
     preset: JointPreset,
-    data: Loaded,
+    data: LoadedSplit,
     *,
     seed: int,
     pretrained: bool,
@@ -429,7 +410,7 @@ class Predictions:
     logits: np.ndarray  # (N, K) class logits, flip-averaged when the recipe says so
     probs: np.ndarray  # (N, K) softmax of the logits
     maps: list[np.ndarray]  # frame-sized lesion probability maps
-    features: np.ndarray  # (N, C) pooled deepest encoder features of the unflipped input
+    features: np.ndarray | None  # (N, C) pooled deepest features of the unflipped input
 
 
 @torch.inference_mode()
@@ -439,11 +420,13 @@ def predict(
     images: list[np.ndarray],
     flip_tta: bool,
     batch_size: int = 16,
+    features: bool = False,
 ) -> Predictions:
-    """Class logits and probabilities and frame-sized lesion probability maps, as served."""
+    """Class logits and probabilities and frame-sized lesion probability maps, as served; with
+    `features`, also the pooled deepest encoder features (one more encoder pass per batch)."""
     net = JointFlipAverage(model) if flip_tta else model
     net.eval()
-    logits_out, maps, features = [], [], []
+    logits_out, maps, pooled = [], [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         layouts = [preprocessing.layout(im) for im in chunk]
@@ -457,24 +440,24 @@ def predict(
         )
         class_logits, mask_logits = net(x)
         logits_out.append(class_logits.float().numpy().astype(np.float64))
-        features.append(model.encoder(x)[-1].mean(dim=(2, 3)).float().numpy())
+        if features:
+            pooled.append(model.encoder(x)[-1].mean(dim=(2, 3)).float().numpy())
         for logits, lay in zip(mask_logits.float().numpy(), layouts, strict=True):
             prob = 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64)))
             maps.append(preprocessing.frame_map(prob.astype(np.float32), lay))
     logits = np.concatenate(logits_out)
     probs = np.stack([softmax(row) for row in logits])
-    return Predictions(logits, probs, maps, np.concatenate(features))
+    return Predictions(logits, probs, maps, np.concatenate(pooled) if pooled else None)
 
 
 def evaluate_images(
-    model: nn.Module, preset: JointPreset, data: Loaded, canvas: float | None
+    model: nn.Module, preset: JointPreset, data: LoadedSplit, canvas: float | None
 ) -> list[dict[str, Any]]:
     """Per-image predictions and scores on `data`, optionally placed on a black canvas."""
     preprocessing = preprocessing_for(preset)
     images, masks = data.images, data.masks
     if canvas is not None:
-        placed = [on_canvas(im, m, canvas) for im, m in zip(images, masks, strict=True)]
-        images, masks = [p[0] for p in placed], [p[1] for p in placed]
+        images, masks = place_on_canvas(images, masks, canvas)
     out = predict(model, preprocessing, images, preset.flip_tta)
     rows = []
     for sample, p, logits, prob_map, truth in zip(
@@ -579,7 +562,7 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     engine.configure_threads(args.threads)
     todo = args.folds if args.folds is not None else list(range(k))
-    data = load_all(samples) if todo and not args.report_only else None
+    data = load_split_images(samples) if todo and not args.report_only else None
     for fold in [] if args.report_only else todo:
         path = output / f"fold{fold}.json"
         if path.is_file():
@@ -636,7 +619,7 @@ def oof_main(args: argparse.Namespace) -> Path:
     samples = scan_dataset(args.data_path)
     items = load_folds(Path(args.folds_file), samples)
     engine.configure_threads(args.threads)
-    data = load_all(samples)
+    data = load_split_images(samples)
     preprocessing = preprocessing_for(preset)
     rows = []
     for weights in sorted(Path(args.output_dir).glob("fold*.pt")):
@@ -645,7 +628,8 @@ def oof_main(args: argparse.Namespace) -> Path:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         model.eval()
         held_out = [i for i, s in enumerate(samples) if items[s.key]["fold"] == fold]
-        out = predict(model, preprocessing, [data.images[i] for i in held_out], preset.flip_tta)
+        images = [data.images[i] for i in held_out]
+        out = predict(model, preprocessing, images, preset.flip_tta, features=True)
         for j, i in enumerate(held_out):
             key = samples[i].key
             rows.append(
@@ -802,7 +786,7 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
         model.eval()
         history, seconds = engine.History.from_dict(saved["history"]), float(saved["seconds"])
     else:
-        data = load_all(samples)
+        data = load_split_images(samples)
         model, history, seconds = train(
             preset,
             data,

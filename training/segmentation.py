@@ -180,13 +180,19 @@ class LoadedSplit:
     def class_names(self) -> list[str]:
         return [s.class_name for s in self.samples]
 
-    def subset(self, keep: list[bool]) -> LoadedSplit:
-        pick = [i for i, k in enumerate(keep) if k]
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def pick(self, indices: list[int]) -> LoadedSplit:
         return LoadedSplit(
-            [self.samples[i] for i in pick],
-            [self.images[i] for i in pick],
-            [self.masks[i] for i in pick],
+            [self.samples[i] for i in indices],
+            [self.images[i] for i in indices],
+            [self.masks[i] for i in indices],
         )
+
+    def subset(self, keep: list[bool]) -> LoadedSplit:
+        return self.pick([i for i, k in enumerate(keep) if k])
 
 
 def load_split_images(samples: list[Sample]) -> LoadedSplit:

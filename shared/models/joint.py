@@ -20,7 +20,7 @@ import importlib
 import torch
 from torch import nn
 
-from shared.models.unet import DecoderBlock, rename_lite0_state_dict
+from shared.models.unet import decoder_blocks, freeze_stem, rename_lite0_state_dict
 
 ENCODERS: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
@@ -69,24 +69,12 @@ class JointUNet(nn.Module):
             raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}")
         self.encoder = timm.create_model(encoder, features_only=True, pretrained=False)
         channels = list(self.encoder.feature_info.channels())  # strides 2, 4, 8, 16, 32
-        if len(decoder_channels) != len(channels) - 1:
-            raise ValueError(f"decoder_channels needs {len(channels) - 1} entries")
         if pretrained:
             state = load_lite_imagenet_state_dict(encoder)
             wanted = self.encoder.state_dict().keys()
             self.encoder.load_state_dict({k: state[k] for k in wanted}, strict=True)
-        if freeze_stem_stages > 0:
-            frozen = [self.encoder.conv_stem, self.encoder.bn1]
-            frozen += list(self.encoder.blocks[:freeze_stem_stages])
-            for module in frozen:
-                for param in module.parameters():
-                    param.requires_grad_(False)
-        blocks = []
-        width = channels[-1]
-        for skip, out in zip(channels[:-1][::-1], decoder_channels, strict=True):
-            blocks.append(DecoderBlock(width, skip, out))
-            width = out
-        self.decoder = nn.ModuleList(blocks)
+        freeze_stem(self.encoder, freeze_stem_stages)
+        self.decoder, width = decoder_blocks(channels, decoder_channels)
         self.mask_head = nn.Conv2d(width, 1, kernel_size=3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(channels[-1], num_classes)

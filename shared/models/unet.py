@@ -112,6 +112,30 @@ class DecoderBlock(nn.Module):
         return self.conv2(self.conv1(torch.cat([x, skip], dim=1)))
 
 
+def freeze_stem(encoder: nn.Module, stages: int) -> None:
+    """Keep a timm EfficientNet encoder's stem and first `stages` stages at their current
+    (ImageNet) values; 0 freezes nothing."""
+    if stages <= 0:
+        return
+    for module in [encoder.conv_stem, encoder.bn1, *encoder.blocks[:stages]]:
+        for param in module.parameters():
+            param.requires_grad_(False)
+
+
+def decoder_blocks(
+    encoder_channels: list[int] | tuple[int, ...], decoder_channels: tuple[int, ...]
+) -> tuple[nn.ModuleList, int]:
+    """The U-Net decoder over encoder features of strides 2..32 and its output width."""
+    if len(decoder_channels) != len(encoder_channels) - 1:
+        raise ValueError(f"decoder_channels needs {len(encoder_channels) - 1} entries")
+    blocks = []
+    width = encoder_channels[-1]
+    for skip, out in zip(list(encoder_channels[:-1])[::-1], decoder_channels, strict=True):
+        blocks.append(DecoderBlock(width, skip, out))
+        width = out
+    return nn.ModuleList(blocks), width
+
+
 class UNetEffLite0(nn.Module):
     """U-Net on an EfficientNet-Lite0 encoder: (N, 3, S, S) -> (N, 1, S, S) lesion logits.
 
@@ -142,20 +166,9 @@ class UNetEffLite0(nn.Module):
             state = load_lite0_imagenet_state_dict()
             wanted = self.encoder.state_dict().keys()
             self.encoder.load_state_dict({k: state[k] for k in wanted}, strict=True)
-        if freeze_stem_stages > 0:
-            frozen = [self.encoder.conv_stem, self.encoder.bn1]
-            frozen += list(self.encoder.blocks[:freeze_stem_stages])
-            for module in frozen:
-                for param in module.parameters():
-                    param.requires_grad_(False)
-        skips = list(ENCODER_CHANNELS[:-1][::-1])  # 112, 40, 24, 16: strides 16, 8, 4, 2
-        blocks = []
-        channels = ENCODER_CHANNELS[-1]
-        for skip, out in zip(skips, decoder_channels, strict=True):
-            blocks.append(DecoderBlock(channels, skip, out))
-            channels = out
-        self.decoder = nn.ModuleList(blocks)
-        self.head = nn.Conv2d(channels, 1, kernel_size=3, padding=1)
+        freeze_stem(self.encoder, freeze_stem_stages)
+        self.decoder, width = decoder_blocks(ENCODER_CHANNELS, decoder_channels)
+        self.head = nn.Conv2d(width, 1, kernel_size=3, padding=1)
 
     def decode(self, features: list[torch.Tensor], size: list[int]) -> torch.Tensor:
         """Encoder features (strides 2..32) -> lesion logits upsampled to `size`."""
