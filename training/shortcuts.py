@@ -43,6 +43,7 @@ MAX_FILL = 0.6  # a kept component covers at most this share of its bounding box
 DOT_AREA = 9  # compact components up to this size are kept as dots of a dotted caliper line ...
 DOT_TOPHAT = 150  # ... when this much brighter than their surroundings (speckle peaks are not)
 INPAINT_SIGMA = 3.0
+NEAR_LESION_PX = 12  # marks within this distance of the true lesion count as on it (calipers)
 
 
 def detect_marks(pixels: np.ndarray) -> np.ndarray:
@@ -100,6 +101,19 @@ def shifted_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     )
 
 
+def split_near_lesion(marks: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(marks near the true lesion, marks away from it): a mark component belongs to the first
+    when any of its pixels lies within NEAR_LESION_PX of the lesion mask (calipers measure the
+    lesion, so they sit on its edge; text and rulers sit in the margins)."""
+    if not lesion.any():
+        return np.zeros_like(marks), marks
+    near_zone = ndimage.distance_transform_edt(~lesion) <= NEAR_LESION_PX
+    labels, n = ndimage.label(marks, structure=np.ones((3, 3), bool))
+    touching = np.unique(labels[near_zone & marks])
+    near = np.isin(labels, touching[touching > 0])
+    return near, marks & ~near
+
+
 def _figures(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     from training.metrics import _scalars
 
@@ -109,10 +123,43 @@ def _figures(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"accuracy": out["accuracy"], "macro_auc": out.get("macro_auc", float("nan"))}
 
 
+def accuracy_change_interval(
+    labels: np.ndarray,
+    original: np.ndarray,
+    changed: np.ndarray,
+    groups: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> list[float]:
+    """95% percentile interval of (accuracy changed - accuracy original), resampling
+    near-duplicate groups with replacement (paired: both arms on the same draw)."""
+    delta = (changed.argmax(1) == labels).astype(float) - (original.argmax(1) == labels)
+    unique, index = np.unique(groups, return_inverse=True)
+    sums = np.bincount(index, weights=delta, minlength=len(unique))
+    counts = np.bincount(index, minlength=len(unique)).astype(float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(unique), size=(n_resamples, len(unique)))
+    values = sums[draws].sum(1) / counts[draws].sum(1)
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+
+
+def flip_matrix(original: np.ndarray, changed: np.ndarray) -> list[list[int]]:
+    """Counts [from original label][to changed label] over the images whose label flipped."""
+    out = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), int)
+    a, b = original.argmax(1), changed.argmax(1)
+    for i, j in zip(a[a != b], b[a != b], strict=True):
+        out[i, j] += 1
+    return out.tolist()
+
+
 def compare(
-    labels: np.ndarray, has_marks: np.ndarray, variants: dict[str, np.ndarray]
+    labels: np.ndarray,
+    has_marks: np.ndarray,
+    variants: dict[str, np.ndarray],
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Figures of each variant's probabilities against "original", on all and on marked images."""
+    """Figures of each variant's probabilities against "original", on all and on marked images;
+    with `groups`, a grouped-bootstrap interval of each variant's accuracy change."""
     original = variants["original"]
     out: dict[str, Any] = {}
     for subset, rows in (("all", np.ones(len(labels), bool)), ("with_marks", has_marks)):
@@ -126,6 +173,11 @@ def compare(
                 fig["mean_abs_probability_change"] = float(
                     np.abs(probs[rows] - original[rows]).sum(1).mean() / 2
                 )
+                fig["flips_from_to"] = flip_matrix(original[rows], probs[rows])
+                if groups is not None:
+                    fig["accuracy_change_ci95"] = accuracy_change_interval(
+                        labels[rows], original[rows], probs[rows], groups[rows]
+                    )
             block[name] = fig
         out[subset] = block
     return out
@@ -161,9 +213,11 @@ def fold_predictions(
     items: dict[str, dict[str, int]],
     images: list[np.ndarray],
     masks: list[np.ndarray],
+    lesions: list[np.ndarray],
 ) -> dict[str, np.ndarray]:
     """Each fold model's probabilities on its held-out images: as they are, with the marks
-    inpainted, and with the same mark shapes inpainted elsewhere (the control)."""
+    inpainted, with the same mark shapes inpainted elsewhere (the control), and with only the
+    marks on the lesion (calipers) or only those away from it (text, rulers) inpainted."""
     import torch
 
     from training import engine
@@ -174,7 +228,7 @@ def fold_predictions(
     preprocessing = preprocessing_for(preset)
     rng = np.random.default_rng(0)
     n = len(samples)
-    names = ("original", "inpainted", "control")
+    names = ("original", "inpainted", "control", "inpainted_near_lesion", "inpainted_away")
     variants = {name: np.zeros((n, len(CLASS_NAMES))) for name in names}
     covered = np.zeros(n, bool)
     for weights in sorted(Path(args.cv_dir).glob("fold*.pt")):
@@ -188,6 +242,13 @@ def fold_predictions(
             "inpainted": [inpaint(images[i], masks[i]) for i in idx],
             "control": [inpaint(images[i], shifted_mask(masks[i], rng)) for i in idx],
         }
+        parts = [split_near_lesion(masks[i], lesions[i]) for i in idx]
+        inputs["inpainted_near_lesion"] = [
+            inpaint(images[i], near) for i, (near, _) in zip(idx, parts, strict=True)
+        ]
+        inputs["inpainted_away"] = [
+            inpaint(images[i], away) for i, (_, away) in zip(idx, parts, strict=True)
+        ]
         for name, frames in inputs.items():
             variants[name][idx] = predict(model, preprocessing, frames, preset.flip_tta).probs
         covered[idx] = True
@@ -198,7 +259,7 @@ def fold_predictions(
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from training.data import load_image, scan_dataset
+    from training.data import load_image, load_mask, scan_dataset
     from training.joint import load_folds
 
     samples = scan_dataset(args.data_path)
@@ -230,8 +291,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.cv_dir is not None:
         items = load_folds(Path(args.folds_file), samples)
-        variants = fold_predictions(args, samples, items, images, masks)
-        report.update(compare(labels, has_marks, variants))
+        lesions = [load_mask(s, im.shape) > 127 for s, im in zip(samples, images, strict=True)]
+        near = np.asarray(
+            [split_near_lesion(m, les)[0].any() for m, les in zip(masks, lesions, strict=True)]
+        )
+        report["images_with_marks_near_lesion"] = float(near.mean())
+        report["near_lesion_px"] = NEAR_LESION_PX
+        variants = fold_predictions(args, samples, items, images, masks, lesions)
+        groups = np.asarray([items[s.key]["group"] for s in samples])
+        report.update(compare(labels, has_marks, variants, groups))
     output.mkdir(parents=True, exist_ok=True)
     (output / "shortcuts.json").write_text(json.dumps(report, indent=1) + "\n")
     log.info(

@@ -76,6 +76,37 @@ def test_compare_counts_flips_and_probability_change():
     assert result["with_marks"]["inpainted"]["mean_abs_probability_change"] > 0.4
 
 
+def test_marks_on_the_lesion_edge_are_told_from_marks_in_the_margin():
+    marks = np.zeros((64, 64), bool)
+    marks[30:33, 20:23] = True  # a caliper cross just outside the lesion's edge
+    marks[2:4, 40:60] = True  # text in the top margin
+    lesion = np.zeros((64, 64), bool)
+    lesion[24:40, 24:40] = True
+    near, away = shortcuts.split_near_lesion(marks, lesion)
+    assert near[31, 21] and not near[3, 50]
+    assert away[3, 50] and not away[31, 21]
+    assert (near | away).sum() == marks.sum() and not (near & away).any()
+    near, away = shortcuts.split_near_lesion(marks, np.zeros_like(lesion))  # a normal scan
+    assert not near.any() and (away == marks).all()
+
+
+def test_accuracy_change_interval_resamples_groups_and_brackets_the_change():
+    labels = np.array([0, 1, 2, 1, 0, 2])
+    original = np.eye(3)[labels]
+    changed = original.copy()
+    changed[[1, 4]] = np.eye(3)[2]  # two of six now wrong: -1/3
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    lo, hi = shortcuts.accuracy_change_interval(labels, original, changed, groups)
+    assert lo <= -1 / 3 <= hi
+    assert -1.0 <= lo < hi <= 0.0
+    result = shortcuts.compare(
+        labels, np.ones(6, bool), {"original": original, "changed": changed}, groups
+    )
+    assert result["all"]["changed"]["flips_from_to"][1][2] == 1
+    assert result["all"]["changed"]["flips_from_to"][0][2] == 1
+    assert result["all"]["changed"]["accuracy_change_ci95"] == [lo, hi]
+
+
 @pytest.mark.slow
 def test_shortcuts_command_compares_fold_models_on_their_held_out_images(tmp_path):
     import torch
@@ -103,7 +134,7 @@ def test_shortcuts_command_compares_fold_models_on_their_held_out_images(tmp_pat
     report = json.loads((out / "shortcuts.json").read_text())
     assert report["n_images"] == 12
     assert report["all"]["n"] == 12
-    for name in ("original", "inpainted", "control"):
+    for name in ("original", "inpainted", "control", "inpainted_near_lesion", "inpainted_away"):
         assert 0.0 <= report["all"][name]["accuracy"] <= 1.0
     assert 0.0 <= report["all"]["inpainted"]["label_flips"] <= 1.0
     assert set(report["mark_prevalence_by_class"]) == {"normal", "benign", "malignant"}
