@@ -34,10 +34,7 @@ from shared.errors import (
     ModelUnavailableError,
 )
 from shared.labels import (
-    CLASS_NAMES,
-    TASK_CLASSIFICATION,
     TASK_DIAGNOSIS,
-    TASK_SEGMENTATION,
     TASKS,
 )
 from shared.preprocessing import Preprocessing
@@ -88,91 +85,6 @@ class LoadedModel:
         return self.info.name
 
 
-def _int_tuple(value: object, what: str) -> tuple[int, ...]:
-    if not isinstance(value, list | tuple) or not all(isinstance(v, int) and v > 0 for v in value):
-        raise ArtifactIntegrityError(f"manifest field {what} must be a list of positive integers")
-    return tuple(value)
-
-
-def _spec_from_manifest(info: ArtifactInfo) -> dict:
-    """The LoadedModel fields that come from the manifest. Raises ArtifactIntegrityError."""
-    meta = info.metadata
-    try:
-        preprocessing = Preprocessing.from_metadata(meta["preprocessing"])
-    except (TypeError, ValueError) as exc:
-        raise ArtifactIntegrityError(f"invalid preprocessing in the manifest: {exc}") from exc
-    spec_in = meta["input"] if isinstance(meta["input"], dict) else {}
-    input_shape = _int_tuple(
-        [spec_in.get("channels"), spec_in.get("height"), spec_in.get("width")], "input"
-    )
-    side = preprocessing.output_size
-    if input_shape != (preprocessing.channels, side, side):
-        raise ArtifactIntegrityError(
-            f"manifest input {list(input_shape)} disagrees with its preprocessing "
-            f"({preprocessing.channels} x {side} x {side})"
-        )
-    spec: dict = {"preprocessing": preprocessing, "input_shape": input_shape}
-    spec_out = meta["output"] if isinstance(meta["output"], dict) else {}
-    if info.task == TASK_DIAGNOSIS:
-        return {**spec, **_joint_spec(meta, spec_out, side)}
-    output_shape = _int_tuple(spec_out.get("shape"), "output.shape")
-    output_type = spec_out.get("type", "logits")
-    if output_type not in ("logits", "probability"):
-        raise ArtifactIntegrityError("manifest output.type must be 'logits' or 'probability'")
-    spec.update(output_shape=output_shape, output_type=output_type)
-    if info.task == TASK_CLASSIFICATION:
-        spec["class_names"] = _class_names(meta, output_shape)
-        spec["calibration"] = Calibration.from_manifest(spec_out, len(spec["class_names"]))
-    elif info.task == TASK_SEGMENTATION:
-        if len(output_shape) != 3 or output_shape[0] != 1:
-            raise ArtifactIntegrityError("segmentation output.shape must be [1, height, width]")
-        spec["threshold"] = _threshold(spec_out)
-    return spec
-
-
-def _class_names(meta: dict, output_shape: tuple[int, ...]) -> tuple[str, ...]:
-    class_names = tuple(meta.get("class_names") or ())
-    if sorted(class_names) != sorted(CLASS_NAMES):
-        raise ArtifactIntegrityError(f"class_names must be an ordering of {list(CLASS_NAMES)}")
-    if output_shape != (len(class_names),):
-        raise ArtifactIntegrityError("the class output shape must be [number of class_names]")
-    return class_names
-
-
-def _threshold(spec_out: dict) -> float:
-    threshold = spec_out.get("threshold", 0.5)
-    if not isinstance(threshold, int | float) or not 0.0 < threshold < 1.0:
-        raise ArtifactIntegrityError("the mask output's threshold must lie in (0, 1)")
-    return float(threshold)
-
-
-def _joint_spec(meta: dict, spec_out: dict, side: int) -> dict:
-    """A diagnosis artifact: output {"type": "joint", "classes": {...}, "mask": {...}}."""
-    classes, mask = spec_out.get("classes"), spec_out.get("mask")
-    if (
-        spec_out.get("type") != "joint"
-        or not isinstance(classes, dict)
-        or not isinstance(mask, dict)
-    ):
-        raise ArtifactIntegrityError(
-            "a diagnosis manifest's output must be {type: joint, classes: {...}, mask: {...}}"
-        )
-    if classes.get("type", "logits") != "logits" or mask.get("type", "logits") != "logits":
-        raise ArtifactIntegrityError("a diagnosis model's outputs must be logits")
-    output_shape = _int_tuple(classes.get("shape"), "output.classes.shape")
-    mask_shape = _int_tuple(mask.get("shape"), "output.mask.shape")
-    if mask_shape != (1, side, side):
-        raise ArtifactIntegrityError(f"output.mask.shape must be [1, {side}, {side}]")
-    return {
-        "output_shape": output_shape,
-        "output_type": "joint",
-        "class_names": _class_names(meta, output_shape),
-        "calibration": Calibration.from_manifest(classes, output_shape[0]),
-        "threshold": _threshold(mask),
-        "mask_shape": mask_shape,
-    }
-
-
 def load_model(info: ArtifactInfo, lock: threading.Lock | None = None) -> LoadedModel:
     """Load a verified artifact on the CPU, check it against its manifest and warm it up.
 
@@ -180,22 +92,17 @@ def load_model(info: ArtifactInfo, lock: threading.Lock | None = None) -> Loaded
     ArtifactIntegrityError when the manifest is inconsistent, the file is not TorchScript, or a
     forward fails or returns another shape than the manifest declares.
     """
-    try:
-        spec = _spec_from_manifest(info)
-    except ArtifactError:
-        raise
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-        # e.g. `class_names: 5`: a manifest that verifies but cannot describe a model
-        raise ArtifactIntegrityError("the manifest has a field of the wrong type") from exc
+    manifest = info.manifest  # raises ManifestError (an ArtifactIntegrityError) when invalid
+    problems = manifest.input_problems()
+    if problems:
+        raise ArtifactIntegrityError("; ".join(problems))
     try:
         module = torch.jit.load(str(info.model_path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError, ValueError, zip errors, ...
         raise ArtifactIntegrityError("the model file is not a loadable TorchScript file") from exc
     module.eval()
-    dummy = torch.zeros((1, *spec["input_shape"]), dtype=torch.float32)
-    expected = [(1, *spec["output_shape"])]
-    if spec.get("mask_shape"):
-        expected.append((1, *spec["mask_shape"]))
+    dummy = torch.zeros((1, *manifest.input.shape), dtype=torch.float32)
+    expected = [(1, *shape) for shape in manifest.output.shapes]
     for _ in range(_WARMUP_FORWARDS):
         try:
             with lock or _NO_LOCK, torch.inference_mode():
@@ -212,7 +119,19 @@ def load_model(info: ArtifactInfo, lock: threading.Lock | None = None) -> Loaded
             raise ArtifactIntegrityError(
                 f"the warm-up forward returned {got}, the manifest declares {declared}"
             )
-    return LoadedModel(info=info, module=module, **spec)
+    classes, mask = manifest.output.classes, manifest.output.mask
+    return LoadedModel(
+        info=info,
+        module=module,
+        preprocessing=manifest.preprocessing,
+        input_shape=manifest.input.shape,
+        output_shape=manifest.output.shapes[0],
+        class_names=manifest.class_names,
+        output_type=manifest.output.type,
+        threshold=mask.threshold if mask else 0.5,
+        mask_shape=mask.shape if classes and mask else (),
+        calibration=classes.calibration if classes else Calibration(),
+    )
 
 
 class _NoLock:

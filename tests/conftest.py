@@ -18,14 +18,11 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_manifests import classification_metadata, segmentation_metadata
 from torch import nn
 
 from shared.artifacts import ArtifactInfo, publish_artifact
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_SEGMENTATION
-from shared.preprocessing import Preprocessing
-
-CLASSIFIER_PREPROCESSING = Preprocessing(resize=64, crop=56)
-SEGMENTER_PREPROCESSING = Preprocessing(resize=64, resize_mode="stretch")
 
 
 class TinyClassifier(nn.Module):
@@ -60,49 +57,6 @@ class BrokenSegmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(-1, 7, 3)
-
-
-def _metadata(task: str, preprocessing: Preprocessing, output: dict[str, Any]) -> dict[str, Any]:
-    side = preprocessing.output_size
-    metadata: dict[str, Any] = {
-        "name": f"tiny-{task}",
-        "architecture": f"tiny_{task}",
-        "preprocessing": preprocessing.to_metadata(),
-        "input": {
-            "channels": preprocessing.channels,
-            "height": side,
-            "width": side,
-            "dtype": "float32",
-            "value_range": "ImageNet-normalised",
-            "source": "8-bit grayscale (shared.decoding)",
-        },
-        "output": output,
-        "metrics": {"test": {"accuracy": 0.5}},
-        "training": {"preset": "tiny", "epochs": 0, "seed": 0},
-        "data_fingerprint": {"sha256": "0" * 64, "n_images": 0, "split_file": "none"},
-        "framework": {"torch": torch.__version__},
-        "intended_use": "tests only",
-    }
-    if task == TASK_CLASSIFICATION:
-        metadata["class_names"] = list(CLASS_NAMES)
-    return metadata
-
-
-def classification_metadata() -> dict[str, Any]:
-    return _metadata(
-        TASK_CLASSIFICATION,
-        CLASSIFIER_PREPROCESSING,
-        {"type": "logits", "shape": [len(CLASS_NAMES)]},
-    )
-
-
-def segmentation_metadata() -> dict[str, Any]:
-    side = SEGMENTER_PREPROCESSING.output_size
-    return _metadata(
-        TASK_SEGMENTATION,
-        SEGMENTER_PREPROCESSING,
-        {"type": "logits", "shape": [1, side, side], "threshold": 0.5},
-    )
 
 
 @pytest.fixture(scope="session")

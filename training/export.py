@@ -1,8 +1,8 @@
 """Export a trained model to TorchScript and publish it as a versioned artifact.
 
     scripted = export_torchscript(model, example)          # checked equal to eager, or raises
-    metadata = build_metadata(task=..., name=..., ...)     # the manifest of shared/artifacts.py
-    info = publish(model_dir, task, version, scripted, metadata)
+    metadata = build_metadata(task=..., name=..., ...)     # fields of shared.artifacts.Manifest
+    info = publish(model_dir, task, version, scripted, metadata)   # validated, then written
 
 The service loads only what `publish` writes, so the check that the scripted model equals the
 eager one is made on the serialised bytes (saved, reloaded, compared), not on the in-memory object.
@@ -124,7 +124,8 @@ def build_metadata(
     input_channels: int | None = None,
     intended_use: str = INTENDED_USE,
 ) -> dict[str, Any]:
-    """The manifest fields a training job supplies (see the bottom of shared/artifacts.py).
+    """The manifest fields a training job supplies (shared.artifacts.Manifest; publish fills in
+    the rest and validates the whole).
 
     `output` is {"type": "logits", "shape": [K]} for a classifier and {"type": "logits",
     "shape": [1, H, W], "threshold": t} for a segmenter. `input_channels` defaults to the
@@ -170,8 +171,9 @@ def publish(
 ) -> ArtifactInfo:
     """Save `scripted` to a temp file; publish it atomically as `<model_dir>/<task>/<version>`.
 
-    Raises the errors of shared.artifacts.publish_artifact (a bad name, an existing version,
-    missing manifest fields).
+    Raises the errors of shared.artifacts.publish_artifact: InvalidVersionError for a bad name,
+    ManifestError naming every missing or invalid manifest field (nothing is written then), and
+    ArtifactIntegrityError for an existing version.
     """
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         model_file = Path(tmp) / "model.pt"

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 from service_inputs import png
+from tiny_manifests import write_unchecked_artifact
 from torch import nn
 
-from shared.artifacts import publish_artifact
+from shared.artifacts import ManifestError, publish_artifact
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 from shared.preprocessing import Preprocessing
 
@@ -139,7 +140,10 @@ def test_joint_model_is_preferred_over_separate_ones(serve, joint_dir, publish_t
 def test_joint_artifact_whose_mask_disagrees_with_its_manifest_is_refused(serve, tmp_path, caplog):
     model_file = tmp_path / "joint.pt"
     torch.jit.script(TinyJoint().eval()).save(str(model_file))
-    publish_artifact(tmp_path / "m", TASK_DIAGNOSIS, "j1", model_file, joint_metadata(32))
+    with pytest.raises(ManifestError, match=r"output.mask.shape must be \[1, 64, 64\]"):
+        publish_artifact(tmp_path / "m", TASK_DIAGNOSIS, "j1", model_file, joint_metadata(32))
+    # written around publish_artifact's validation: the service refuses it all the same
+    write_unchecked_artifact(tmp_path / "m", TASK_DIAGNOSIS, "j1", model_file, joint_metadata(32))
     with serve(tmp_path / "m") as client:
         assert client.get("/readyz").status_code == 503
         assert client.get("/models").json()["models"][TASK_DIAGNOSIS] is None

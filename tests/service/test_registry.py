@@ -6,8 +6,9 @@ import logging
 
 import pytest
 from service_inputs import png
+from tiny_manifests import classification_metadata, write_unchecked_artifact
 
-from shared.artifacts import list_versions
+from shared.artifacts import ManifestError, list_versions
 from shared.errors import ArtifactNotFoundError
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 
@@ -175,15 +176,26 @@ def test_unloadable_newest_version_falls_back_to_the_newest_that_loads_after_a_r
     assert "serving segmentation version v1: the newest, v2, could not be loaded" in caplog.text
 
 
+def test_manifest_with_a_field_of_the_wrong_type_is_refused_at_publish(tmp_path, publish_tiny):
+    with pytest.raises(ManifestError, match="class_names must be an ordering of"):
+        publish_tiny(tmp_path, TASK_CLASSIFICATION, "v1", class_names=5)
+    assert list_versions(tmp_path, TASK_CLASSIFICATION) == []  # nothing was written
+
+
 def test_manifest_with_a_field_of_the_wrong_type_is_counted_as_a_failed_load(
-    serve, tmp_path, publish_tiny
+    serve, tmp_path, publish_tiny, tiny_model_files, caplog
 ):
-    publish_tiny(tmp_path, TASK_CLASSIFICATION, "v1", class_names=5)
+    # written around publish_artifact (another tool, an older release): the service still refuses
+    manifest = {**classification_metadata(), "class_names": 5}
+    write_unchecked_artifact(
+        tmp_path, TASK_CLASSIFICATION, "v1", tiny_model_files[TASK_CLASSIFICATION], manifest
+    )
     publish_tiny(tmp_path, TASK_SEGMENTATION, "v1")
-    with serve(tmp_path) as client:
+    with caplog.at_level(logging.INFO), serve(tmp_path) as client:
         assert client.get("/readyz").status_code == 503
         metrics = client.get("/metrics").text
     assert 'busi_model_reloads_total{outcome="failed",task="classification"} 1.0' in metrics
+    assert "invalid manifest: class_names must be an ordering of" in caplog.text
 
 
 def test_odd_folder_names_are_logged_once_per_name(tmp_path, caplog):

@@ -1,0 +1,178 @@
+"""The typed manifest: what training publishes and the service reads is one validated object."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny_manifests import classification_metadata, segmentation_metadata
+
+from shared.artifacts import (
+    MANIFEST_FILE,
+    STATUS_CANDIDATE,
+    STATUS_SMOKE,
+    Manifest,
+    ManifestError,
+    list_versions,
+    verify_artifact,
+)
+from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models"
+FILLED = {  # the fields publish_artifact fills in
+    "schema_version": 1,
+    "version": "v1",
+    "model_file": "model.pt",
+    "sha256": "0" * 64,
+    "created_at": "2026-01-01T00:00:00+00:00",
+}
+
+
+def manifest_dict(task: str = TASK_CLASSIFICATION, **overrides: object) -> dict:
+    base = classification_metadata() if task == TASK_CLASSIFICATION else segmentation_metadata()
+    return {**base, **FILLED, "task": task, **overrides}
+
+
+def shipped_manifests() -> list[Path]:
+    return sorted(SHIPPED.glob(f"*/*/{MANIFEST_FILE}"))
+
+
+@pytest.mark.parametrize("path", shipped_manifests(), ids=lambda p: p.parent.parent.name)
+def test_every_shipped_manifest_reads_as_written(path):
+    data = json.loads(path.read_text())
+    manifest = Manifest.from_dict(data)
+    assert (manifest.task, manifest.version, manifest.sha256) == (
+        data["task"],
+        data["version"],
+        data["sha256"],
+    )
+    assert manifest.status == STATUS_CANDIDATE  # schema 1 as first written: no status field
+    # writing it back changes nothing but the fields added since (status, the preprocessing's
+    # defaults spelled out), and reading that again gives the same object
+    again = manifest.to_dict()
+    assert {k for k in set(data) | set(again) if data.get(k) != again.get(k)} <= {
+        "status",
+        "preprocessing",
+    }
+    assert Manifest.from_dict(again) == manifest
+
+
+def test_shipped_manifests_expose_their_typed_fields():
+    by_task = {p.parent.parent.name: Manifest.from_dict(json.loads(p.read_text())) for p in
+               shipped_manifests()}  # fmt: skip
+    joint = by_task[TASK_DIAGNOSIS]
+    assert joint.output.type == "joint"
+    assert joint.output.shapes == [(3,), (1, 224, 224)]
+    assert joint.output.classes.calibration.calibrated
+    assert joint.class_names == CLASS_NAMES
+    assert joint.evaluation.source == "cross_validation" and joint.evaluation.n_images == 623
+    assert joint.training.preset == "joint-lite0" and joint.training.epochs == 20
+    segmenter = by_task[TASK_SEGMENTATION]
+    assert segmenter.output.mask.threshold == 0.5 and segmenter.output.classes is None
+    assert segmenter.evaluation.lesion_dice == pytest.approx(0.7317, abs=1e-4)
+    assert segmenter.evaluation.n_images == 94
+    classifier = by_task[TASK_CLASSIFICATION]
+    assert classifier.evaluation.accuracy == pytest.approx(0.7766, abs=1e-4)
+    assert classifier.evaluation.malignant_sensitivity == pytest.approx(8 / 9)
+    assert classifier.input.shape == (3, 160, 160) and not classifier.input_problems()
+
+
+def test_shipped_artifacts_verify_and_carry_a_typed_manifest():
+    for path in shipped_manifests():
+        task, version = path.parent.parent.name, path.parent.name
+        info = verify_artifact(SHIPPED, task, version)
+        assert info.manifest.version == version
+
+
+def test_every_problem_is_named_at_once():
+    data = manifest_dict(class_names=5, input={"channels": 0, "height": 56}, status="final")
+    del data["name"]
+    with pytest.raises(ManifestError) as caught:
+        Manifest.from_dict(data)
+    problems = caught.value.problems
+    assert "missing fields ['name']" in problems
+    assert "class_names must be an ordering of ['normal', 'benign', 'malignant']" in problems
+    assert "input channels, height and width must be a list of positive integers" in problems
+    assert "status must be one of ['candidate', 'smoke']" in problems
+    assert caught.value.code == "artifact_integrity"  # the service counts it as a failed load
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"schema_version": 2}, "schema_version must be 1"),
+        ({"task": "detection"}, "task must be one of"),
+        ({"output": {"type": "logits", "shape": [4]}}, "output.shape must be [number of"),
+        ({"output": {"type": "softmax", "shape": [3]}}, "output.type must be one of"),
+        ({"output": {"shape": [3], "temperature": -1}}, "temperature must be a positive"),
+        ({"preprocessing": {"resize": 64, "resize_mode": "zoom"}}, "preprocessing is invalid"),
+        ({"metrics": {"test": {"accuracy": 1.5}}}, "accuracy must be a number in [0, 1]"),
+        ({"training": {"smoke": "yes"}}, "training.smoke must be true or false"),
+        ({"training": {"smoke": True}, "status": "candidate"}, "status must be 'smoke'"),
+        ({"sha256": "abc"}, "sha256 must be 64 lower-case hex digits"),
+        ({"version": "../v1"}, "version is not a valid version name"),
+    ],
+)
+def test_invalid_fields_are_refused(overrides, problem):
+    with pytest.raises(ManifestError, match=problem.replace("[", r"\[")):
+        Manifest.from_dict(manifest_dict(**overrides))
+
+
+def test_segmentation_mask_needs_a_threshold_in_the_open_unit_interval():
+    side = 64
+    output = {"type": "logits", "shape": [1, side, side], "threshold": 1.0}
+    with pytest.raises(ManifestError, match="threshold must lie in"):
+        Manifest.from_dict(manifest_dict(TASK_SEGMENTATION, output=output))
+
+
+def test_a_diagnosis_manifest_declares_both_outputs_and_its_mask_matches_the_input():
+    base = {**manifest_dict(), "task": TASK_DIAGNOSIS}
+    side = 56  # the tiny classifier's preprocessing: resize 64, crop 56
+    good = {
+        "type": "joint",
+        "classes": {"type": "logits", "shape": [3]},
+        "mask": {"type": "logits", "shape": [1, side, side], "threshold": 0.4},
+    }
+    manifest = Manifest.from_dict({**base, "output": good})
+    assert manifest.output.to_dict() == good
+    with pytest.raises(ManifestError, match="must be {type: joint"):
+        Manifest.from_dict({**base, "output": {"type": "logits", "shape": [3]}})
+    wrong_side = {**good, "mask": {**good["mask"], "shape": [1, 32, 32]}}
+    with pytest.raises(ManifestError, match=r"output.mask.shape must be \[1, 56, 56\]"):
+        Manifest.from_dict({**base, "output": wrong_side})
+
+
+def test_a_smoke_run_is_marked_smoke_whether_or_not_the_job_says_so():
+    assert Manifest.from_dict(manifest_dict(training={"smoke": True})).status == STATUS_SMOKE
+    named = manifest_dict(training={"preset": "joint-smoke"})
+    assert Manifest.from_dict(named).smoke
+    assert Manifest.from_dict(manifest_dict()).status == STATUS_CANDIDATE
+
+
+def test_unknown_keys_survive_a_round_trip():
+    data = manifest_dict(notes={"reviewer": "x"})
+    data["input"] = {**data["input"], "mask_channel": "predicted"}
+    again = Manifest.from_dict(data).to_dict()
+    assert again["notes"] == {"reviewer": "x"} and again["input"]["mask_channel"] == "predicted"
+
+
+def test_a_model_the_decoder_cannot_feed_is_a_valid_artifact_with_input_problems():
+    data = manifest_dict()
+    data["input"] = {**data["input"], "channels": 4}  # image + mask channel
+    problems = Manifest.from_dict(data).input_problems()
+    assert problems == ["manifest input [4, 56, 56] disagrees with its preprocessing (3 x 56 x 56)"]
+
+
+def test_publish_writes_the_validated_manifest(tmp_path, publish_tiny):
+    info = publish_tiny(tmp_path, TASK_CLASSIFICATION, "v1")
+    written = json.loads((info.path / MANIFEST_FILE).read_text())
+    assert written["status"] == STATUS_CANDIDATE
+    assert written == info.manifest.to_dict()
+
+
+def test_publish_refuses_an_invalid_manifest_and_writes_nothing(tmp_path, publish_tiny):
+    with pytest.raises(ManifestError, match="output.shape must be"):
+        publish_tiny(tmp_path, TASK_SEGMENTATION, "v1", output={"type": "logits", "shape": [3]})
+    assert list_versions(tmp_path, TASK_SEGMENTATION) == []
+    assert not (tmp_path / TASK_SEGMENTATION).exists()  # refused before anything was written
