@@ -40,6 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure_torch(settings.TORCH_THREADS)
         runtime.registry.check_pins()  # a pin to a missing version stops the start-up here
         await anyio.to_thread.run_sync(runtime.registry.refresh)
+        # freeze / check the loaded models now, so the first requests get the prepared ones
+        await anyio.to_thread.run_sync(runtime.batcher.prepare_served_models)
         if runtime.registry.ready:
             log.info("ready: every model is loaded and warmed up")
         else:
@@ -56,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             runtime.draining.set()
+            runtime.batcher.stop()  # after the last request: uvicorn drained them before this
             if poller:
                 poller.stop()
             log.info("shut down")

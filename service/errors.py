@@ -65,6 +65,8 @@ STATUS_BY_ERROR: dict[type[domain.BusiError], int] = {
     domain.NonImageDicomError: 422,
     domain.ArtifactError: 503,
     domain.ModelUnavailableError: 503,
+    domain.ServiceOverloadedError: 503,
+    domain.DeadlineExceededError: 504,
 }
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 406: "not_acceptable"}

@@ -10,6 +10,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
 # CPU inference of one image takes milliseconds to about a second; buckets cover that range.
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
 class ServiceMetrics:
@@ -60,7 +61,27 @@ class ServiceMetrics:
         )
         self.inference_queue = Gauge(
             "busi_inference_waiting",
-            "Requests waiting for the inference lock (forwards run one at a time).",
+            "Requests waiting for a forward (queued in the batcher; at most MAX_QUEUE).",
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "busi_batch_size",
+            "Images per forward: requests the batcher grouped into one batch.",
+            ["task"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "busi_queue_wait_seconds",
+            "Time a request waited in the batcher's queue before its forward started.",
+            ["task"],
+            buckets=_STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_rejected = Counter(
+            "busi_inference_rejected",
+            "Requests refused before their forward: queue_full (503) or deadline (504).",
+            ["reason"],
             registry=self.registry,
         )
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from service.batching import request_started
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from shared.decoding import (
@@ -248,6 +249,7 @@ class Predictor:
 
     def classify(self, request: ImageRequest) -> tuple[ImageFacts, Classification]:
         """Raises ModelUnavailableError, or an InputError for bytes that cannot be used."""
+        request_started.set(time.perf_counter())  # REQUEST_DEADLINE_MS counts from here
         joint = self.registry.joint()
         model = joint or self.registry.get(TASK_CLASSIFICATION)
         self._record_models(request, model)
@@ -259,6 +261,7 @@ class Predictor:
 
     def segment(self, request: ImageRequest) -> tuple[ImageFacts, Segmentation]:
         """Raises ModelUnavailableError, or an InputError for bytes that cannot be used."""
+        request_started.set(time.perf_counter())  # REQUEST_DEADLINE_MS counts from here
         joint = self.registry.joint()
         model = joint or self.registry.get(TASK_SEGMENTATION)
         self._record_models(request, model)
@@ -276,6 +279,7 @@ class Predictor:
         the analysed grayscale frame comes back as a PNG too: a browser cannot draw a DICOM,
         and the outline must sit on exactly the pixels that were analysed.
         """
+        request_started.set(time.perf_counter())
         joint = self.registry.joint()
         if joint is not None:
             self._record_models(request, joint)

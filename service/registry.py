@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.batching import Batcher, BatchingConfig
 from service.metrics import ServiceMetrics
 from shared.artifacts import (
     ArtifactInfo,
@@ -45,10 +46,15 @@ _WARMUP_FORWARDS = 2  # TorchScript's profiling executor specialises the graph o
 
 
 def configure_torch(threads: int) -> None:
-    """Size torch's thread pools for a CPU host. Call once, before the first forward."""
+    """Size torch's thread pools for a CPU host. Call once, before the first forward.
+
+    The batcher's forward thread sets its own intra-op threads per forward (all of TORCH_THREADS
+    for a lone request, TORCH_THREADS_BATCHED for a batch); `threads` sizes the warm-ups.
+    """
     torch.set_num_threads(threads)
     try:
-        # Requests are serialised through one lock, so inter-op parallelism only adds threads.
+        # Forwards run one at a time on the batcher's thread: inter-op parallelism only adds
+        # threads.
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set in this process (a second app in the same process)
         pass
@@ -202,20 +208,23 @@ class ModelRegistry:
             return False
         return all(task in self._models for task in separate)
 
+    # The batcher every forward goes through (service/batching.py); Runtime sets it from the
+    # settings, and a registry built without one gets a batcher of one request per forward.
+    batcher: Batcher | None = None
+
     def forward(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
-        """Run the model on a (N, C, H, W) float32 batch; forwards run one at a time.
+        """Run the model on a (N, C, H, W) float32 batch, grouped with other waiting requests
+        for the same model into one forward; forwards run one at a time.
 
         A joint model returns a tuple (class logits, mask logits); the others one array.
+        Raises ServiceOverloadedError when the queue is full, DeadlineExceededError when the
+        request's deadline passes before its forward starts.
         """
-        tensor = torch.from_numpy(batch)
-        self.metrics.inference_queue.inc()
-        with self.inference_lock:
-            self.metrics.inference_queue.dec()
-            with torch.inference_mode():
-                output = model.module(tensor)
-        if isinstance(output, tuple | list):
-            return tuple(o.numpy() for o in output)
-        return output.numpy()
+        if self.batcher is None:
+            n = torch.get_num_threads()
+            config = BatchingConfig(max_batch_size=1, threads_alone=n, threads_batched=n)
+            self.batcher = Batcher(config, self.metrics, self.inference_lock)
+        return self.batcher.submit(model, batch)
 
     # --- loading -----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from service.batching import Batcher, BatchingConfig
 from service.metrics import ServiceMetrics
 from service.predictors import Predictor
 from service.registry import ModelRegistry
@@ -20,10 +21,22 @@ class Runtime:
     predictor: Predictor
     draining: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM
 
+    @property
+    def batcher(self) -> Batcher:
+        """The batcher the registry's forwards go through."""
+        assert self.registry.batcher is not None  # from_settings sets it
+        return self.registry.batcher
+
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
         metrics = ServiceMetrics()
         registry = ModelRegistry(settings.MODEL_DIR, settings.pinned_versions(), metrics)
+        registry.batcher = Batcher(
+            batching_config(settings),
+            metrics,
+            registry.inference_lock,
+            served_models=lambda: registry.loaded().values(),
+        )
         predictor = Predictor(
             registry,
             metrics,
@@ -36,3 +49,17 @@ class Runtime:
             max_aspect_ratio=settings.MAX_ASPECT_RATIO,
         )
         return cls(settings, metrics, registry, predictor)
+
+
+def batching_config(settings: Settings) -> BatchingConfig:
+    """The batcher's knobs, from the settings."""
+    return BatchingConfig(
+        max_batch_size=settings.MAX_BATCH_SIZE,
+        max_wait_s=settings.MAX_BATCH_WAIT_MS / 1000,
+        max_queue=settings.MAX_QUEUE,
+        deadline_s=settings.REQUEST_DEADLINE_MS / 1000 or None,
+        threads_alone=settings.TORCH_THREADS,
+        threads_batched=min(settings.TORCH_THREADS_BATCHED, settings.TORCH_THREADS),
+        precision=settings.INFERENCE_PRECISION,
+        freeze=settings.INFERENCE_FREEZE,
+    )

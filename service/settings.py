@@ -34,12 +34,13 @@ def available_cpus() -> int:
 
 
 def default_torch_threads() -> int:
-    """All usable CPUs but one, which is left to the event loop, decoding and preprocessing.
+    """All usable CPUs: a lone request's forward gets every core (service/batching.py)."""
+    return available_cpus()
 
-    Measured with bench/bench_service.py on 2 cores: with TORCH_THREADS=2 the forwards' threads
-    fight the request handling for both cores and /classify throughput at 4 clients halves
-    (28/s against 48-56/s with 1 thread), at the price of a few ms on a lone request.
-    """
+
+def default_batched_threads() -> int:
+    """All usable CPUs but one, which is left to the event loop, decoding and preprocessing of
+    the requests queued behind a batch (measured with bench/bench_service.py; see README)."""
     return max(1, available_cpus() - 1)
 
 
@@ -73,7 +74,43 @@ class Settings(BaseSettings):
     TORCH_THREADS: int = Field(
         default_factory=default_torch_threads,
         ge=1,
-        description="torch intra-op threads (default: usable CPUs - 1, at least 1)",
+        description="torch intra-op threads of a lone request's forward (default: usable CPUs)",
+    )
+    # --- batching, backpressure, precision (service/batching.py, docs/operations.md) ---------
+    TORCH_THREADS_BATCHED: int = Field(
+        default_factory=default_batched_threads,
+        ge=1,
+        description="torch intra-op threads of a forward of 2 or more requests, when others wait "
+        "to be decoded (default: usable CPUs - 1, at least 1)",
+    )
+    MAX_BATCH_SIZE: int = Field(
+        4, ge=1, le=64, description="Most requests grouped into one forward; 1 disables batching"
+    )
+    MAX_BATCH_WAIT_MS: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="Under load (the previous forward was a batch), how long a forward waits for "
+        "more requests to join; a lone request never waits",
+    )
+    MAX_QUEUE: int = Field(
+        16, ge=1, description="Requests that may wait for a forward; beyond it 503 at once"
+    )
+    REQUEST_DEADLINE_MS: float = Field(
+        0.0,
+        ge=0,
+        description="A request whose forward has not started this long after it arrived gets 504 "
+        "(deadline_exceeded) and is not analysed; 0: no deadline",
+    )
+    INFERENCE_PRECISION: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Arithmetic of the forwards: fp32, or bf16 autocast where bench/precision.py "
+        "validated it for the served artifact",
+    )
+    INFERENCE_FREEZE: bool = Field(
+        True,
+        description="Serve a frozen, inference-optimised copy of each model (same fp32 "
+        "arithmetic, validated by bench/precision.py); false serves the TorchScript as loaded",
     )
     CLASSIFICATION_VERSION: str = Field(
         "", description="Pinned classification version; empty serves the newest"

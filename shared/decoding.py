@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import NamedTuple
 
@@ -126,6 +126,10 @@ class DecodedImage:
     format: str  # one of FORMATS
     frame: int  # index of the frame analysed (0 for single-frame images)
     n_frames: int  # 1 for PNG/JPEG
+    # A DICOM's header (every element but the pixel data, group 7FE0), so that results can cite
+    # the source's study, series and instance; None for PNG and JPEG. Shared by every frame of
+    # the file: never edit it.
+    dicom: Dataset | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         p = self.pixels
@@ -167,6 +171,97 @@ def decode_image(
     `declared_format` outside FORMATS and RuntimeError if Pillow was set to accept truncated
     images: both are caller bugs.
     """
+    if frame < 0:
+        _check_declared(data, declared_format)
+        raise FrameOutOfRangeError("The requested frame does not exist; frames count from 0.")
+    image = open_image(
+        data,
+        declared_format=declared_format,
+        max_pixels=max_pixels,
+        max_frames=max_frames,
+        max_decoded_bytes=max_decoded_bytes,
+        max_aspect_ratio=max_aspect_ratio,
+    )
+    return image.decode(frame)
+
+
+class OpenedImage:
+    """An image file whose header passed every check, its frames decoded one at a time.
+
+    Made by `open_image`. A cine loop is parsed once and each frame decoded on its own, so the
+    whole loop is never held decoded.
+    """
+
+    def __init__(self, data: bytes, fmt: str, caps: _Caps) -> None:
+        self._data = data
+        self.format = fmt
+        self._caps = caps
+        self._dicom: _DicomFile | None = _open_dicom(data, caps) if fmt == "dicom" else None
+
+    @property
+    def n_frames(self) -> int:
+        return self._dicom.header.n_frames if self._dicom else 1
+
+    @property
+    def dicom(self) -> Dataset | None:
+        """The DICOM header without its pixel data; None for PNG and JPEG."""
+        return self._dicom.header_dataset if self._dicom else None
+
+    def decode(self, frame: int) -> DecodedImage:
+        """Frame `frame` (0-based) as an (H, W) uint8 grayscale array.
+
+        Raises FrameOutOfRangeError, CorruptImageError, ImageTooLargeError, ImageTooSmallError,
+        and for DICOM UnsupportedDicomError and InvalidDicomValueError.
+        """
+        if frame < 0:
+            raise FrameOutOfRangeError("The requested frame does not exist; frames count from 0.")
+        if self._dicom is not None:
+            decoded = _decode_dicom_frame(self._dicom, frame)
+        else:
+            decoded = _decode_pillow(self._data, self.format, frame, self._caps)
+        log.debug(
+            "decoded image",
+            extra={
+                "format": self.format,
+                "shape": decoded.pixels.shape,
+                "frame": frame,
+                "n_frames": decoded.n_frames,
+            },
+        )
+        return decoded
+
+
+def open_image(
+    data: bytes,
+    *,
+    declared_format: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> OpenedImage:
+    """Check the bytes' format and, for a DICOM, its header against the caps; decode no pixel.
+
+    PNG and JPEG headers are checked when their one frame is decoded. Raises what decode_image
+    raises, except FrameOutOfRangeError (that is `OpenedImage.decode`'s).
+    """
+    fmt = _check_declared(data, declared_format)
+    caps = _Caps(max_pixels, max_frames, max_decoded_bytes, max_aspect_ratio)
+    return OpenedImage(data, fmt, caps)
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+
+class _Caps(NamedTuple):
+    max_pixels: int
+    max_frames: int
+    max_decoded_bytes: int
+    max_aspect_ratio: float
+
+
+def _check_declared(data: bytes, declared_format: str | None) -> str:
+    """The sniffed format of `data`, refused when empty, unknown or not as declared."""
     if declared_format is not None and declared_format not in FORMATS:
         raise ValueError(f"declared_format must be one of {FORMATS} or None")
     if not data:
@@ -178,34 +273,7 @@ def decode_image(
         raise FormatMismatchError(
             f"The data was declared as {declared_format.upper()} but is {fmt.upper()}."
         )
-    if frame < 0:
-        raise FrameOutOfRangeError("The requested frame does not exist; frames count from 0.")
-
-    caps = _Caps(max_pixels, max_frames, max_decoded_bytes, max_aspect_ratio)
-    if fmt == "dicom":
-        decoded = _decode_dicom(data, frame, caps)
-    else:
-        decoded = _decode_pillow(data, fmt, frame, caps)
-    log.debug(
-        "decoded image",
-        extra={
-            "format": fmt,
-            "shape": decoded.pixels.shape,
-            "frame": frame,
-            "n_frames": decoded.n_frames,
-        },
-    )
-    return decoded
-
-
-# --- shared helpers ------------------------------------------------------------------------------
-
-
-class _Caps(NamedTuple):
-    max_pixels: int
-    max_frames: int
-    max_decoded_bytes: int
-    max_aspect_ratio: float
+    return fmt
 
 
 def _check_dimensions(rows: int, cols: int, frame_bytes: int, caps: _Caps) -> None:
@@ -408,7 +476,27 @@ def _frames_in_data(ds: Dataset, header: _DicomHeader) -> int:
     return parse_fragments(pixel_data[8 + 4 * len(offsets) :])[0]
 
 
-def _decode_dicom(data: bytes, frame: int, caps: _Caps) -> DecodedImage:
+class _DicomFile(NamedTuple):
+    ds: Dataset  # as read, pixel data included
+    header: _DicomHeader
+    header_dataset: Dataset  # every element but the pixel data, for DecodedImage.dicom
+
+
+def _without_pixel_data(ds: Dataset) -> Dataset:
+    """A dataset of `ds`'s elements but group 7FE0 (the pixel data), the elements shared.
+
+    The elements are taken as read (raw, converted when first used), so copying converts and
+    checks nothing; the file meta comes along for the transfer syntax.
+    """
+    header = Dataset()
+    header.update({tag: element for tag, element in ds.items() if tag.group != 0x7FE0})
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
+
+
+def _open_dicom(data: bytes, caps: _Caps) -> _DicomFile:
+    """Read and check the header: every cap and consistency check that needs no pixel."""
     ds, header = _read_dicom(data)
     if header is None:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -446,6 +534,11 @@ def _decode_dicom(data: bytes, frame: int, caps: _Caps) -> DecodedImage:
             "The DICOM pixel data is truncated or holds fewer frames than the "
             f"{header.n_frames} it declares; it was not decoded."
         )
+    return _DicomFile(ds, header, _without_pixel_data(ds))
+
+
+def _decode_dicom_frame(dicom: _DicomFile, frame: int) -> DecodedImage:
+    ds, header = dicom.ds, dicom.header
     if frame >= header.n_frames:
         raise FrameOutOfRangeError(
             f"The requested frame does not exist: this image has {header.n_frames} "
@@ -482,7 +575,9 @@ def _decode_dicom(data: bytes, frame: int, caps: _Caps) -> DecodedImage:
         # A decoder that disagrees with the header (e.g. a photometric interpretation it
         # changed): refuse rather than analyse something of another shape.
         raise CorruptImageError("The DICOM pixel data does not match its header.")
-    return DecodedImage(np.ascontiguousarray(pixels), "dicom", frame, header.n_frames)
+    return DecodedImage(
+        np.ascontiguousarray(pixels), "dicom", frame, header.n_frames, dicom.header_dataset
+    )
 
 
 def _dicom_to_gray(arr: np.ndarray, ds: Dataset, photometric: str, bits_stored: int) -> np.ndarray:

@@ -127,3 +127,18 @@ class ModelUnavailableError(BusiError):
     """A model needed for the request is not loaded (yet)."""
 
     code = "model_unavailable"
+
+
+# --- capacity: the service is too busy to take the request in time ---------------------------
+
+
+class ServiceOverloadedError(BusiError):
+    """The inference queue is full: the request was refused at once rather than queued."""
+
+    code = "overloaded"
+
+
+class DeadlineExceededError(BusiError):
+    """The request waited longer than its deadline for a forward; it was not analysed."""
+
+    code = "deadline_exceeded"

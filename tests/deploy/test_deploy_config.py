@@ -306,7 +306,9 @@ def test_compose_defaults_resolve_to_the_service_settings():
     settings = Settings(**{k: v for k, v in api_env.items() if v != ""})
     assert settings.CLASSIFICATION_VERSION == "20260101T000000Z"
     assert settings.HOST == "0.0.0.0" and str(settings.MODEL_DIR) == "/models"
-    assert settings.TORCH_THREADS == max(1, int(config["services"]["api"]["cpus"]) - 1)
+    cpus = int(config["services"]["api"]["cpus"])
+    assert settings.TORCH_THREADS == cpus  # a lone request's forward gets every core
+    assert settings.TORCH_THREADS_BATCHED == max(1, cpus - 1)  # a batch leaves one to HTTP
     assert set(config["services"]) == {"api", "seed-models", "train", "prometheus"}
 
 

@@ -150,7 +150,9 @@ def test_api_environment_names_only_real_settings_and_each_value_parses():
         assert env[name] == image_env[name], (
             f"{name}: manifest {env[name]}, image {image_env[name]}"
         )
-    assert settings.TORCH_THREADS == int(_api_container()["resources"]["limits"]["cpu"]) - 1
+    cpus = int(_api_container()["resources"]["limits"]["cpu"])
+    assert settings.TORCH_THREADS == cpus  # a lone request's forward gets every core
+    assert settings.TORCH_THREADS_BATCHED == max(1, cpus - 1)  # a batch leaves one to HTTP
 
 
 def test_probes_and_ports_match_the_service():

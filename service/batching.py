@@ -1,0 +1,340 @@
+"""Adaptive micro-batching of forwards, with a bounded queue and per-request deadlines.
+
+Requests are decoded and preprocessed concurrently on the worker threads; their forwards go
+through one `Batcher`, whose single forward thread runs one batch at a time. A batch holds only
+requests for the same model (a batcher per model, sharing one thread: forwards of all models
+share the cores, as the one inference lock made them before). Nothing waits for a batch to
+fill: a lone request starts its forward at once, with every torch thread; requests that arrive
+while a forward runs are grouped into the next one, up to MAX_BATCH_SIZE, and run with
+TORCH_THREADS_BATCHED threads, which leaves a core to the HTTP work of the requests behind them.
+Only when the previous forward was already a batch (the service is under load) does the thread
+wait up to MAX_BATCH_WAIT_MS for more requests to join.
+
+When MAX_QUEUE requests already wait, a new one is refused at once (ServiceOverloadedError, 503
+with Retry-After) instead of letting latency grow without bound; a request whose deadline
+(REQUEST_DEADLINE_MS after the predictor began it, its body received) passes before its forward
+starts gets DeadlineExceededError (504) and its forward is skipped.
+
+Each model can be prepared for serving on the forward thread when it is idle: frozen and
+optimised for inference (torch.jit.freeze + optimize_for_inference, the same fp32 arithmetic with
+the convolutions prepacked for oneDNN) and/or run under bf16 autocast. A prepared module is used
+only once it has been checked against the plain one on a warm-up input; until then, and if the
+check fails, the plain module serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from service.metrics import ServiceMetrics
+from shared.errors import DeadlineExceededError, ServiceOverloadedError
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16"]
+
+# perf_counter() at which the predictor began a request (its body received); the deadline counts
+# from there. Unset (a forward outside a request): from the forward's submission.
+request_started: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "request_started", default=None
+)
+
+# A prepared module must give the plain module's answers: exact up to float reassociation for
+# a frozen fp32 graph; bf16 carries 8 bits of mantissa, so its logits differ by ~1e-2 (its
+# accuracy is what bench/precision.py validates; this only catches a broken conversion).
+_CHECK_ATOL = {"fp32": 1e-3, "bf16": 0.5}
+_IDLE_POLL_S = 0.5  # how often an idle forward thread looks for models to prepare
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 4
+    max_wait_s: float = 0.0
+    max_queue: int = 16
+    deadline_s: float | None = None
+    threads_alone: int = 1  # a forward of one request
+    threads_batched: int = 1  # a forward of two or more
+    precision: Precision = "fp32"
+    freeze: bool = False
+
+
+@dataclass(eq=False)
+class _Pending:
+    model: Any  # service.registry.LoadedModel (not imported: registry imports this module)
+    batch: np.ndarray
+    enqueued: float
+    deadline: float | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+    taken: bool = False  # in a forward: it can no longer be withdrawn
+
+
+@dataclass
+class _Prepared:
+    plain: torch.jit.ScriptModule  # kept so that the id() key cannot be reused
+    module: torch.jit.ScriptModule | None  # None: preparation failed, the plain one serves
+
+
+class Batcher:
+    """Groups waiting forwards per model into batches run on one forward thread."""
+
+    def __init__(
+        self,
+        config: BatchingConfig,
+        metrics: ServiceMetrics,
+        lock: threading.Lock,
+        served_models: Callable[[], Iterable[Any]] = tuple,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.lock = lock  # serialises the forwards with model warm-ups
+        self.served_models = served_models
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_batch = 0
+        self._threads_now = 0
+        self._prepared: dict[int, _Prepared] = {}
+
+    # --- the request side ----------------------------------------------------------------------
+
+    def submit(self, model: Any, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Run `model` on `batch` (N, C, H, W) in the next forward of its model; block until done.
+
+        Raises ServiceOverloadedError when MAX_QUEUE forwards already wait, DeadlineExceededError
+        when the request's deadline passes before its forward starts, or what the forward raised.
+        """
+        now = time.perf_counter()
+        deadline = self._deadline_of_this_request()
+        if deadline is not None and now >= deadline:
+            self._reject("deadline")
+        pending = _Pending(model, batch, now, deadline)
+        with self._cond:
+            if len(self._queue) >= self.config.max_queue:
+                self._reject("queue_full")
+            self._queue.append(pending)
+            self.metrics.inference_queue.set(len(self._queue))
+            self._ensure_thread()
+            self._cond.notify()
+        timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        if not pending.done.wait(timeout):
+            with self._cond:
+                if not pending.taken:  # still queued: withdraw it, its forward never runs
+                    self._queue.remove(pending)
+                    self.metrics.inference_queue.set(len(self._queue))
+                    self._reject("deadline")
+            pending.done.wait()  # its forward already runs: the answer is moments away
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _deadline_of_this_request(self) -> float | None:
+        if self.config.deadline_s is None:
+            return None
+        started = request_started.get()
+        return (started if started is not None else time.perf_counter()) + self.config.deadline_s
+
+    def _reject(self, reason: str) -> None:
+        self.metrics.inference_rejected.labels(reason).inc()
+        if reason == "queue_full":
+            raise ServiceOverloadedError(
+                "The service is at capacity; retry after the time in the Retry-After header."
+            )
+        raise DeadlineExceededError(
+            "The request could not be analysed within the service's deadline; retry later."
+        )
+
+    # --- the forward thread --------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="forward", daemon=True)
+            self._thread.start()
+
+    def start(self) -> None:
+        """Start the forward thread now (it also starts at the first request)."""
+        with self._cond:
+            self._ensure_thread()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    if not self._cond.wait(_IDLE_POLL_S):
+                        break  # idle: look for models to prepare, outside the condition
+                if self._stopping and not self._queue:
+                    return
+                batch = self._take_batch() if self._queue else []
+            if not batch:
+                self.prepare_served_models()
+                continue
+            self._forward(batch)
+
+    def _take_batch(self) -> list[_Pending]:
+        """Under the condition: the oldest waiting request and the others for its model."""
+        config = self.config
+        head = self._queue[0]
+        if config.max_wait_s > 0 and self._last_batch > 1:
+            # Under load: give the requests being preprocessed a moment to join this batch.
+            until = time.perf_counter() + config.max_wait_s
+            while self._count_for(head.model) < config.max_batch_size and not self._stopping:
+                left = until - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        now = time.perf_counter()
+        taken: list[_Pending] = []
+        rows = 0
+        for pending in list(self._queue):
+            if pending.model is not head.model:
+                continue
+            if pending.deadline is not None and now >= pending.deadline:
+                continue  # its own thread withdraws it with a 504
+            if taken and rows + len(pending.batch) > config.max_batch_size:
+                break
+            self._queue.remove(pending)
+            pending.taken = True
+            taken.append(pending)
+            rows += len(pending.batch)
+        self.metrics.inference_queue.set(len(self._queue))
+        return taken
+
+    def _count_for(self, model: Any) -> int:
+        return sum(len(p.batch) for p in self._queue if p.model is model)
+
+    def _forward(self, batch: list[_Pending]) -> None:
+        model = batch[0].model
+        task = model.task
+        started = time.perf_counter()
+        rows = sum(len(p.batch) for p in batch)
+        for pending in batch:
+            self.metrics.queue_wait.labels(task).observe(started - pending.enqueued)
+        self.metrics.batch_size.labels(task).observe(rows)
+        self._last_batch = rows
+        try:
+            config = self.config
+            self._set_threads(config.threads_alone if rows == 1 else config.threads_batched)
+            inputs = np.concatenate([p.batch for p in batch]) if len(batch) > 1 else batch[0].batch
+            with self.lock:
+                outputs = self.run_module(self._module_for(model), torch.from_numpy(inputs))
+        except BaseException as exc:  # every waiting request gets the forward's error
+            for pending in batch:
+                pending.error = exc
+                pending.done.set()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for pending in batch:
+            stop = start + len(pending.batch)
+            if isinstance(outputs, tuple):
+                pending.result = tuple(o[start:stop] for o in outputs)
+            else:
+                pending.result = outputs[start:stop]
+            start = stop
+            pending.done.set()
+
+    def run_module(
+        self, module: torch.jit.ScriptModule, tensor: torch.Tensor
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
+        """One forward at the configured precision; float32 numpy outputs."""
+        autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if self.config.precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            output = module(tensor)
+        if isinstance(output, tuple | list):
+            return tuple(o.float().numpy() for o in output)
+        return output.float().numpy()
+
+    def _set_threads(self, threads: int) -> None:
+        # torch's intra-op pool is sized per calling thread (OpenMP): set it on this one.
+        if threads != self._threads_now:
+            torch.set_num_threads(threads)
+            self._threads_now = threads
+
+    # --- preparing models ----------------------------------------------------------------------
+
+    def _module_for(self, model: Any) -> torch.jit.ScriptModule:
+        prepared = self._prepared.get(id(model.module))
+        if prepared is None or prepared.module is None:
+            return model.module
+        return prepared.module
+
+    def prepare_served_models(self) -> None:
+        """Prepare every served model not prepared yet; forget replaced ones."""
+        if not self.config.freeze and self.config.precision == "fp32":
+            return
+        served = list(self.served_models())
+        keep = {id(m.module) for m in served}
+        for key in [k for k in self._prepared if k not in keep]:
+            del self._prepared[key]  # a replaced version: let its prepared copy go
+        for model in served:
+            if id(model.module) not in self._prepared:
+                self.prepare(model)
+
+    def prepare(self, model: Any) -> None:
+        """Freeze / check `model` for the configured precision (on the calling thread)."""
+        started = time.perf_counter()
+        module = model.module
+        try:
+            candidate = module
+            if self.config.freeze:
+                with self.lock:
+                    candidate = torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
+            example = torch.from_numpy(_example_input(model.input_shape))
+            with self.lock, torch.inference_mode():
+                reference = module(example)
+            reference = reference if isinstance(reference, tuple | list) else (reference,)
+            for _ in range(2):  # the profiling executor specialises on the second call
+                with self.lock:
+                    got = self.run_module(candidate, example)
+            got = got if isinstance(got, tuple) else (got,)
+            atol = _CHECK_ATOL[self.config.precision]
+            for expected, actual in zip(reference, got, strict=True):
+                if not np.allclose(expected.float().numpy(), actual, atol=atol, rtol=0):
+                    raise ValueError("the prepared module disagrees with the plain one")
+        except Exception:
+            log.exception(
+                "could not prepare %s version %s (freeze=%s, precision=%s); it serves as loaded",
+                model.task, model.version, self.config.freeze, self.config.precision,
+                extra={"task": model.task, "version": model.version},
+            )  # fmt: skip
+            self._prepared[id(module)] = _Prepared(module, None)
+            return
+        self._prepared[id(module)] = _Prepared(module, candidate)
+        log.info(
+            "prepared %s version %s for serving (freeze=%s, precision=%s) in %.2f s",
+            model.task, model.version, self.config.freeze, self.config.precision,
+            time.perf_counter() - started,
+            extra={"task": model.task, "version": model.version},
+        )  # fmt: skip
+
+
+def _example_input(shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed scan-like input (not zeros: a broken conversion can still map zeros right)."""
+    rng = np.random.default_rng(0)
+    return rng.normal(0.0, 1.0, (1, *shape)).astype(np.float32)
