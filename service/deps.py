@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, Query, Request
+from pydantic import Field
 from starlette.datastructures import UploadFile
 
 from service.errors import MissingFileError, UnsupportedMediaTypeError
@@ -66,7 +67,11 @@ def get_request_id(request: Request) -> str:
 async def read_image(
     request: Request,
     frame: Annotated[
-        int, Query(ge=0, description="Frame of a multi-frame DICOM to analyse (0 = the first)")
+        Annotated[int, Field(ge=0)] | Literal["all"],
+        Query(
+            description="Frame of a multi-frame DICOM to analyse (0 = the first), or `all`: "
+            "every frame of a cine loop, at most MAX_CINE_FRAMES"
+        ),
     ] = 0,
 ) -> ImageRequest:
     """The image of the request: the multipart field `file`, or else the raw body."""

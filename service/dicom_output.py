@@ -1,35 +1,27 @@
-"""The DICOM face of the inference endpoints: which requests want DICOM, and the responses.
+"""DICOM results of an analysis: the SEG and the SR, built from the predictor's raw results.
 
-`Accept: application/dicom` on /segment gives the SEG as the body; on /diagnose, that or
-`multipart/related; type="application/dicom"` gives a multipart/related body with the SR and,
-when the finding is a lesion, the SEG before it. Only a DICOM input has a study to reference, so a
-PNG or JPEG asking for DICOM is refused with 406 before any model runs.
+The response layer (service/presentation.py) picks them by `Accept` on /segment and /diagnose, and
+the STOW-RS entry point (service/routes/dicomweb.py) sends them on; both go through `DicomResults`,
+from the same `Analysis` the JSON answer is made of. Only a DICOM input has a study to reference.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Response
+from fastapi import Depends, Request
 from pydicom import Dataset
 
 from service.dicom_results import (
     DICOM_MEDIA_TYPE,
-    NEEDS_DICOM_MESSAGE,
-    DicomOutputNeedsDicomInputError,
-    SourceImage,
     build_report,
     build_segmentation,
-    decode_mask,
-    multipart_related,
-    read_source,
-    to_bytes,
+    source_image,
 )
-from service.predictors import Diagnosis, ImageFacts, ImageRequest, Segmentation
+from service.predictors import Analysis
 from service.schemas import ErrorResponse
 from service.settings import Settings
-from shared.decoding import sniff_format
 
 _BINARY = {"type": "string", "format": "binary"}
 MULTIPART_DICOM = f'multipart/related; type="{DICOM_MEDIA_TYPE}"'
@@ -47,69 +39,40 @@ SEG_AND_SR_CONTENT = {
 }
 
 
-def accepted_dicom(request: Request, *, multipart: bool) -> bool:
-    """True when the Accept header's first type this endpoint can produce is DICOM:
-    application/dicom, or (with `multipart`) multipart/related with type application/dicom."""
-    for item in request.headers.get("accept", "").split(","):
-        fields = [f.strip() for f in item.split(";")]
-        media_type = fields[0].lower()
-        if media_type == DICOM_MEDIA_TYPE:
-            return True
-        if multipart and media_type == "multipart/related":
-            params = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
-            if params.get("type", "").strip('"').lower() == DICOM_MEDIA_TYPE:
-                return True
-        if media_type in ("application/json", "application/*", "image/png", "*/*"):
-            return False
-    return False
-
-
 @dataclass(frozen=True)
 class DicomResults:
-    """Builds the SEG and SR of one analysed frame with this deployment's UID root."""
+    """Builds the SEG and SR of an analysed frame with this deployment's UID root."""
 
     uid_root: str
     software_version: str
 
-    def source(self, image: ImageRequest) -> SourceImage:
-        """The source's header, read before any model runs; raises the 406 for PNG / JPEG."""
-        if sniff_format(image.data) != "dicom":
-            raise DicomOutputNeedsDicomInputError(NEEDS_DICOM_MESSAGE)
-        return read_source(image.data, image.frame)
+    def segmentation(self, analysis: Analysis) -> Dataset:
+        """The SEG of the analysed frame. Raises DicomOutputNeedsDicomInputError for a PNG or
+        JPEG input and UnreferenceableDicomError for a DICOM without the UIDs to cite."""
+        source = source_image(analysis.image.dicom, analysis.image.frame)
+        if analysis.segmentation is None:
+            raise ValueError("the analysis has no segmentation")
+        return build_segmentation(
+            source, analysis.segmentation, self.uid_root, self.software_version
+        )
 
-    def segmentation(
-        self, source: SourceImage, facts: ImageFacts, segmentation: Segmentation
-    ) -> Dataset:
-        source = replace(source, frame=facts.frame)
-        mask = decode_mask(segmentation.mask_png)
-        return build_segmentation(source, mask, segmentation, self.uid_root, self.software_version)
-
-    def diagnosis(self, source: SourceImage, diagnosis: Diagnosis) -> list[Dataset]:
-        """[SEG, SR] when the finding is a lesion, else [SR]."""
-        source = replace(source, frame=diagnosis.image.frame)
+    def diagnosis(self, analysis: Analysis) -> list[Dataset]:
+        """[SEG, SR] when the finding is a lesion, else [SR]; raises as `segmentation`."""
+        source = source_image(analysis.image.dicom, analysis.image.frame)
+        if analysis.classification is None:
+            raise ValueError("the analysis has no classification")
         seg = None
-        if diagnosis.segmentation is not None:
-            seg = self.segmentation(source, diagnosis.image, diagnosis.segmentation)
+        if analysis.segmentation is not None:
+            seg = self.segmentation(analysis)
         report = build_report(
             source,
-            diagnosis.classification,
-            diagnosis.segmentation,
+            analysis.classification,
+            analysis.segmentation,
             seg,
             self.uid_root,
             self.software_version,
         )
         return [seg, report] if seg is not None else [report]
-
-    def segment_response(
-        self, source: SourceImage, facts: ImageFacts, segmentation: Segmentation
-    ) -> Response:
-        seg = self.segmentation(source, facts, segmentation)
-        return Response(to_bytes(seg), media_type=DICOM_MEDIA_TYPE)
-
-    def diagnose_response(self, source: SourceImage, diagnosis: Diagnosis) -> Response:
-        objects = self.diagnosis(source, diagnosis)
-        body, content_type = multipart_related([to_bytes(ds) for ds in objects])
-        return Response(body, headers={"Content-Type": content_type})
 
 
 def get_dicom_results(request: Request) -> DicomResults:

@@ -5,8 +5,9 @@ lays over the source: a binary SEG with one SNOMED-coded "Lesion" segment on the
 grid, and a Comprehensive SR holding the TID 1500 measurement report (the coded finding, the class
 probabilities, the lesion's area and bounding box, the models that made them, and the statement
 that this is research software). Both reference the source study, series, instance and frame and
-carry fresh UIDs under the configured root; both are built with highdicom from the source's header,
-read here again with pydicom (the decoder keeps only pixels).
+carry fresh UIDs under the configured root; both are built with highdicom from the source's header
+as the decoder read it (shared.decoding keeps it, without the pixel data, beside the frame) and
+from the predictor's raw results (the mask as an array).
 
 Nothing from the header is ever logged: these objects carry patient data by design (they belong to
 the patient's study), so they go to the client or to the configured STOW-RS target only.
@@ -23,9 +24,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from highdicom._standard_utils import is_multiframe_image
-from PIL import Image
-from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -141,30 +140,24 @@ class SourceImage:
 _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
 
-def read_source(data: bytes, frame: int) -> SourceImage:
-    """The header of the DICOM in `data`, checked to be one that results can reference.
+def source_image(header: Dataset | None, frame: int) -> SourceImage:
+    """The source of results: the decoded DICOM's header and the analysed frame (0-based),
+    checked to be one that results can reference.
 
-    Raises DicomOutputNeedsDicomInputError when `data` is no DICOM file and
+    Raises DicomOutputNeedsDicomInputError when there is no header (a PNG or JPEG input) and
     UnreferenceableDicomError when a UID or the image size is missing.
     """
+    if header is None:
+        raise DicomOutputNeedsDicomInputError(NEEDS_DICOM_MESSAGE)
     try:
-        header = dcmread(io.BytesIO(data), force=False, stop_before_pixels=True)
-    except InvalidDicomError as exc:
-        raise DicomOutputNeedsDicomInputError(NEEDS_DICOM_MESSAGE) from exc
-    except Exception as exc:  # malformed header: the decoder reports it the same way
-        raise UnreferenceableDicomError("the DICOM header cannot be read") from exc
-    missing = [name for name in (*_REQUIRED_UIDS, "Rows", "Columns") if not header.get(name)]
+        missing = [name for name in (*_REQUIRED_UIDS, "Rows", "Columns") if not header.get(name)]
+    except Exception:  # an element pydicom cannot convert; its message may quote values
+        raise UnreferenceableDicomError("the DICOM header cannot be read") from None
     if missing:
         raise UnreferenceableDicomError(
             "DICOM results must reference the source, which lacks " + ", ".join(missing)
         )
     return SourceImage(header, frame)
-
-
-def decode_mask(mask_png: bytes) -> np.ndarray:
-    """The predictor's 0/255 mask PNG as an (H, W) bool array."""
-    with Image.open(io.BytesIO(mask_png)) as image:
-        return np.asarray(image.convert("L")) > 127
 
 
 def _algorithm(model_name: str, model_version: str) -> hd.AlgorithmIdentificationSequence:
@@ -211,13 +204,13 @@ def _restore_references(seg: hd.seg.Segmentation, source: SourceImage) -> None:
 
 def build_segmentation(
     source: SourceImage,
-    mask: np.ndarray,
     segmentation: Segmentation,
     uid_root: str,
     software_version: str,
 ) -> hd.seg.Segmentation:
     """A binary SEG of the analysed frame: one "Lesion" segment, the source's geometry."""
     header = source.header
+    mask = segmentation.mask > 0
     if mask.shape != (int(header.Rows), int(header.Columns)):
         raise ValueError("the mask does not have the source's rows and columns")
     model = segmentation.model
@@ -406,7 +399,7 @@ def build_report(
     )
     groups: list = [image_group]
     if segmentation is not None and seg is not None:
-        mask = decode_mask(segmentation.mask_png)
+        mask = segmentation.mask > 0
         groups.extend(_lesion_groups(source, label, segmentation, mask, seg, uid_root))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),

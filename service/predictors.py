@@ -8,22 +8,23 @@ sees exactly the tensor its training saw for the same bytes.
 from __future__ import annotations
 
 import hashlib
-import io
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
+from pydicom import Dataset
 
-from service.batching import request_started
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
+from service.settings import DEFAULT_MAX_CINE_FRAMES
 from shared.decoding import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_DECODED_BYTES,
     DecodedImage,
-    decode_image,
+    OpenedImage,
+    open_image,
     sniff_format,
 )
 from shared.dicom_policy import check_ultrasound_image
@@ -33,6 +34,12 @@ from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
 from shared.preprocessing import Layout
 from shared.quality import OodDetector, Quality
 
+ALL_FRAMES = "all"  # ?frame=all: every frame of a cine loop
+# Frames per forward with ?frame=all, and the decoded pixels held at once (large frames make
+# smaller batches, so a loop of 40 M pixel frames costs what one frame does).
+CINE_BATCH_FRAMES = 16
+CINE_BATCH_PIXELS = 16_000_000
+
 
 @dataclass
 class ImageRequest:
@@ -40,13 +47,19 @@ class ImageRequest:
 
     data: bytes
     declared_format: str | None = None  # from the media type; None: sniff
-    frame: int = 0
+    frame: int | Literal["all"] = 0  # ALL_FRAMES: every frame
     facts: dict[str, Any] = field(default_factory=dict)  # for the request log; no patient data
+
+
+class TooManyFramesError(ImageTooLargeError):
+    """?frame=all on a loop with more frames than the cine cap (MAX_CINE_FRAMES)."""
+
+    code = "too_many_frames"
 
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """What was analysed: the decoded image's format, size and frame."""
+    """What was analysed: the decoded frame, its format, size and index, and its DICOM header."""
 
     format: str
     width: int
@@ -54,6 +67,9 @@ class ImageFacts:
     frame: int
     n_frames: int
     quality: Quality  # is it like the scans the models learnt from
+    pixels: np.ndarray = field(repr=False, compare=False)  # (H, W) uint8, the analysed frame
+    # The source's header (no pixel data) for a DICOM input; None for PNG and JPEG.
+    dicom: Dataset | None = field(default=None, repr=False, compare=False)
 
 
 # Without a setting or an artifact's own value: no class has a majority of the probability.
@@ -69,28 +85,81 @@ class Classification:
     uncertain: bool = False  # the top probability is under the uncertain threshold
     reliable: bool = True  # neither uncertain nor on an image flagged out of distribution
 
+    @property
+    def lesion_probability(self) -> float:
+        return sum(p for name, p in self.probabilities.items() if name in LESION_CLASSES)
+
 
 @dataclass(frozen=True)
 class Segmentation:
-    mask_png: bytes  # one channel, the input's width and height, 0 / 255
+    mask: np.ndarray = field(repr=False, compare=False)  # (H, W) uint8, 0 / 255, frame-sized
     lesion_area_fraction: float
     bbox: tuple[int, int, int, int] | None  # x, y, width, height
     model: LoadedModel
 
 
 @dataclass(frozen=True)
-class Diagnosis:
+class FrameResult:
+    """One frame of a ?frame=all analysis, as far as it was analysed."""
+
+    frame: int
+    classification: Classification | None  # None where the endpoint does not classify
+    lesion_area_fraction: float | None  # None where the frame was not segmented
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The raw result of one request: numbers and arrays, no encoding.
+
+    `image`, `classification` and `segmentation` are those of the analysed frame; with
+    ?frame=all, of the key frame (see `Predictor.analyse`), and `frames` lists every frame.
+    """
+
     image: ImageFacts
-    classification: Classification
+    classification: Classification | None
     segmentation: Segmentation | None
-    image_png: bytes | None = None  # the analysed frame, when the client asked for it
+    frames: tuple[FrameResult, ...] | None = None
+
+    @property
+    def largest_lesion_frame(self) -> int | None:
+        """The frame with the largest lesion area (the earliest of equals); None without one."""
+        best = None
+        for result in self.frames or ():
+            area = result.lesion_area_fraction or 0.0
+            if area > 0 and (best is None or area > best[0]):
+                best = (area, result.frame)
+        return best[1] if best else None
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """A (H, W) uint8 array as a one-channel PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=3)
-    return buffer.getvalue()
+@dataclass(frozen=True)
+class _Plan:
+    """Which models answer a request: `classifier` gives the label, `segmenter` the mask (the
+    same joint model for both when one is loaded); `segment`: "always" or "lesion" (only frames
+    labelled benign or malignant, as /diagnose does)."""
+
+    classifier: LoadedModel | None
+    segmenter: LoadedModel | None
+    segment: Literal["always", "lesion"] = "always"
+
+    @property
+    def models(self) -> list[LoadedModel]:
+        return list({id(m): m for m in (self.classifier, self.segmenter) if m}.values())
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """The best key frame so far, with what it needs to become the answer."""
+
+    rank: tuple[float, float]
+    image: DecodedImage
+    classification: Classification | None
+    segmentation: Segmentation | None
+
+
+def _rank(classification: Classification | None, segmentation: Segmentation | None) -> tuple:
+    """Key-frame order: the larger lesion, then the likelier lesion."""
+    area = segmentation.lesion_area_fraction if segmentation else 0.0
+    return (area, classification.lesion_probability if classification else 0.0)
 
 
 class Predictor:
@@ -107,12 +176,14 @@ class Predictor:
         allow_non_ultrasound: bool = False,
         max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
         max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+        max_cine_frames: int = DEFAULT_MAX_CINE_FRAMES,
     ) -> None:
         self.registry = registry
         self.max_pixels = max_pixels
         self.max_frames = max_frames
         self.max_decoded_bytes = max_decoded_bytes
         self.max_aspect_ratio = max_aspect_ratio
+        self.max_cine_frames = max_cine_frames
         self.detector = detector
         self.uncertain_below = uncertain_below  # None: each artifact's own, else the default
         self.allow_non_ultrasound = allow_non_ultrasound
@@ -125,8 +196,12 @@ class Predictor:
 
     # --- stages ------------------------------------------------------------------------------
 
-    def decode(self, request: ImageRequest) -> DecodedImage:
-        """Bytes -> canonical grayscale image. Raises the InputError subclasses of decode_image."""
+    def open(self, request: ImageRequest) -> OpenedImage:
+        """Bytes -> an image whose header passed every check; no pixel decoded yet.
+
+        Raises the InputError subclasses of open_image, and NotUltrasoundError /
+        NonImageDicomError for DICOM objects that are no ultrasound image.
+        """
         started = time.perf_counter()
         request.facts.update(
             bytes=len(request.data),
@@ -135,18 +210,28 @@ class Predictor:
         )
         if request.facts["format"] == "dicom" and not self.allow_non_ultrasound:
             check_ultrasound_image(request.data)  # before any pixel is decoded
-        image = decode_image(
+        image = open_image(
             request.data,
             declared_format=request.declared_format,
-            frame=request.frame,
             max_pixels=self.max_pixels,
             max_frames=self.max_frames,
             max_decoded_bytes=self.max_decoded_bytes,
             max_aspect_ratio=self.max_aspect_ratio,
         )
-        request.facts.update(frame=image.frame, n_frames=image.n_frames)
+        request.facts.update(n_frames=image.n_frames)
         self._observe("decode", "", started)
         return image
+
+    def decode(self, request: ImageRequest) -> DecodedImage:
+        """Bytes -> the requested frame, canonical grayscale (frame 0 for ?frame=all)."""
+        image = self.open(request)
+        return self._decode_frame(image, 0 if request.frame == ALL_FRAMES else request.frame)
+
+    def _decode_frame(self, image: OpenedImage, frame: int) -> DecodedImage:
+        started = time.perf_counter()
+        decoded = image.decode(frame)
+        self._observe("decode", "", started)
+        return decoded
 
     def input_batch(self, model: LoadedModel, image: DecodedImage) -> tuple[np.ndarray, Layout]:
         """The (1, C, S, S) float32 batch `model` gets for `image`, and where the frame went."""
@@ -163,6 +248,27 @@ class Predictor:
         batch = model.preprocessing.normalise(resized)[None]
         self._observe("preprocess", model.task, started)
         return batch, layout
+
+    def _batch(
+        self, model: LoadedModel, images: Sequence[DecodedImage]
+    ) -> tuple[np.ndarray, list[Layout]]:
+        """The (N, C, S, S) batch of `images` for `model`, one forward's worth."""
+        inputs = [self.input_batch(model, image) for image in images]
+        batch = inputs[0][0] if len(inputs) == 1 else np.concatenate([b for b, _ in inputs])
+        return batch, [layout for _, layout in inputs]
+
+    def _forward(
+        self, model: LoadedModel, batch: np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(class logits (N, K), mask maps (N, S, S)); None for what the model does not give."""
+        started = time.perf_counter()
+        output = self.registry.forward(model, batch)
+        self._observe("inference", model.task, started)
+        if isinstance(output, tuple):  # a joint model: (class logits, mask logits)
+            return output[0], output[1][:, 0]
+        if model.task == TASK_SEGMENTATION:
+            return None, output[:, 0]
+        return output, None
 
     def _classification(self, model: LoadedModel, logits: np.ndarray) -> Classification:
         calibration = model.calibration
@@ -194,45 +300,48 @@ class Predictor:
         mask = np.where(frame > model.threshold, np.uint8(255), np.uint8(0))  # no int64 copy
         geometry = lesion_geometry(mask)
         return Segmentation(
-            mask_png=encode_png(mask),
+            mask=mask,
             lesion_area_fraction=geometry.area_fraction,
             bbox=geometry.bbox,
             model=model,
         )
 
-    def _classify(self, model: LoadedModel, image: DecodedImage) -> Classification:
-        batch, _ = self.input_batch(model, image)
-        started = time.perf_counter()
-        logits = self.registry.forward(model, batch)[0]
-        started = self._observe("inference", model.task, started)
-        classification = self._classification(model, logits)
-        self._observe("postprocess", model.task, started)
-        return classification
-
-    def _segment(self, model: LoadedModel, image: DecodedImage) -> Segmentation:
-        batch, layout = self.input_batch(model, image)
-        started = time.perf_counter()
-        output = self.registry.forward(model, batch)[0, 0]
-        started = self._observe("inference", model.task, started)
-        segmentation = self._segmentation(model, output, layout)
-        self._observe("postprocess", model.task, started)
-        return segmentation
-
-    def _joint(
-        self, model: LoadedModel, image: DecodedImage, segment: str
-    ) -> tuple[Classification, Segmentation | None]:
-        """One forward of the joint model. `segment`: "always", "never" or "lesion" (only when
-        the finding is benign or malignant, as /diagnose does)."""
-        batch, layout = self.input_batch(model, image)
-        started = time.perf_counter()
-        class_logits, mask_logits = self.registry.forward(model, batch)
-        started = self._observe("inference", model.task, started)
-        classification = self._classification(model, class_logits[0])
-        segmentation = None
-        if segment == "always" or (segment == "lesion" and classification.label in LESION_CLASSES):
-            segmentation = self._segmentation(model, mask_logits[0, 0], layout)
-        self._observe("postprocess", model.task, started)
-        return classification, segmentation
+    def _run(
+        self, plan: _Plan, images: Sequence[DecodedImage]
+    ) -> list[tuple[Classification | None, Segmentation | None]]:
+        """Classify and/or segment a batch of frames: one forward per model (one in all for a
+        joint model); with `segment="lesion"`, only the frames labelled a lesion are segmented."""
+        classifications: list[Classification | None] = [None] * len(images)
+        masks: np.ndarray | None = None
+        layouts: list[Layout] = []
+        if plan.classifier is not None:
+            batch, layouts = self._batch(plan.classifier, images)
+            logits, masks = self._forward(plan.classifier, batch)
+            assert logits is not None
+            started = time.perf_counter()
+            classifications = [self._classification(plan.classifier, row) for row in logits]
+            self._observe("postprocess", plan.classifier.task, started)
+        wanted = [
+            i
+            for i, classification in enumerate(classifications)
+            if plan.segment == "always"
+            or (classification is not None and classification.label in LESION_CLASSES)
+        ]
+        segmentations: list[Segmentation | None] = [None] * len(images)
+        segmenter = plan.segmenter
+        if segmenter is not None and wanted:
+            if segmenter is plan.classifier and masks is not None:  # the joint forward's masks
+                rows, at = masks, wanted
+            else:
+                batch, layouts = self._batch(segmenter, [images[i] for i in wanted])
+                rows = self._forward(segmenter, batch)[1]
+                assert rows is not None
+                at = list(range(len(wanted)))
+            started = time.perf_counter()
+            for i, j in zip(wanted, at, strict=True):
+                segmentations[i] = self._segmentation(segmenter, rows[j], layouts[j])
+            self._observe("postprocess", segmenter.task, started)
+        return list(zip(classifications, segmentations, strict=True))
 
     def _facts(self, image: DecodedImage) -> ImageFacts:
         """What was analysed, with the out-of-distribution verdict on it."""
@@ -240,60 +349,99 @@ class Predictor:
         quality = self.detector.assess(image.pixels)
         self._observe("quality", "", started)
         height, width = image.pixels.shape
-        return ImageFacts(image.format, width, height, image.frame, image.n_frames, quality)
+        return ImageFacts(
+            image.format,
+            width,
+            height,
+            image.frame,
+            image.n_frames,
+            quality,
+            pixels=image.pixels,
+            dicom=image.dicom,
+        )
+
+    def _frames(self, request: ImageRequest, image: OpenedImage) -> Sequence[int]:
+        if request.frame != ALL_FRAMES:
+            return [request.frame]
+        if image.n_frames > self.max_cine_frames:
+            raise TooManyFramesError(
+                f"frame=all analyses at most {self.max_cine_frames} frames (MAX_CINE_FRAMES) "
+                f"and this image has {image.n_frames}; ask for single frames with ?frame=N."
+            )
+        return range(image.n_frames)
+
+    def _batches(self, image: OpenedImage, frames: Sequence[int]) -> Iterator[list[DecodedImage]]:
+        """The frames decoded, in batches of at most CINE_BATCH_FRAMES frames and about
+        CINE_BATCH_PIXELS pixels: the whole loop is never held decoded."""
+        batch: list[DecodedImage] = []
+        pixels = 0
+        for frame in frames:
+            decoded = self._decode_frame(image, frame)
+            batch.append(decoded)
+            pixels += decoded.pixels.size
+            if len(batch) >= CINE_BATCH_FRAMES or pixels >= CINE_BATCH_PIXELS:
+                yield batch
+                batch, pixels = [], 0
+        if batch:
+            yield batch
+
+    def analyse(self, request: ImageRequest, plan: _Plan) -> Analysis:
+        """Decode, run `plan` on the requested frame (or every frame) and keep the key frame.
+
+        With ?frame=all the key frame is the one with the largest lesion; where no frame has a
+        lesion pixel, the one most likely a lesion (benign + malignant probability); the earliest
+        of equals. Only it keeps its pixels and mask; the others leave a FrameResult.
+        """
+        self._record_models(request, *plan.models)
+        image = self.open(request)
+        frames = self._frames(request, image)
+        best: _Candidate | None = None
+        results: list[FrameResult] = []
+        for batch in self._batches(image, frames):
+            for decoded, (classification, segmentation) in zip(
+                batch, self._run(plan, batch), strict=True
+            ):
+                area = segmentation.lesion_area_fraction if segmentation else None
+                results.append(FrameResult(decoded.frame, classification, area))
+                rank = _rank(classification, segmentation)
+                if best is None or rank > best.rank:
+                    best = _Candidate(rank, decoded, classification, segmentation)
+        assert best is not None  # every image has a frame
+        facts = self._facts(best.image)
+        request.facts.update(frame=facts.frame, frames_analysed=len(results))
+        classification = best.classification
+        if classification is not None:
+            classification = self._judged(classification, facts)
+        cine = tuple(results) if request.frame == ALL_FRAMES else None
+        return Analysis(facts, classification, best.segmentation, cine)
 
     def _record_models(self, request: ImageRequest, *models: LoadedModel) -> None:
         request.facts["models"] = {model.task: model.version for model in models}
 
     # --- endpoints ---------------------------------------------------------------------------
 
-    def classify(self, request: ImageRequest) -> tuple[ImageFacts, Classification]:
+    def classify(self, request: ImageRequest) -> Analysis:
         """Raises ModelUnavailableError, or an InputError for bytes that cannot be used."""
-        request_started.set(time.perf_counter())  # REQUEST_DEADLINE_MS counts from here
-        joint = self.registry.joint()
-        model = joint or self.registry.get(TASK_CLASSIFICATION)
-        self._record_models(request, model)
-        image = self.decode(request)
-        facts = self._facts(image)
-        if joint is not None:
-            return facts, self._judged(self._joint(joint, image, "never")[0], facts)
-        return facts, self._judged(self._classify(model, image), facts)
+        model = self.registry.joint() or self.registry.get(TASK_CLASSIFICATION)
+        return self.analyse(request, _Plan(classifier=model, segmenter=None))
 
-    def segment(self, request: ImageRequest) -> tuple[ImageFacts, Segmentation]:
+    def segment(self, request: ImageRequest) -> Analysis:
         """Raises ModelUnavailableError, or an InputError for bytes that cannot be used."""
-        request_started.set(time.perf_counter())  # REQUEST_DEADLINE_MS counts from here
-        joint = self.registry.joint()
-        model = joint or self.registry.get(TASK_SEGMENTATION)
-        self._record_models(request, model)
-        image = self.decode(request)
-        if joint is not None:
-            segmentation = self._joint(joint, image, "always")[1]
-            assert segmentation is not None
-            return self._facts(image), segmentation
-        return self._facts(image), self._segment(model, image)
+        model = self.registry.joint() or self.registry.get(TASK_SEGMENTATION)
+        return self.analyse(request, _Plan(classifier=None, segmenter=model))
 
-    def diagnose(self, request: ImageRequest, include_image: bool = False) -> Diagnosis:
+    def diagnose(self, request: ImageRequest) -> Analysis:
         """Classify; segment when the finding is a lesion (benign or malignant).
 
-        With a joint model loaded this is one forward for both answers. With `include_image`,
-        the analysed grayscale frame comes back as a PNG too: a browser cannot draw a DICOM,
-        and the outline must sit on exactly the pixels that were analysed.
+        With a joint model loaded this is one forward for both answers.
         """
-        request_started.set(time.perf_counter())
         joint = self.registry.joint()
         if joint is not None:
-            self._record_models(request, joint)
-            image = self.decode(request)
-            classification, segmentation = self._joint(joint, image, "lesion")
+            plan = _Plan(classifier=joint, segmenter=joint, segment="lesion")
         else:
-            classifier = self.registry.get(TASK_CLASSIFICATION)
-            segmenter = self.registry.get(TASK_SEGMENTATION)
-            self._record_models(request, classifier, segmenter)
-            image = self.decode(request)
-            classification = self._classify(classifier, image)
-            segmentation = None
-            if classification.label in LESION_CLASSES:
-                segmentation = self._segment(segmenter, image)
-        image_png = encode_png(image.pixels) if include_image else None
-        facts = self._facts(image)
-        return Diagnosis(facts, self._judged(classification, facts), segmentation, image_png)
+            plan = _Plan(
+                classifier=self.registry.get(TASK_CLASSIFICATION),
+                segmenter=self.registry.get(TASK_SEGMENTATION),
+                segment="lesion",
+            )
+        return self.analyse(request, plan)

@@ -47,6 +47,7 @@ class Runtime:
             allow_non_ultrasound=settings.ALLOW_NON_ULTRASOUND_DICOM,
             max_decoded_bytes=settings.MAX_DECODED_BYTES,
             max_aspect_ratio=settings.MAX_ASPECT_RATIO,
+            max_cine_frames=settings.MAX_CINE_FRAMES,
         )
         return cls(settings, metrics, registry, predictor)
 

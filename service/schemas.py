@@ -58,6 +58,61 @@ class Quality(BaseModel):
     )
 
 
+class DicomSource(BaseModel):
+    """The DICOM instance and frame that were analysed, to match results with the source."""
+
+    study_instance_uid: str | None = Field(
+        description="Study Instance UID (0020,000D); null when the file has none",
+        examples=["1.2.826.0.1.3680043.10.543.1"],
+    )
+    series_instance_uid: str | None = Field(
+        description="Series Instance UID (0020,000E)", examples=["1.2.826.0.1.3680043.10.543.2"]
+    )
+    sop_instance_uid: str | None = Field(
+        description="SOP Instance UID (0008,0018)", examples=["1.2.826.0.1.3680043.10.543.3"]
+    )
+    sop_class_uid: str | None = Field(
+        description="SOP Class UID (0008,0016)", examples=["1.2.840.10008.5.1.4.1.1.3.1"]
+    )
+    frame: int = Field(
+        description="The analysed frame, from 0 (as image.frame); its DICOM Referenced Frame "
+        "Number is frame + 1"
+    )
+
+
+class CineFrame(BaseModel):
+    """One frame of a ?frame=all analysis."""
+
+    frame: int = Field(description="From 0")
+    label: Label | None = Field(description="null where the endpoint does not classify (/segment)")
+    probabilities: dict[str, float] | None = Field(
+        description="Per class, as `probabilities` of a single-frame answer; null as `label`",
+        examples=[{"normal": 0.08, "benign": 0.85, "malignant": 0.07}],
+    )
+    lesion_area_fraction: float | None = Field(
+        ge=0,
+        le=1,
+        description="Lesion pixels / frame pixels; null where the frame was not segmented "
+        "(/classify; /diagnose frames labelled normal)",
+        examples=[0.042],
+    )
+
+
+class Cine(BaseModel):
+    """With ?frame=all: every frame, and which one the rest of the answer describes."""
+
+    frames: list[CineFrame] = Field(description="Every frame of the file, in order")
+    largest_lesion_frame: int | None = Field(
+        description="The frame with the largest lesion area (the earliest of equals); null when "
+        "no frame has a lesion pixel"
+    )
+    key_frame: int = Field(
+        description="The frame the rest of the answer (label, mask, image, source) describes: "
+        "the largest lesion's frame, else the frame most likely a lesion (benign + malignant "
+        "probability), else the first"
+    )
+
+
 class ClassificationResult(BaseModel):
     label: Label
     probabilities: dict[str, float] = Field(
@@ -95,12 +150,20 @@ class SegmentationResult(BaseModel):
 class ClassifyResponse(ClassificationResult):
     image: ImageInfo
     quality: Quality
+    source: DicomSource | None = Field(
+        None, description="For a DICOM input, the instance and frame analysed; null for PNG / JPEG"
+    )
+    cine: Cine | None = Field(None, description="With ?frame=all: every frame; else null")
     request_id: str = Field(examples=[_REQUEST_ID])
 
 
 class SegmentResponse(SegmentationResult):
     image: ImageInfo
     quality: Quality
+    source: DicomSource | None = Field(
+        None, description="For a DICOM input, the instance and frame analysed; null for PNG / JPEG"
+    )
+    cine: Cine | None = Field(None, description="With ?frame=all: every frame; else null")
     request_id: str = Field(examples=[_REQUEST_ID])
 
 
@@ -116,6 +179,10 @@ class DiagnoseResponse(BaseModel):
         description="With ?include_image=true: the analysed frame as a base64 one-channel PNG "
         "of image.width x image.height (what the mask outlines); else null",
     )
+    source: DicomSource | None = Field(
+        None, description="For a DICOM input, the instance and frame analysed; null for PNG / JPEG"
+    )
+    cine: Cine | None = Field(None, description="With ?frame=all: every frame; else null")
     request_id: str = Field(examples=[_REQUEST_ID])
 
 

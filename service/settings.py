@@ -23,6 +23,8 @@ from shared.quality import DEFAULT_DETECTOR_FILE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models"
+# ?frame=all: a 4 s cine loop at 30 frames/s; longer loops are refused, not truncated.
+DEFAULT_MAX_CINE_FRAMES = 120
 
 
 def available_cpus() -> int:
@@ -62,6 +64,11 @@ class Settings(BaseSettings):
     )
     MAX_FRAMES: int = Field(
         DEFAULT_MAX_FRAMES, ge=1, description="Most frames a multi-frame DICOM may declare"
+    )
+    MAX_CINE_FRAMES: int = Field(
+        DEFAULT_MAX_CINE_FRAMES,
+        ge=1,
+        description="Most frames ?frame=all analyses in one request (422 above)",
     )
     MAX_DECODED_BYTES: int = Field(
         DEFAULT_MAX_DECODED_BYTES,

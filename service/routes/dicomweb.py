@@ -1,7 +1,8 @@
 """POST /dicomweb/studies[/{study}]: a STOW-RS entry point that analyses what a PACS sends.
 
-Each instance is diagnosed as POST /diagnose would (its first frame), and its SEG and SR are sent
-on to RESULTS_STOW_URL when one is configured. Nothing is kept: "stored" in the response means
+Each instance is diagnosed as POST /diagnose would (its first frame), and its SEG and SR, made from
+that analysis (with the source's header as the decoder read it), are sent on to RESULTS_STOW_URL
+when one is configured. Nothing is kept: "stored" in the response means
 analysed (and, with a results target, delivered); an instance that could not be analysed or whose
 results could not be delivered is listed as failed, so the sender can retry it.
 """
@@ -144,8 +145,7 @@ def _store(
         )
     try:
         for index, part in enumerate(parts):
-            reason = _store_one(part, study, predictor, dicom, client, metrics)
-            ids = _identifiers(part.data) or ("", "", "")
+            ids, reason = _store_one(part, study, predictor, dicom, client, metrics)
             if reason is None:
                 answer.stored.append(ids[:2])
                 metrics.dicomweb_instances.labels("analysed").inc()
@@ -166,32 +166,31 @@ def _store_one(
     dicom: DicomResults,
     client: StowClient | None,
     metrics: ServiceMetrics,
-) -> int | None:
-    """None when analysed (and delivered), else the Failure Reason."""
-    if part.media_type != DICOM_MEDIA_TYPE:
-        return CANNOT_UNDERSTAND
-    ids = _identifiers(part.data)
-    if ids is None:
-        return CANNOT_UNDERSTAND
+) -> tuple[tuple[str, str, str], int | None]:
+    """The part's (SOP class, SOP instance, study) UIDs ("" where unreadable), and None when
+    it was analysed (and delivered), else its Failure Reason."""
+    read = _identifiers(part.data)
+    ids = read or ("", "", "")
+    if part.media_type != DICOM_MEDIA_TYPE or read is None:
+        return ids, CANNOT_UNDERSTAND
     if study is not None and ids[2] != study:
-        return DATASET_DOES_NOT_MATCH  # PS3.18 10.5.3: not of the study the URL names
+        return ids, DATASET_DOES_NOT_MATCH  # PS3.18 10.5.3: not of the study the URL names
     image = ImageRequest(data=part.data, declared_format="dicom")
     try:
-        source = dicom.source(image)
-        diagnosis = predictor.diagnose(image)
-        objects = dicom.diagnosis(source, diagnosis)
+        # One decode: the SEG and SR are made from the analysis, header included.
+        objects = dicom.diagnosis(predictor.diagnose(image))
     except domain.ModelUnavailableError:
         raise  # the whole request is a 503: the sender should retry it all
     except domain.InputError as exc:
-        return _failure_reason(exc)
+        return ids, _failure_reason(exc)
     if client is None:
-        return None
+        return ids, None
     delivery = client.store([to_bytes(ds) for ds in objects])
     metrics.results_deliveries.labels("delivered" if delivery.delivered else "failed").inc()
     if not delivery.delivered:
         log.warning("results not delivered after %d tries (%s)", delivery.attempts, delivery.reason)
-        return PROCESSING_FAILURE
-    return None
+        return ids, PROCESSING_FAILURE
+    return ids, None
 
 
 async def _stow(
