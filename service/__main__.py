@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
-from service.app import create_app
+from service.auth import AccessConfigError, check_open_access, load_keyring
+from service.connections import guarded_protocol
 from service.logs import configure_logging
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 
 log = logging.getLogger("service")
 
@@ -27,11 +30,10 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
-    app = create_app(settings)
-    config = uvicorn.Config(
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings: one worker, no access log of its own, and the slow-client guards."""
+    metrics = app.state.runtime.metrics
+    return uvicorn.Config(
         app,
         host=settings.HOST,
         port=settings.PORT,
@@ -40,7 +42,30 @@ def main() -> None:
         access_log=False,  # the service logs each request itself, without patient data
         log_config=None,
         timeout_graceful_shutdown=int(settings.GRACEFUL_SHUTDOWN_S),
+        # HEADER_TIMEOUT_S and the header size cap (service.connections); beyond MAX_CONNECTIONS
+        # open connections or requests in flight, uvicorn answers 503.
+        http=guarded_protocol(
+            settings.HEADER_TIMEOUT_S,
+            lambda phase: metrics.slow_client_timeouts.labels(phase).inc(),
+        ),
+        limit_concurrency=settings.MAX_CONNECTIONS,
     )
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    try:
+        check_open_access(
+            settings.HOST, load_keyring(settings.API_KEYS_FILE), settings.ALLOW_OPEN_ACCESS
+        )
+        from service.app import create_app  # torch and the rest: only once access is settled
+
+        app = create_app(settings)
+    except AccessConfigError as exc:
+        log.critical("not starting: %s", exc)
+        sys.exit(2)
+    config = uvicorn_config(app, settings)
     log.info(
         "starting on %s:%d with %d torch threads",
         settings.HOST, settings.PORT, settings.TORCH_THREADS,

@@ -10,11 +10,19 @@ import anyio.to_thread
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
+from service.apidocs import complete_openapi, install_docs
+from service.audit import AuditLog
+from service.auth import SCOPE_INFER, load_keyring, require_scope
 from service.errors import install_error_handlers
-from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from service.middleware import (
+    BodySizeLimitMiddleware,
+    BodyTimeoutMiddleware,
+    RequestContextMiddleware,
+)
 from service.registry import ReloadPoller, configure_torch
 from service.routes import dicomweb, inference, ops, page
 from service.runtime import Runtime
+from service.schemas import error_responses
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -24,16 +32,32 @@ DESCRIPTION = """\
 Classification (normal / benign / malignant) and lesion segmentation of breast-ultrasound
 images, from PNG, JPEG or DICOM. **Research use only; not a medical device.**
 
-Every error is `{"error": {"code", "message", "request_id"}}`. Each response carries an
-`X-Request-ID` header (the client's own, if it sent a short token of letters, digits, `.`, `_`
-or `-`).
+Every error is `{"error": {"code", "message", "request_id"}}`; `code` is one of the enum of
+`ErrorDetail`. Each response carries an `X-Request-ID` header: the client's own if it looks
+generated (32-64 hex digits and dashes, at least one a letter: a UUID, a trace id), else a new
+one, so that no accession number or patient id can ride into the logs.
+
+**Authentication.** When the service runs with API keys (API_KEYS_FILE, the default of the
+container images), send `Authorization: Bearer <key>`. A missing or unknown key is a 401
+(`unauthorized`), a key without the endpoint's scope a 403 (`forbidden`). Scopes: `infer`
+(/classify, /segment, /diagnose, /dicomweb), `models:read` (/models), `metrics` (/metrics).
+/healthz, /readyz, the page and these documents need no key.
+
+Any path answers 404 (`not_found`) when it does not exist and 405 (`method_not_allowed`) for a
+method it does not serve. A request whose headers or body arrive too slowly gets 408
+(`header_timeout`, `request_timeout`) and its connection is closed.
 """
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. Nothing is loaded until its lifespan starts."""
     settings = settings or get_settings()
+    # Both raise AccessConfigError (the service refuses to start), so before any thread starts.
+    keyring = load_keyring(settings.API_KEYS_FILE)
+    audit = AuditLog(settings.AUDIT_LOG_FILE) if settings.AUDIT_LOG_FILE else None
     runtime = Runtime.from_settings(settings)
+    if audit is not None:
+        audit.metrics = runtime.metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.batcher.stop()  # after the last request: uvicorn drained them before this
             if poller:
                 poller.stop()
+            if audit is not None:
+                audit.close()
             log.info("shut down")
 
     app = FastAPI(
@@ -68,14 +94,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=API_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # install_docs: Swagger UI from the app's own files
+        redoc_url=None,  # ReDoc would come from a CDN
     )
     app.state.runtime = runtime
+    app.state.keyring = keyring
+    app.state.audit = audit
     install_error_handlers(app)
-    app.include_router(inference.router)
-    app.include_router(dicomweb.router)
+    infer = {"dependencies": [require_scope(SCOPE_INFER)], "responses": error_responses(401, 403)}
+    app.include_router(inference.router, **infer)
+    app.include_router(dicomweb.router, **infer)
     app.include_router(ops.router)
     app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR, check_dir=False), name="static")
+    install_docs(app)
+    complete_openapi(app)
+    app.add_middleware(
+        BodyTimeoutMiddleware, timeout_s=settings.BODY_TIMEOUT_S, metrics=runtime.metrics
+    )
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.MAX_BODY_BYTES)
-    app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)  # outermost
+    # outermost
+    app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics, audit=audit)
     return app

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from fastapi import Depends, Query, Request
 from pydantic import Field
 from starlette.datastructures import UploadFile
 
+from service.audit import RecordingPredictor
 from service.errors import MissingFileError, UnsupportedMediaTypeError
 from service.predictors import ImageRequest, Predictor
 from service.registry import ModelRegistry
@@ -52,8 +53,11 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_predictor(runtime: RuntimeDep) -> Predictor:
-    return runtime.predictor
+def get_predictor(request: Request, runtime: RuntimeDep) -> Predictor:
+    """The predictor, recording each input and result for the audit log and the drift metrics."""
+    audited = request.app.state.audit is not None
+    state = request.scope["state"] if audited else None
+    return cast(Predictor, RecordingPredictor(runtime.predictor, runtime.metrics, state))
 
 
 def get_registry(runtime: RuntimeDep) -> ModelRegistry:

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.auth import InsufficientScopeError, NotAuthenticatedError
 from service.dicom_results import DicomOutputNeedsDicomInputError, UnreferenceableDicomError
 from service.stow import MalformedMultipartError
 from shared import errors as domain
@@ -41,6 +42,13 @@ class MissingFileError(domain.InputError):
     code = "missing_file"
 
 
+class BodyTimeoutError(domain.InputError):
+    """The request body did not arrive within BODY_TIMEOUT_S (a slow or stalled client)."""
+
+    code = "request_timeout"
+    headers = {"Connection": "close"}  # the rest of the body is not waited for
+
+
 # Looked up along the exception's MRO, so a subclass inherits its parent's status.
 STATUS_BY_ERROR: dict[type[domain.BusiError], int] = {
     domain.BusiError: 500,
@@ -49,6 +57,9 @@ STATUS_BY_ERROR: dict[type[domain.BusiError], int] = {
     MissingFileError: 400,
     domain.CorruptImageError: 400,
     BodyTooLargeError: 413,
+    BodyTimeoutError: 408,
+    NotAuthenticatedError: 401,
+    InsufficientScopeError: 403,
     domain.UnsupportedFormatError: 415,
     domain.FormatMismatchError: 415,
     UnsupportedMediaTypeError: 415,
@@ -70,11 +81,31 @@ STATUS_BY_ERROR: dict[type[domain.BusiError], int] = {
 }
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 406: "not_acceptable"}
+
 _HTTP_MESSAGES = {
     404: "no such endpoint",
     405: "method not allowed on this endpoint",
     406: "cannot produce the requested media type",
 }
+
+# Codes no exception class above carries: request validation, the HTTP router, a bug, and the
+# slow-client guard of service.connections (which answers before any request exists).
+OTHER_CODES = (
+    "invalid_request",
+    "bad_request",
+    "internal_error",
+    "header_timeout",
+    "header_too_large",
+)
+
+
+def error_codes() -> list[str]:
+    """Every `code` an error envelope can carry, for the OpenAPI enum."""
+    domain_classes = [
+        c for c in vars(domain).values() if isinstance(c, type) and issubclass(c, domain.BusiError)
+    ]
+    codes = {cls.code for cls in [*STATUS_BY_ERROR, *domain_classes]}
+    return sorted(codes | set(_HTTP_CODES.values()) | set(OTHER_CODES))
 
 
 def status_for(exc: domain.BusiError) -> int:
@@ -101,8 +132,10 @@ def error_response(
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, domain.BusiError)
     status = status_for(exc)
-    headers = {"Retry-After": "5"} if status == 503 else None
-    return error_response(request.scope, status, exc.code, exc.message, headers)
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 503:
+        headers["Retry-After"] = "5"
+    return error_response(request.scope, status, exc.code, exc.message, headers or None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import platform
+from importlib import metadata
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
 
 # CPU inference of one image takes milliseconds to about a second; buckets cover that range.
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A top probability of a 3-class softmax is at least 1/3.
+_TOP_PROBABILITY_BUCKETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 _STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
@@ -100,5 +113,55 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
+        # --- the process, the build, what is served (issue 12) ----------------------------
+        # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+        ProcessCollector(registry=self.registry)
+        self.build = Info(
+            "busi_build", "The running build: package and runtime versions.", registry=self.registry
+        )
+        self.build.info(_build_facts())
+        self.served_labels = Counter(
+            "busi_served_labels",
+            "Classifications served, by the model version that made them and the label: a "
+            "shift in the mix is the first sign of drift.",
+            ["task", "version", "label"],
+            registry=self.registry,
+        )
+        self.top_probability = Histogram(
+            "busi_top_probability",
+            "The (calibrated) probability of the served label, by model version.",
+            ["task", "version"],
+            buckets=_TOP_PROBABILITY_BUCKETS,
+            registry=self.registry,
+        )
+        self.slow_client_timeouts = Counter(
+            "busi_slow_client_timeouts",
+            "Connections answered 408 because a request's headers (HEADER_TIMEOUT_S) or body "
+            "(BODY_TIMEOUT_S) came too slowly, and oversized headers (431).",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.audit_failures = Counter(
+            "busi_audit_write_failures",
+            "Audit records that could not be written to AUDIT_LOG_FILE.",
+            registry=self.registry,
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _build_facts() -> dict[str, str]:
+    return {
+        "version": _version("busi-service"),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "pydicom": _version("pydicom"),
+    }

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids, the request log and latency metric, and the body limit.
+"""Pure ASGI middleware: request ids, the request log, latency metric and audit record, and the
+body limit and body timeout.
 
 Pure ASGI (not BaseHTTPMiddleware) keeps the per-request overhead to a few function calls and
 lets the body limit count the bytes of each `http.request` message before anything parses them.
@@ -11,17 +12,24 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLargeError, error_response, internal_error
+from service.audit import AuditLog, audit_record, should_audit
+from service.errors import BodyTimeoutError, BodyTooLargeError, error_response, internal_error
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("service.access")
 error_log = logging.getLogger("service.errors")
 
-_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A client's X-Request-ID is kept only when it looks generated: 32-64 hex digits, dashes allowed
+# (a UUID, a W3C trace id), at least one of them a letter. An accession number (DICOM SH: at most
+# 16 characters), a patient id or a name does not fit, so none can ride into the logs.
+_SAFE_REQUEST_ID = re.compile(r"(?=[0-9-]*[a-fA-F])[0-9a-fA-F-]{32,64}")
 _QUIET_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes
 
 
@@ -32,8 +40,36 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def _routes(routes: Any) -> Iterator[Any]:
+    """The routes of a router, those of included routers flattened in (FastAPI keeps each
+    include_router as one entry; ours use no prefix, so the routes' own paths are the full ones)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _routes(included.routes)
+        else:
+            yield route
+
+
+def endpoint_label(scope: Scope, root_path: str = "") -> str:
+    """The route template of the request, for logs and metrics; "unmatched" only for a path no
+    route serves. Requests answered before routing (a 413 from Content-Length), with a method the
+    path does not serve (405), or by routes that are not API routes (/docs, /openapi.json,
+    /static/...) are matched here. `root_path`: the scope's before routing (a Mount changes it)."""
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return path
+    app = scope.get("app")
+    for route in _routes(getattr(getattr(app, "router", None), "routes", ())):
+        match, _ = route.matches({**scope, "type": "http", "root_path": root_path})
+        if match is not Match.NONE:
+            return f"{route.path}/*" if isinstance(route, Mount) else route.path
+    return "unmatched"
+
+
 def client_request_id(scope: Scope) -> str | None:
-    """The client's X-Request-ID if it is a short token of safe characters, else None."""
+    """The client's X-Request-ID if it looks like a generated id (a UUID, a trace id), else
+    None."""
     raw = _header(scope, b"x-request-id")
     if raw is None:
         return None
@@ -48,15 +84,19 @@ class RequestContextMiddleware:
     """Gives each request an id (echoed as X-Request-ID), times it, logs it, and turns an
     unhandled exception into the generic 500 envelope."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: ServiceMetrics, audit: AuditLog | None = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        root_path = scope.get("root_path", "")
         request_id = client_request_id(scope) or uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -93,8 +133,7 @@ class RequestContextMiddleware:
             await internal_error(scope)(scope, receive, send_with_id)
         finally:
             latency = time.perf_counter() - started
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = endpoint_label(scope, root_path)
             self.metrics.request_latency.labels(endpoint, str(status)).observe(latency)
             code = state.get("error_code")
             if code:
@@ -119,6 +158,8 @@ class RequestContextMiddleware:
                 if code:
                     fields["error_code"] = code
                 log.log(level, "%s %s %d", scope["method"], endpoint, status, extra=fields)
+            if self.audit is not None and should_audit(scope, status):
+                self.audit.write(audit_record(scope, endpoint, status))
 
 
 class BodySizeLimitMiddleware:
@@ -156,3 +197,38 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class BodyTimeoutMiddleware:
+    """Answers 408 (and closes the connection) when a request body takes longer than
+    `timeout_s` to arrive, counted from when the request reached the app: a client that trickles
+    its upload cannot hold a connection and a request slot for ever."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self.message = f"the request body did not arrive within {timeout_s:g} s"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:  # the body is in: what is left to wait for is a disconnect
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                self.metrics.slow_client_timeouts.labels("body").inc()
+                raise BodyTimeoutError(self.message) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
+            return message
+
+        await self.app(scope, timed_receive, send)

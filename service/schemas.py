@@ -187,7 +187,10 @@ class DiagnoseResponse(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    code: str = Field(examples=["format_mismatch"])
+    code: str = Field(
+        examples=["format_mismatch"],
+        description="Machine-readable error code (the enum lists every one the service sends)",
+    )
     message: str = Field(examples=["the body is a JPEG image but was declared as image/png"])
     request_id: str | None = Field(examples=[_REQUEST_ID])
 
@@ -264,6 +267,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The `responses=` entry documenting error envelopes for the given statuses."""
     described = {
         400: "Empty body, corrupt image, or missing `file` part",
+        401: "No API key, or one that is not valid (`unauthorized`)",
+        403: "The API key lacks the scope this endpoint needs (`forbidden`)",
+        404: "No such path (`not_found`)",
+        405: "The path exists, not with this method (`method_not_allowed`)",
+        406: "The Accept header names no media type this endpoint can produce",
+        408: "The request body did not arrive within BODY_TIMEOUT_S (`request_timeout`)",
         413: "Body larger than MAX_BODY_BYTES",
         415: "Not a PNG, JPEG or DICOM, or the declared type disagrees with the bytes",
         422: "Decodable but unusable image (too many pixels, DICOM without pixels, bad frame), "

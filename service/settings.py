@@ -188,6 +188,35 @@ class Settings(BaseSettings):
     )
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     LOG_FORMAT: Literal["json", "text"] = "json"
+    # --- access control, audit and slow clients (docs/operations.md, "Authentication") ------
+    API_KEYS_FILE: Path | None = Field(
+        None,
+        description="File of API keys, one `<key_id> <scope,...> sha256:<hex>` line each (make "
+        "one with `python -m service.keys create`); read at start-up. Unset: no authentication, "
+        "which the service allows only on a loopback HOST or with ALLOW_OPEN_ACCESS",
+    )
+    ALLOW_OPEN_ACCESS: bool = Field(
+        False,
+        description="Serve without API keys on a non-loopback HOST (behind a gateway that "
+        "authenticates); without it the service refuses to start open there",
+    )
+    AUDIT_LOG_FILE: Path | None = Field(
+        None,
+        description="Audit log (JSON lines, created 0600), separate from the application log: "
+        "who asked what, on which input, and the answer. Unset: no audit log",
+    )
+    HEADER_TIMEOUT_S: float = Field(
+        10.0, gt=0, description="Seconds a connection gets to send a request's headers (408)"
+    )
+    BODY_TIMEOUT_S: float = Field(
+        60.0, gt=0, description="Seconds a request gets to send its whole body (408)"
+    )
+    MAX_CONNECTIONS: int = Field(
+        500,
+        ge=1,
+        description="Open connections (and requests in flight) at most; beyond it new requests "
+        "get 503",
+    )
 
     @field_validator("CLASSIFICATION_VERSION", "SEGMENTATION_VERSION", "DIAGNOSIS_VERSION")
     @classmethod
@@ -207,6 +236,11 @@ class Settings(BaseSettings):
         if value == "":
             return None if info.field_name == "UNCERTAIN_BELOW" else DEFAULT_DETECTOR_FILE
         return value
+
+    @field_validator("API_KEYS_FILE", "AUDIT_LOG_FILE", mode="before")
+    @classmethod
+    def _empty_means_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     def pinned_versions(self) -> dict[str, str | None]:
         """{task: pinned version or None}."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from service.auth import SCOPE_METRICS, SCOPE_MODELS, require_scope
 from service.deps import RuntimeDep
 from service.metrics import CONTENT_TYPE_LATEST
 from service.predictors import DEFAULT_UNCERTAIN_BELOW
@@ -14,6 +15,7 @@ from service.schemas import (
     ModelDescription,
     ModelsResponse,
     ReadyResponse,
+    error_responses,
 )
 
 router = APIRouter(tags=["operations"])
@@ -46,7 +48,12 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
 
 
-@router.get("/models", response_model=ModelsResponse)
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    dependencies=[require_scope(SCOPE_MODELS)],
+    responses=error_responses(401, 403),
+)
 async def models(runtime: RuntimeDep) -> ModelsResponse:
     """The artifact serving each task: name, version, sha256, metadata and evaluation metrics."""
     loaded = runtime.registry.loaded()
@@ -90,8 +97,13 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    dependencies=[require_scope(SCOPE_METRICS)],
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"},
+        **error_responses(401, 403),
+    },
 )
 async def metrics(runtime: RuntimeDep) -> Response:
-    """Prometheus exposition: latencies per endpoint and stage, failures, model versions."""
+    """Prometheus exposition: latencies per endpoint and stage, failures, model versions, served
+    labels, the process."""
     return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

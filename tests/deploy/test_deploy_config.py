@@ -165,7 +165,9 @@ def test_compose_defaults_equal_the_service_defaults():
     """Compose writes each default once for the deployment; it must not drift from the code's."""
     from service.settings import Settings
 
-    deployment_choices = {"MODEL_DIR", "HOST", "PORT", "TORCH_THREADS"}  # set for the image
+    # set for the image; API keys and the audit log are on in a deployment, off in the code
+    deployment_choices = {"MODEL_DIR", "HOST", "PORT", "TORCH_THREADS", "API_KEYS_FILE",
+                          "AUDIT_LOG_FILE"}  # fmt: skip
     env = _compose_file()["services"]["api"]["environment"]
     for name, value in env.items():
         if name in deployment_choices:
@@ -219,6 +221,31 @@ def test_alert_rules_use_only_metrics_the_service_exports():
         for suffix in suffixes.get(family.type, ("",))
     }
     assert _alert_metric_names() <= exported
+
+
+def test_compose_runs_the_api_with_keys_from_a_secret_and_an_audit_volume():
+    services = _compose_file()["services"]
+    api = services["api"]
+    assert api["environment"]["API_KEYS_FILE"] == "/run/secrets/api_keys"
+    assert "api_keys" in api["secrets"]
+    audit_dir = str(Path(api["environment"]["AUDIT_LOG_FILE"]).parent)
+    assert f"audit:{audit_dir}" in api["volumes"]
+    final = dict(_final_stage("Dockerfile.api"))
+    assert "API_KEYS_FILE=/run/secrets/api_keys" in final["ENV"]
+    assert audit_dir in final["RUN"]  # created owned by the service's uid, 0700
+    config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    key_file = job["authorization"]["credentials_file"]
+    assert key_file == "/run/secrets/" + services["prometheus"]["secrets"][0]
+
+
+def test_the_5xx_alert_counts_no_client_error():
+    rules = yaml.safe_load((REPO / "deploy" / "alerts.yml").read_text())
+    exprs = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    numerator = exprs["BusiServerErrors"].split("/")[0]
+    assert 'status=~"5.."' in numerator
+    assert not re.search(r'status[!=]~?"4', numerator)
+    assert "busi_request_failures_total" not in exprs["BusiServerErrors"]  # 4xx reasons too
 
 
 def test_prometheus_scrapes_the_api_and_loads_the_alert_rules():

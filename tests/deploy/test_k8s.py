@@ -155,6 +155,20 @@ def test_api_environment_names_only_real_settings_and_each_value_parses():
     assert settings.TORCH_THREADS_BATCHED == max(1, cpus - 1)  # a batch leaves one to HTTP
 
 
+def test_api_reads_its_keys_from_a_secret_and_keeps_an_audit_volume():
+    pod = _api()["spec"]["template"]["spec"]
+    container = _api_container()
+    env = _env(container)
+    mounts = _mounts(pod, container)
+    keys = Path(env["API_KEYS_FILE"])
+    mount, volume = mounts[str(keys.parent)]
+    assert mount["readOnly"] is True and "subPath" not in mount  # so Secret edits reach it
+    assert {"key": "api_keys", "path": keys.name} in volume["secret"]["items"]
+    assert env["API_KEYS_FILE"] == _final_stage_env("Dockerfile.api")["API_KEYS_FILE"]
+    audit_dir = str(Path(env["AUDIT_LOG_FILE"]).parent)
+    assert audit_dir in mounts and not mounts[audit_dir][0].get("readOnly")
+
+
 def test_probes_and_ports_match_the_service():
     openapi = (REPO / "openapi" / "openapi.json").read_text()
     container = _api_container()

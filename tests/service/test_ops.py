@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from service_inputs import png
 
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
@@ -96,21 +97,72 @@ def test_request_id_is_generated_and_echoed(client):
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
 
 
-def test_client_request_id_is_kept_when_it_is_a_safe_token(client):
+@pytest.mark.parametrize(
+    "generated",
+    [
+        "3f2b1c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+    ],
+)
+def test_client_request_id_is_kept_when_it_looks_generated(client, generated):
     response = client.post(
         "/classify",
         content=png(),
-        headers={"Content-Type": "image/png", "X-Request-ID": "pacs-42.a_b"},
+        headers={"Content-Type": "image/png", "X-Request-ID": generated},
     )
     assert response.status_code == 200
-    assert response.headers["X-Request-ID"] == "pacs-42.a_b"
-    assert response.json()["request_id"] == "pacs-42.a_b"
+    assert response.headers["X-Request-ID"] == generated
+    assert response.json()["request_id"] == generated
 
 
-def test_unsafe_client_request_id_is_replaced(client):
-    for unsafe in ["has space", "x" * 65, "<script>", "a/b"]:
-        response = client.get("/healthz", headers={"X-Request-ID": unsafe})
-        assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
+@pytest.mark.parametrize(
+    "unsafe",
+    [
+        "has space",
+        "x" * 65,
+        "<script>",
+        "a/b",
+        "pacs-42.a_b",  # a free-text token
+        "1234567890123456",  # an accession number: digits only, however long
+        "2024-000123-4567-89",  # digits and dashes
+        "ACC20240001234567",  # an accession number of hex-looking characters: too short
+        "Z" + "1" * 40,  # letters beyond a-f
+        "Doe_Jane_1962-03-04",  # a name
+        "abc-123",  # too short to be generated
+    ],
+)
+def test_a_client_request_id_that_could_be_patient_data_is_replaced(client, unsafe):
+    response = client.get("/healthz", headers={"X-Request-ID": unsafe})
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
+
+
+def test_unmatched_is_only_for_paths_no_route_serves(client):
+    client.get("/docs")
+    client.get("/openapi.json")
+    client.get("/static/app.js")
+    client.post("/classify", content=b"", headers={"Content-Length": str(10**9)})
+    client.get("/no/such/path")
+    client.get("/classify")  # a route, not this method: 405
+    text = client.get("/metrics").text
+    for endpoint, status in [
+        ("/docs", 200),
+        ("/openapi.json", 200),
+        ("/static/*", 200),
+        ("/classify", 413),
+        ("unmatched", 404),
+        ("/classify", 405),
+    ]:
+        series = (
+            f'busi_http_request_duration_seconds_count{{endpoint="{endpoint}",status="{status}"}}'
+        )
+        assert series in text, series
+
+
+def test_metrics_expose_the_process_and_the_build(client):
+    text = client.get("/metrics").text
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"):
+        assert re.search(rf"^{name} \d", text, flags=re.MULTILINE), name
+    assert re.search(r'^busi_build_info\{.*version="[^"]+".*\} 1.0$', text, flags=re.MULTILINE)
 
 
 def test_root_serves_the_page_and_static_files(client):
