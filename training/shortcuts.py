@@ -253,9 +253,9 @@ def fold_predictions(
             variants[name][idx] = predict(model, preprocessing, frames, preset.flip_tta).probs
         covered[idx] = True
         log.info("fold %d: %d held-out images compared", fold, len(idx))
-    if not covered.all():
+    if not covered.all() and not args.partial:
         raise ValueError(f"fold weights in {args.cv_dir} cover {int(covered.sum())} of {n} images")
-    return variants
+    return {name: probs[covered] for name, probs in variants.items()} | {"covered": covered}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -269,6 +269,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     has_marks = np.asarray([m.any() for m in masks])
     fraction = np.asarray([m.mean() for m in masks])
     output = Path(args.output_dir)
+    if args.write_cleaned is not None:
+        write_cleaned(samples, images, masks, args.data_path, args.write_cleaned)
     marked = [i for i in range(len(samples)) if has_marks[i]][:: max(1, int(has_marks.sum()) // 16)]
     if marked:
         overlay_grid([images[i] for i in marked], [masks[i] for i in marked], output / "marks.png")
@@ -298,8 +300,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         report["images_with_marks_near_lesion"] = float(near.mean())
         report["near_lesion_px"] = NEAR_LESION_PX
         variants = fold_predictions(args, samples, items, images, masks, lesions)
+        covered = variants.pop("covered")
         groups = np.asarray([items[s.key]["group"] for s in samples])
-        report.update(compare(labels, has_marks, variants, groups))
+        report["folds"] = sorted(
+            int(p.stem.removeprefix("fold")) for p in args.cv_dir.glob("fold*.pt")
+        )
+        report.update(compare(labels[covered], has_marks[covered], variants, groups[covered]))
     output.mkdir(parents=True, exist_ok=True)
     (output / "shortcuts.json").write_text(json.dumps(report, indent=1) + "\n")
     log.info(
@@ -309,6 +315,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "; " + json.dumps({k: report[k] for k in ("all", "with_marks")}) if "all" in report else "",
     )
     return report
+
+
+def write_cleaned(
+    samples: list, images: list[np.ndarray], marks: list[np.ndarray], source: Path, target: Path
+) -> None:
+    """A copy of the data folder (BUSI layout) with every image's detected marks inpainted and
+    the lesion masks copied as they are: the data for training a model that never sees marks."""
+    import shutil
+
+    from PIL import Image
+
+    for sample, image, mark in zip(samples, images, marks, strict=True):
+        path = Path(target) / sample.key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(inpaint(image, mark)).save(path)
+        for mask in sorted(Path(source, sample.key).parent.glob(Path(sample.key).stem + "_mask*")):
+            shutil.copyfile(mask, path.parent / mask.name)
+    log.info("wrote %d images with their marks inpainted to %s", len(samples), target)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -340,6 +364,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="report folder (default: training/reports/shortcuts)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="score only the images whose fold model is present (default: all five needed)",
+    )
+    parser.add_argument(
+        "--write-cleaned",
+        type=Path,
+        default=None,
+        help="also write a copy of the data folder with the marks inpainted here",
+    )
     return parser
 
 

@@ -138,6 +138,15 @@ def test_shortcuts_command_compares_fold_models_on_their_held_out_images(tmp_pat
         assert 0.0 <= report["all"][name]["accuracy"] <= 1.0
     assert 0.0 <= report["all"]["inpainted"]["label_flips"] <= 1.0
     assert set(report["mark_prevalence_by_class"]) == {"normal", "benign", "malignant"}
+    for fold in range(1, 5):  # one fold model left: refused unless --partial, then scored alone
+        (cv_dir / f"fold{fold}.pt").unlink()
+    with pytest.raises(ValueError, match="cover"):
+        training_main(argv)
+    assert training_main([*argv, "--partial"]) == 0
+    report = json.loads((out / "shortcuts.json").read_text())
+    held_out = json.loads(folds_file.read_text())["items"].values()
+    assert report["folds"] == [0]
+    assert report["all"]["n"] == sum(item["fold"] == 0 for item in held_out) < 12
 
 
 def test_shortcuts_command_without_fold_models_reports_mark_prevalence(tmp_path):
@@ -151,3 +160,27 @@ def test_shortcuts_command_without_fold_models_reports_mark_prevalence(tmp_path)
     assert training_main(argv) == 0
     report = json.loads((out / "shortcuts.json").read_text())
     assert report["n_images"] == 9 and "all" not in report
+
+
+def test_cleaned_copy_has_the_marks_inpainted_and_the_masks_unchanged(tmp_path):
+    from PIL import Image
+    from synthetic_busi import write_busi_folder
+
+    from training.__main__ import main as training_main
+    from training.data import load_image, scan_dataset
+
+    data = write_busi_folder(tmp_path / "busi", per_class=2)
+    sample = scan_dataset(data)[0]
+    marked, _ = with_marks()
+    Image.fromarray(marked).save(data / sample.key)
+    cleaned = tmp_path / "cleaned"
+    argv = ["shortcuts", "--data-path", str(data), "--output-dir", str(tmp_path / "r"),
+            "--write-cleaned", str(cleaned)]  # fmt: skip
+    assert training_main(argv) == 0
+    copies = scan_dataset(cleaned)
+    assert [s.key for s in copies] == [s.key for s in scan_dataset(data)]
+    assert shortcuts.detect_marks(load_image(sample)).any()
+    assert not shortcuts.detect_marks(load_image(copies[0])).any()
+    for original in data.rglob("*_mask*.png"):
+        copy = cleaned / original.relative_to(data)
+        assert copy.read_bytes() == original.read_bytes()
