@@ -40,7 +40,13 @@ const ERROR_SENTENCES = {
   invalid_request: "The page sent a request the service did not accept. Reload the page and try again.",
   internal_error:
     "The service could not analyse this scan because of an internal problem. Please try again.",
+  forbidden: "This API key may not analyse scans. Ask for a key with the \u201cinfer\u201d scope.",
+  request_timeout: "The upload took too long and was stopped. Check the connection and try again.",
+  overloaded: "The service is busy. Please try again in a moment.",
 };
+
+// The API key, when the service requires one: this tab only (sessionStorage), never a cookie.
+const KEY_STORAGE = "busi-api-key";
 
 // When a response carries no known code (a proxy in between, an old service), word it by status.
 const STATUS_CODES = { 413: "body_too_large", 415: "unsupported_format", 503: "model_unavailable" };
@@ -83,6 +89,9 @@ const el = {
   downloadMask: $("download-mask"),
   downloadJson: $("download-json"),
   requestId: $("request-id"),
+  keyForm: $("key-form"),
+  keyPrompt: $("key-prompt"),
+  keyInput: $("key-input"),
 };
 
 const state = {
@@ -91,6 +100,7 @@ const state = {
   objectUrls: [], // revoked when the next result replaces this one
   mask: null, // {width, height, fill: Uint8Array (1 = lesion), edge: Int32Array of pixel indices}
   nFrames: 1,
+  pending: null, // {file, frame} waiting for an API key
 };
 
 // ---- page state -------------------------------------------------------------------------------
@@ -151,17 +161,21 @@ async function analyse(file, frame) {
   state.file = file;
 
   clearError();
+  el.keyForm.hidden = true;
   setBusy(true, frame > 0 ? `Analysing frame ${frame + 1}…` : "Analysing the scan…");
 
   // The raw bytes as application/octet-stream: the service decides the format from the bytes,
   // so a scan exported with an odd file extension is still read correctly.
   const query = new URLSearchParams({ include_image: "true", frame: String(frame) });
+  const key = sessionStorage.getItem(KEY_STORAGE);
   let response;
   let body = null;
   try {
+    const headers = { "Content-Type": "application/octet-stream", Accept: "application/json" };
+    if (key) headers.Authorization = `Bearer ${key}`;
     response = await fetch(`${DIAGNOSE_URL}?${query}`, {
       method: "POST",
-      headers: { "Content-Type": "application/octet-stream", Accept: "application/json" },
+      headers,
       body: file,
       signal: controller.signal,
     });
@@ -179,6 +193,12 @@ async function analyse(file, frame) {
   if (controller.signal.aborted) return;
   state.controller = null;
 
+  if (response.status === 401) {
+    setBusy(false);
+    askForKey(file, frame, Boolean(key));
+    return;
+  }
+
   if (!response.ok || !body || !body.classification) {
     setBusy(false);
     showError(errorSentence(response.status, body), body?.error?.request_id ?? body?.request_id);
@@ -194,6 +214,19 @@ async function analyse(file, frame) {
   }
   if (!el.error.hidden) return;
   setState("result");
+}
+
+function askForKey(file, frame, rejected) {
+  // No key, or one the service did not accept: ask, then run the same scan again.
+  if (rejected) sessionStorage.removeItem(KEY_STORAGE);
+  state.pending = { file, frame };
+  el.keyPrompt.textContent = rejected
+    ? "That API key was not accepted. Check it and paste it again."
+    : "This service needs an API key. Paste yours to continue.";
+  el.keyForm.hidden = false;
+  el.keyInput.value = "";
+  el.keyInput.focus();
+  setState("key");
 }
 
 function errorSentence(status, body) {
@@ -531,6 +564,18 @@ el.overlayToggle.addEventListener("change", drawOverlay);
 el.overlayOpacity.addEventListener("input", drawOverlay);
 window.addEventListener("resize", () => {
   if (state.mask) drawOverlay();
+});
+
+el.keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = el.keyInput.value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_STORAGE, key);
+  el.keyInput.value = "";
+  el.keyForm.hidden = true;
+  const pending = state.pending;
+  state.pending = null;
+  if (pending) analyse(pending.file, pending.frame);
 });
 
 el.frameForm.addEventListener("submit", (event) => {

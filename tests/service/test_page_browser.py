@@ -61,6 +61,30 @@ def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+PAGE_KEY_ID = "page-test"
+
+
+@pytest.fixture(scope="module")
+def keyed_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(url, key) of a service that requires an API key, on the rigged models."""
+    from service.auth import keys_file_line
+    from service.keys import new_key
+
+    tmp = tmp_path_factory.mktemp("keyed-service")
+    publish_rigged_models(tmp / "models")
+    key = new_key()
+    (tmp / "api_keys").write_text(keys_file_line(PAGE_KEY_ID, ["infer"], key) + "\n")
+    env = {
+        "MODEL_DIR": str(tmp / "models"),
+        "API_KEYS_FILE": str(tmp / "api_keys"),
+        "RELOAD_INTERVAL_S": "0",
+        "LOG_FORMAT": "text",
+        "GRACEFUL_SHUTDOWN_S": "0",
+    }
+    with running_service(env, tmp / "service.log", timeout_s=240) as url:
+        yield url, key
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -313,5 +337,38 @@ def test_image_unlike_a_scan_shows_the_warning_and_marks_the_finding(
     assert page.get_attribute("#finding-label", "data-reliable") == "false"
     assert "not reliable" in page.inner_text("#finding-label")
     screenshot(page, "5-out-of-distribution")
+    assert page.js_errors == []
+    page.close()
+
+
+def test_page_asks_for_a_key_when_the_service_requires_one(browser, keyed_service, scans):
+    url, key = keyed_service
+    page = open_page(browser, url, WIDE)
+    with page.expect_response(lambda r: "/diagnose" in r.url) as first:
+        page.set_input_files("#file-input", str(scans["png"]))  # no key yet
+    assert first.value.status == 401
+    page.wait_for_selector("body[data-state=key]")
+    assert page.is_visible("#key-form")
+    assert "needs an API key" in page.inner_text("#key-prompt")
+    screenshot(page, "6-api-key-prompt")
+
+    with page.expect_response(lambda r: "/diagnose" in r.url) as wrong:
+        page.fill("#key-input", "busi_not-a-key")
+        page.click("#key-button")
+    assert wrong.value.status == 401
+    page.wait_for_selector("body[data-state=key]")
+    assert "not accepted" in page.inner_text("#key-prompt")
+
+    with page.expect_response(lambda r: "/diagnose" in r.url) as right:
+        page.fill("#key-input", key)
+        page.click("#key-button")
+    assert right.value.status == 200
+    assert right.value.request.headers["authorization"] == f"Bearer {key}"
+    page.wait_for_selector("body[data-state=result]")
+    assert page.is_hidden("#key-form")
+    assert page.inner_text("#finding-label")
+    assert page.evaluate("sessionStorage.length") == 1  # the tab's, not a cookie
+    assert page.context.cookies() == []
+    screenshot(page, "7-result-with-key")
     assert page.js_errors == []
     page.close()
