@@ -100,12 +100,16 @@ OTHER_CODES = (
 
 
 def error_codes() -> list[str]:
-    """Every `code` an error envelope can carry, for the OpenAPI enum."""
-    domain_classes = [
-        c for c in vars(domain).values() if isinstance(c, type) and issubclass(c, domain.BusiError)
-    ]
-    codes = {cls.code for cls in [*STATUS_BY_ERROR, *domain_classes]}
-    return sorted(codes | set(_HTTP_CODES.values()) | set(OTHER_CODES))
+    """Every `code` an error envelope can carry, for the OpenAPI enum: those of the domain and
+    service errors (any subclass, wherever in shared/ or service/ it is defined) and the others."""
+    classes: list[type[domain.BusiError]] = []
+    pending: list[type[domain.BusiError]] = [domain.BusiError]
+    while pending:
+        cls = pending.pop()
+        classes.append(cls)
+        pending += cls.__subclasses__()
+    ours = [c for c in classes if c.__module__.startswith(("shared.", "service."))]
+    return sorted({c.code for c in ours} | set(_HTTP_CODES.values()) | set(OTHER_CODES))
 
 
 def status_for(exc: domain.BusiError) -> int:

@@ -8,6 +8,7 @@
     python -m training oof --preset joint-lite0 --data-path D out-of-fold logits + features
     python -m training fold-split --fold K --output F        split file whose test set is fold K
     python -m training compare --classifier C --segmenter S --oof O ...  pair vs joint, same images
+    python -m training compare-cv --recipe NAME=C,S ... --oof O  recipes on the same folds
     python -m training calibrate --oof F [--output-dir R]    temperature + abstain band from OOF
     python -m training ood --data-path D [--detector-out J]  evaluate and fit the OOD check
     python -m training shortcuts --cv-dir R --data-path D    predictions with marks inpainted
@@ -39,6 +40,7 @@ COMMANDS = (
     "ood",
     "shortcuts",
     "compare",
+    "compare-cv",
 )
 
 
@@ -98,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         args = classification.parse_args(rest)
         args.command_line = "python -m training classify " + " ".join(rest)
         classification.main(args)
+    elif command == "compare-cv":
+        from training import compare
+
+        compare.cv_main(compare.parse_cv_args(rest))
     elif command == "compare":
         from training import compare
 
