@@ -13,7 +13,11 @@
     python -m training ood --data-path D [--detector-out J]  evaluate and fit the OOD check
     python -m training shortcuts --cv-dir R --data-path D    predictions with marks inpainted
 
-Each command's own `--help` lists its flags and their defaults.
+Each command's own `--help` lists its flags and their defaults. The training commands (classify,
+segment, cv, fit, oof) share one set of flags (training.cli: --preset, --data-path, --split-file,
+--output-dir, --model-dir, --version, --epochs, --batch-size, --lr, --image-size, --seed,
+--threads, --device, --resume, --smoke, --no-progress, ...) and one engine (training.engine,
+training.runner) with a task plug-in per kind.
 """
 
 from __future__ import annotations
@@ -97,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "classify":
         from training import classification
 
-        args = classification.parse_args(rest)
-        args.command_line = "python -m training classify " + " ".join(rest)
-        classification.main(args)
+        classification.main(classification.parse_args(rest))
     elif command == "compare-cv":
         from training import compare
 

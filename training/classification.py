@@ -1,12 +1,14 @@
-"""Train, evaluate, export and publish a normal / benign / malignant classifier.
+"""The classification task: a normal / benign / malignant classifier, as an engine plug-in.
 
     python -m training classify --preset effnet-lite0 --data-path D \
         --split-file training/splits/busi.json --output-dir runs/classification/effnet-lite0 \
         --model-dir models
 
-`main(args)` reads as the recipe: data (the grouped split), model, loss, optimiser, the epoch loop
-with model selection on the validation split only, then one evaluation of the chosen checkpoint on
-the test split, reports, TorchScript export (checked equal to eager) and publishing.
+The recipe is training.runner.run_task's: data (the grouped split), model, loss, optimiser, the
+epoch loop with model selection on the validation split only, then one evaluation of the chosen
+checkpoint on the test split, report, TorchScript export (checked equal to eager) and publishing.
+This module holds what is the classifier's own: presets, augmentation, data set, loss, optimiser,
+metrics and its report section (`ClassificationTask`).
 
 Images go through THE preprocessing (shared.preprocessing.Preprocessing) exactly as the service
 applies it; training-time augmentation works on the decoded uint8 image before it, train split only.
@@ -21,33 +23,25 @@ by a segmentation artifact (`--segmenter`), the only masks the service could eve
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from shared.artifacts import new_version_name, sha256_file
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION
 from shared.models import build_model
 from shared.postprocessing import softmax
 from shared.preprocessing import Preprocessing
-from training import engine, export, plots, report
-from training.data import (
-    SPLITS,
-    data_fingerprint,
-    load_image,
-    load_mask,
-    resolve_split,
-    subset_per_class,
-)
-from training.metrics import classification_metrics
+from training import cli, engine, plots
+from training.data import LoadedSplit
+from training.metrics import classification_metrics, confusion_matrix
+from training.report import fmt
+from training.runner import Evaluation, Run, run_task
 
 log = logging.getLogger(__name__)
 
@@ -279,277 +273,182 @@ def _or_zero(value: float | None) -> float:
     return 0.0 if value is None else float(value)
 
 
-def _is_better(value: float, best: float | None, select_on: str) -> bool:
-    if best is None:
-        return True
-    return value < best if select_on == "val_loss" else value > best
+# --- the plug-in ------------------------------------------------------------------------------
+
+# Targets of the classification figures on the test split (report.md says met or missed).
+TARGETS = {"accuracy": 0.88, "macro_f1": 0.85, "macro_auc": 0.95, "malignant_recall": 0.85}
 
 
-# --- the recipe ------------------------------------------------------------------------------
+class ClassificationTask:
+    """Predicts class logits (len(CLASS_NAMES)) from the image and, with --mask-channel, a fourth
+    lesion-mask channel; weighted, label-smoothed cross-entropy; accuracy, macro-F1, macro AUC."""
 
+    kind = TASK_CLASSIFICATION
+    command = "classify"
+    presets = PRESETS
+    default_output = "runs/classification/{preset}"
+    smoke_per_class = 3
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    started = time.perf_counter()
-    preset = get_preset(args.preset)
-    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr") if getattr(args, k)}
-    if args.image_size:
-        overrides.update(resize=args.image_size, crop=args.image_size)
-    if args.smoke:
-        overrides.update(epochs=args.epochs or 1, batch_size=4, resize=64, crop=64)
-    if args.no_pretrained or args.smoke:
-        overrides["pretrained"] = False
-    preset = replace(preset, **overrides)
-    output_dir = Path(args.output_dir or f"runs/classification/{args.preset}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    engine.setup_logging(output_dir / "train.log")
-    threads = engine.configure_threads(args.threads)
-    engine.seed_everything(args.seed)
-    log.info(
-        "preset %s (%s); %d threads; output %s", args.preset, preset.notes, threads, output_dir
-    )
+    def resolve_preset(self, args: argparse.Namespace) -> Preset:
+        preset = get_preset(args.preset)
+        overrides = cli.recipe_overrides(args)
+        size = overrides.pop("image_size", None)
+        if size:
+            overrides.update(resize=size, crop=size)
+        if args.smoke:
+            overrides.update(epochs=args.epochs or 1, batch_size=4, resize=64, crop=64)
+        if args.no_pretrained or args.smoke:
+            overrides["pretrained"] = False
+        return replace(preset, **overrides)
 
-    # Data: the grouped split, decoded once and held in memory (623 x 256 x 256 bytes).
-    samples, by_split, split_path = resolve_split(
-        args.data_path,
-        args.split_file,
-        fallback=args.split_file or output_dir / "split.json",
-        seed=args.split_seed,
-    )
-    if args.smoke or args.max_per_class:
-        n = args.max_per_class or 3
-        by_split = {s: subset_per_class(v, n) for s, v in by_split.items()}
-    images = {s: [load_image(x) for x in by_split[s]] for s in SPLITS}
-    labels = {s: [x.label for x in by_split[s]] for s in SPLITS}
-    log.info(
-        "split %s: %s",
-        split_path,
-        {s: np.bincount(labels[s], minlength=3).tolist() for s in SPLITS},
-    )
+    def preprocessing(self, preset: Preset) -> Preprocessing:
+        return Preprocessing(resize=preset.resize, crop=preset.crop)
 
-    masks: dict[str, list[np.ndarray] | None] = dict.fromkeys(SPLITS)
-    if args.mask_channel != "none":
-        gt = {
-            s: [load_mask(x, im.shape) for x, im in zip(by_split[s], images[s], strict=True)]
-            for s in SPLITS
-        }
-        masks["train"] = gt["train"]
-        if args.mask_channel == "ground-truth":
-            log.warning(
-                "ground-truth masks at evaluation leak the label (normal masks are "
-                "empty): these numbers measure the leak, not the model"
+    def datasets(self, run: Run) -> tuple[Dataset, Dataset]:
+        args, data = run.args, run.data
+        masks = _mask_channels(args, data)
+        augmentation = Augmentation(run.preset.augmentation, run.preset.resize)
+        sets = {
+            s: ClassificationDataset(
+                data[s].images,
+                data[s].labels,
+                run.preprocessing,
+                augmentation if s == "train" else None,
+                masks[s],
             )
-            masks["val"], masks["test"] = gt["val"], gt["test"]
-        else:
-            if not args.segmenter:
-                raise SystemExit("--mask-channel predicted needs --segmenter MODEL_DIR")
-            masks["val"] = predict_masks(args.segmenter, images["val"])
-            masks["test"] = predict_masks(args.segmenter, images["test"])
-    in_channels = 3 if args.mask_channel == "none" else 4
+            for s in data
+        }
+        run.state.update(sets=sets, masks=masks)
+        return sets["train"], sets["val"]
 
-    preprocessing = Preprocessing(resize=preset.resize, crop=preset.crop)
-    augmentation = Augmentation(preset.augmentation, preset.resize)
-    datasets = {
-        "train": ClassificationDataset(
-            images["train"], labels["train"], preprocessing, augmentation, masks["train"]
-        ),
-        "val": ClassificationDataset(
-            images["val"], labels["val"], preprocessing, None, masks["val"]
-        ),
-        "test": ClassificationDataset(
-            images["test"], labels["test"], preprocessing, None, masks["test"]
-        ),
-    }
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(
-        datasets["train"],
-        batch_size=preset.batch_size,
-        shuffle=True,
-        drop_last=len(datasets["train"]) > preset.batch_size,
-        generator=generator,
-        num_workers=args.workers,
-    )
-    eval_loaders = {
-        s: DataLoader(datasets[s], batch_size=64, num_workers=args.workers) for s in ("val", "test")
-    }
+    def build_model(self, run: Run) -> nn.Module:
+        kwargs: dict[str, Any] = dict(
+            num_classes=len(CLASS_NAMES),
+            in_channels=_in_channels(run.args),
+            pretrained=run.preset.pretrained,
+        )
+        if run.preset.drop_rate is not None:
+            kwargs["drop_rate"] = run.preset.drop_rate
+        return build_model(run.preset.architecture, **kwargs)
 
-    # Model, loss, optimiser.
-    model_kwargs: dict[str, Any] = dict(
-        num_classes=len(CLASS_NAMES), in_channels=in_channels, pretrained=preset.pretrained
-    )
-    if preset.drop_rate is not None:
-        model_kwargs["drop_rate"] = preset.drop_rate
-    model = build_model(preset.architecture, **model_kwargs)
-    pretrained_loaded = bool(getattr(model, "pretrained_loaded", False))
-    weight = class_weights(labels["train"], len(CLASS_NAMES)) if preset.class_weighted else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=preset.label_smoothing)
-    optimizer = build_optimizer(preset, model, preset.lr)
-    scheduler, step_every = build_scheduler(preset, optimizer, preset.epochs, len(train_loader))
+    def build_loss(self, run: Run) -> nn.Module:
+        labels = run.data["train"].labels
+        weight = class_weights(labels, len(CLASS_NAMES)) if run.preset.class_weighted else None
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=run.preset.label_smoothing)
 
-    checkpoint_path = output_dir / "checkpoint.pt"
-    best_path = output_dir / "best.pt"
-    history, best, best_epoch, start_epoch = engine.History(), None, 0, 1
-    resume = args.resume or (checkpoint_path if args.test_only else None)
-    if resume:
-        state = engine.load_checkpoint(Path(resume), model, optimizer, scheduler)
-        history, best = state.history, state.best_metric
-        best_epoch, start_epoch = state.extra.get("best_epoch", 0), state.epoch + 1
-        pretrained_loaded = state.extra.get("pretrained_loaded", pretrained_loaded)
+    def build_optimizer(
+        self, run: Run, model: nn.Module, steps_per_epoch: int
+    ) -> tuple[torch.optim.Optimizer, Any, str]:
+        optimizer = build_optimizer(run.preset, model, run.preset.lr)
+        scheduler, step_every = build_scheduler(
+            run.preset, optimizer, run.preset.epochs, steps_per_epoch
+        )
+        return optimizer, scheduler, step_every
 
-    # The epoch loop: model selection on the validation split only.
-    for epoch in range(start_epoch, preset.epochs + 1) if not args.test_only else ():
-        with engine.Timer() as timer:
-            train_loss = engine.train_one_epoch(
+    def selection(self, preset: Preset) -> engine.Selection:
+        return engine.Selection(preset.select_on)
+
+    def validate(self, out: engine.EvalOutput, data: LoadedSplit) -> dict[str, float]:
+        m = classification_metrics(
+            out.targets.numpy(), _probs(out.outputs), CLASS_NAMES, n_resamples=0
+        )
+        return {
+            "val_accuracy": m["accuracy"],
+            "val_macro_f1": _or_zero(m["macro_f1"]),
+            "val_macro_auc": _or_zero(m["macro_auc"]),
+        }
+
+    def evaluate(self, run: Run, model: nn.Module) -> Evaluation:
+        args, sets = run.args, run.state["sets"]
+        results: dict[str, Any] = {}
+        outputs = {}
+        for split in ("val", "test"):
+            out = engine.evaluate(
                 model,
-                loss_fn,
-                optimizer,
-                train_loader,
-                epoch,
-                step_scheduler=scheduler if step_every == "step" else None,
-                progress=not args.no_progress,
+                None,
+                run.eval_loader(sets[split]),
+                desc=split,
+                progress=run.progress,
+                device=run.device,
             )
-            if step_every == "epoch":
-                scheduler.step()
-            val = engine.evaluate(
-                model, loss_fn, eval_loaders["val"], desc="val", progress=not args.no_progress
+            outputs[split] = (out.targets.numpy(), _probs(out.outputs))
+            results[split] = r = classification_metrics(
+                *outputs[split], CLASS_NAMES, n_resamples=args.bootstrap, seed=args.seed
             )
-        val_metrics = classification_metrics(
-            val.targets.numpy(), _probs(val.outputs), CLASS_NAMES, n_resamples=0
-        )
-        values = {
-            "train_loss": train_loss,
-            "val_loss": val.loss,
-            "val_accuracy": val_metrics["accuracy"],
-            "val_macro_f1": _or_zero(val_metrics["macro_f1"]),
-            "val_macro_auc": _or_zero(val_metrics["macro_auc"]),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": timer.seconds,
-        }
-        history.append(epoch, **values)
-        engine.log_epoch(
-            epoch,
-            preset.epochs,
-            seconds=timer.seconds,
-            **{k: v for k, v in values.items() if k != "seconds"},
-        )
-        if _is_better(values[preset.select_on], best, preset.select_on):
-            best, best_epoch = values[preset.select_on], epoch
-            torch.save(model.state_dict(), best_path)
-            log.info("new best %s=%.4f at epoch %d", preset.select_on, best, epoch)
-        engine.save_checkpoint(
-            checkpoint_path,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            epoch=epoch,
-            best_metric=best,
-            history=history,
-            extra={
-                "best_epoch": best_epoch,
-                "preset": args.preset,
-                "pretrained_loaded": pretrained_loaded,
+            log.info(
+                "%s: accuracy %s macro-F1 %s macro-AUC %s malignant sensitivity %s",
+                split,
+                *(
+                    fmt(v)
+                    for v in (
+                        r["accuracy"],
+                        r["macro_f1"],
+                        r["macro_auc"],
+                        r["per_class"]["malignant"]["recall"],
+                    )
+                ),
+            )
+        _write_plots(run.output_dir, outputs, run.data["test"], run.state["masks"]["test"])
+        in_channels = _in_channels(args)
+        preset = run.preset
+        return Evaluation(
+            served=model,
+            example=sets["test"][0][0][None],
+            name=f"{preset.architecture}-cls" + ("-mask" if in_channels == 4 else ""),
+            architecture=preset.architecture,
+            output={"type": "logits", "shape": [len(CLASS_NAMES)]},
+            metrics={"validation": _headline(results["val"]), "test": _headline(results["test"])},
+            splits={"validation": results["val"], "test": results["test"]},
+            training={
+                "pretrained_loaded": bool(getattr(model, "pretrained_loaded", False)),
+                "mask_channel": args.mask_channel,
             },
-        )
-    train_seconds = sum(history.column("seconds"))
-
-    # The chosen checkpoint, evaluated once on val and test.
-    if best_path.exists():
-        model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
-    log.info("evaluating epoch %d (best %s) on val and test", best_epoch, preset.select_on)
-    results: dict[str, Any] = {}
-    outputs = {}
-    for split in ("val", "test"):
-        out = engine.evaluate(
-            model, None, eval_loaders[split], desc=split, progress=not args.no_progress
-        )
-        outputs[split] = (out.targets.numpy(), _probs(out.outputs))
-        results[split] = classification_metrics(
-            *outputs[split], CLASS_NAMES, n_resamples=args.bootstrap, seed=args.seed
-        )
-        r = results[split]
-        log.info(
-            "%s: accuracy %s macro-F1 %s macro-AUC %s malignant sensitivity %s",
-            split,
-            *(
-                _num(v)
-                for v in (
-                    r["accuracy"],
-                    r["macro_f1"],
-                    r["macro_auc"],
-                    r["per_class"]["malignant"]["recall"],
-                )
+            input_channels=in_channels,
+            input=(
+                {
+                    "mask_channel": "channel 4: lesion mask (0/1) predicted by the segmentation "
+                    "artifact, resized like the image"
+                }
+                if in_channels == 4
+                else {}
             ),
         )
 
-    config = {
-        "preset": args.preset,
-        **{k: v for k, v in asdict(preset).items() if k not in ("extra",)},
-        "pretrained_loaded": pretrained_loaded,
-        "mask_channel": args.mask_channel,
-        "seed": args.seed,
-        "threads": threads,
-        "smoke": bool(args.smoke),
-        "best_epoch": best_epoch,
-        "epochs_run": len(history.epochs),
-        "train_seconds": round(train_seconds, 1),
-        "split_file": str(split_path),
-        "split_sha256": sha256_file(split_path),
-    }
-    fingerprint = {**data_fingerprint(samples), "split_file": str(split_path)}
-    document = {
-        "task": TASK_CLASSIFICATION,
-        "class_names": list(CLASS_NAMES),
-        "validation": results["val"],
-        "test": results["test"],
-        "history": history.to_dict(),
-        "training": config,
-        "data_fingerprint": fingerprint,
-    }
-    (output_dir / "metrics.json").write_text(json.dumps(document, indent=1) + "\n")
-    _write_plots(output_dir, history, outputs, images["test"], labels["test"], masks["test"])
-    report.write_classification_report(
-        output_dir / "report.md", document, command=getattr(args, "command_line", None)
-    )
+    def report_section(self, document: dict[str, Any]) -> list[str]:
+        return classification_report_section(document)
 
-    # Export (checked equal to eager) and publish.
-    size = preprocessing.output_size
-    example = torch.from_numpy(datasets["test"][0][0].numpy())[None]
-    scripted = export.export_torchscript(model, example, n_random=1 if args.smoke else 3)
-    if args.model_dir:
-        metadata = export.build_metadata(
-            task=TASK_CLASSIFICATION,
-            name=f"{preset.architecture}-cls" + ("-mask" if in_channels == 4 else ""),
-            architecture=preset.architecture,
-            preprocessing=preprocessing,
-            input_channels=in_channels,
-            output={"type": "logits", "shape": [len(CLASS_NAMES)]},
-            metrics={"validation": _headline(results["val"]), "test": _headline(results["test"])},
-            training=config,
-            data_fingerprint=fingerprint,
-            class_names=CLASS_NAMES,
+
+CLASSIFICATION = ClassificationTask()
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, evaluate, export and publish (`python -m training classify`); returns metrics.json."""
+    return run_task(CLASSIFICATION, args)
+
+
+def _in_channels(args: argparse.Namespace) -> int:
+    return 3 if args.mask_channel == "none" else 4
+
+
+def _mask_channels(
+    args: argparse.Namespace, data: dict[str, LoadedSplit]
+) -> dict[str, list[np.ndarray] | None]:
+    """The fourth channel per split: none, ground-truth masks, or (val and test) masks predicted
+    by the segmentation artifact --segmenter, the only masks the service could ever have."""
+    if args.mask_channel == "none":
+        return dict.fromkeys(data)
+    masks: dict[str, list[np.ndarray] | None] = {s: data[s].masks for s in data}
+    if args.mask_channel == "ground-truth":
+        log.warning(
+            "ground-truth masks at evaluation leak the label (normal masks are empty): these "
+            "numbers measure the leak, not the model"
         )
-        if in_channels == 4:
-            metadata["input"]["mask_channel"] = (
-                "channel 4: lesion mask (0/1) predicted by the segmentation artifact, resized "
-                "like the image"
-            )
-        version = args.version or new_version_name()
-        info = export.publish(
-            Path(args.model_dir), TASK_CLASSIFICATION, version, scripted, metadata
-        )
-        document["published"] = {"path": str(info.path), "version": version, "sha256": info.sha256}
-        (output_dir / "metrics.json").write_text(json.dumps(document, indent=1) + "\n")
-    log.info(
-        "done in %.0f s (training %.0f s); input %dx%d",
-        time.perf_counter() - started,
-        train_seconds,
-        size,
-        size,
-    )
-    return document
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+        return masks
+    if not args.segmenter:
+        raise SystemExit("--mask-channel predicted needs --segmenter MODEL_DIR")
+    for split in ("val", "test"):
+        masks[split] = predict_masks(args.segmenter, data[split].images)
+    return masks
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -558,10 +457,13 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in keys if k in metrics}
 
 
-def _write_plots(output_dir, history, outputs, test_images, test_labels, test_masks) -> None:
+def _write_plots(
+    output_dir: Path,
+    outputs: dict[str, tuple[np.ndarray, np.ndarray]],
+    test: LoadedSplit,
+    test_masks: list[np.ndarray] | None,
+) -> None:
     for split, (y, p) in outputs.items():
-        from training.metrics import confusion_matrix
-
         plots.plot_confusion_matrix(
             confusion_matrix(y, p.argmax(1), len(CLASS_NAMES)),
             CLASS_NAMES,
@@ -571,14 +473,11 @@ def _write_plots(output_dir, history, outputs, test_images, test_labels, test_ma
         plots.plot_roc_curves(
             y, p, CLASS_NAMES, output_dir / f"roc_{split}.png", title=f"ROC one vs rest ({split})"
         )
-    plots.plot_loss_curves(
-        history, output_dir / "loss_curves.png", extra=("val_accuracy", "val_macro_f1")
-    )
     y, p = outputs["test"]
     # A fixed, class-balanced pick of test images (the first four of each class), errors in red.
     pick = [i for c in range(len(CLASS_NAMES)) for i in np.flatnonzero(y == c)[:4]]
     plots.plot_prediction_grid(
-        [test_images[i] for i in pick],
+        [test.images[i] for i in pick],
         [CLASS_NAMES[y[i]] for i in pick],
         [CLASS_NAMES[int(p[i].argmax())] for i in pick],
         [float(p[i].max()) for i in pick],
@@ -587,72 +486,103 @@ def _write_plots(output_dir, history, outputs, test_images, test_labels, test_ma
     )
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training classify",
-        description="Train, evaluate, export and publish a breast-ultrasound classifier.",
-        add_help=add_help,
-    )
-    parser.add_argument(
-        "--preset",
-        default="effnet-lite0",
-        choices=sorted(PRESETS),
-        help="recipe (default: effnet-lite0)",
-    )
-    parser.add_argument(
-        "--data-path",
-        type=Path,
-        required=True,
-        help="folder in BUSI layout (<class>/<name>.png + masks); required",
-    )
-    parser.add_argument(
-        "--split-file",
-        type=Path,
-        default=None,
-        help="grouped split file from `python -m training split`; when it does not exist, "
+def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, float | None]]:
+    """(label, formatted value with CI, raw value) for the target metrics of one split."""
+    ci = metrics.get("ci95", {})
+    malignant = metrics["per_class"]["malignant"]
+    return [
+        ("accuracy", fmt(metrics["accuracy"], ci.get("accuracy")), metrics["accuracy"]),
+        ("macro-F1", fmt(metrics["macro_f1"], ci.get("macro_f1")), metrics["macro_f1"]),
+        (
+            "macro one-vs-rest AUC",
+            fmt(metrics["macro_auc"], ci.get("macro_auc")),
+            metrics["macro_auc"],
+        ),
+        (
+            "malignant sensitivity",
+            fmt(malignant["recall"], ci.get("malignant_recall")),
+            malignant["recall"],
+        ),
+    ]
+
+
+def classification_report_section(document: dict[str, Any]) -> list[str]:
+    """The test table against the targets, per-class numbers, the confusion matrix."""
+    cfg = document["training"]
+    names = document["class_names"]
+    lines = [
+        f"Architecture `{cfg['architecture']}`, input {cfg['crop'] or cfg['resize']} px, "
+        f"ImageNet weights loaded: {cfg['pretrained_loaded']}, mask channel: "
+        f"{cfg['mask_channel']}.",
+        "",
+    ]
+    if cfg["mask_channel"] == "ground-truth":
+        lines += [
+            "**Ground-truth mask channel: these numbers include the label leak** (normal "
+            "images have empty masks) and do not describe a deployable model.",
+            "",
+        ]
+    test, val = document["test"], document["validation"]
+    lines += [
+        f"## Test split (n = {test['n']}, evaluated once), 95% bootstrap intervals",
+        "",
+        "| metric | test | target | met | validation |",
+        "|---|---|---|---|---|",
+    ]
+    target_keys = ("accuracy", "macro_f1", "macro_auc", "malignant_recall")
+    for (label, text, raw), key, (_, vtext, _) in zip(
+        headline_rows(test), target_keys, headline_rows(val), strict=True
+    ):
+        met = "yes" if raw is not None and raw >= TARGETS[key] else "no"
+        lines.append(f"| {label} | {text} | >= {TARGETS[key]:.2f} | {met} | {vtext} |")
+    lines += [
+        "",
+        "Per class (test):",
+        "",
+        "| class | precision | recall | F1 | AUC | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        pc = test["per_class"][name]
+        lines.append(
+            f"| {name} | {fmt(pc['precision'])} | {fmt(pc['recall'])} | "
+            f"{fmt(pc['f1'])} | {fmt(pc['auc'])} | {pc['support']} |"
+        )
+    lines += [
+        "",
+        "Confusion matrix (test; rows true, columns predicted):",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for name, row in zip(names, test["confusion_matrix"], strict=True):
+        lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    lines += [
+        "",
+        "Plots: `confusion_test.png`, `roc_test.png`, `loss_curves.png`, `samples_test.png` "
+        "(and the `_val` versions).",
+        "",
+    ]
+    if test["accuracy"] is not None and test["accuracy"] > 0.95 and not cfg.get("smoke"):
+        lines += ["**Accuracy above 0.95: check for leakage before believing it.**", ""]
+    return lines
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = cli.training_parser(
+        "python -m training classify",
+        "Train, evaluate, export and publish a breast-ultrasound classifier.",
+        presets=PRESETS,
+        default_preset="effnet-lite0",
+        default_output=CLASSIFICATION.default_output.format(preset="<preset>"),
+        split_help="grouped split file from `python -m training split`; when it does not exist, "
         "a split is made and saved there (or into --output-dir if not given) (default: none)",
     )
     parser.add_argument(
         "--split-seed", type=int, default=0, help="seed of a split made on the fly (default: 0)"
-    )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=None,
-        help="run folder: checkpoints, metrics, report, plots "
-        "(default: runs/classification/<preset>)",
-    )
-    parser.add_argument(
-        "--model-dir",
-        type=Path,
-        default=None,
-        help="publish the TorchScript artifact into this model directory as "
-        "<model-dir>/classification/<version>/ (default: none, don't publish)",
-    )
-    parser.add_argument(
-        "--version",
-        default=None,
-        help="artifact version name (default: UTC time, e.g. 20260101T120000Z)",
-    )
-    parser.add_argument(
-        "--epochs", type=int, default=None, help="number of epochs (default: the preset's)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="training batch size (default: the preset's)"
-    )
-    parser.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default: the preset's)"
-    )
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="resize and crop side in pixels (default: the preset's)",
-    )
-    parser.add_argument(
-        "--no-pretrained",
-        action="store_true",
-        help="start from random weights (default: the preset's choice)",
     )
     parser.add_argument(
         "--mask-channel",
@@ -669,53 +599,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="model directory holding the segmentation artifact whose masks "
         "--mask-channel predicted uses (default: none)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--threads", type=int, default=2, help="torch intra-op threads (default: 2)"
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="data-loader worker processes (default: 0, load in the main process)",
-    )
-    parser.add_argument(
-        "--bootstrap",
-        type=int,
-        default=2000,
-        help="bootstrap resamples for the 95%% intervals (default: 2000)",
-    )
-    parser.add_argument(
-        "--max-per-class",
-        type=int,
-        default=None,
-        help="use at most this many images per class and split (default: all)",
-    )
-    parser.add_argument(
-        "--resume",
-        type=Path,
-        default=None,
-        help="checkpoint to resume from, e.g. <output-dir>/checkpoint.pt (default: none)",
-    )
     parser.add_argument(
         "--test-only",
         action="store_true",
-        help="skip training; evaluate the run's best checkpoint (default: off)",
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a run of seconds: 3 images per class and split, 1 epoch, 64 px, no "
-        "pretrained weights, 200 bootstrap resamples (default: off)",
-    )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (default: show them)"
+        help="skip training; evaluate, report and export the run's best.pt (default: off)",
     )
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = get_args_parser().parse_args(argv)
-    if args.smoke and args.bootstrap == 2000:
-        args.bootstrap = 200
-    return args
+    return cli.parse(get_args_parser(), argv, "classify")

@@ -107,6 +107,40 @@ def data_fingerprint(samples: list[Sample]) -> dict[str, object]:
     return {"sha256": digest.hexdigest(), "n_images": len(samples), "per_class": dict(counts)}
 
 
+@dataclass
+class LoadedSplit:
+    """Decoded images and merged masks of one split, in memory (BUSI is ~600 scans)."""
+
+    samples: list[Sample]
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [s.class_name for s in self.samples]
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def pick(self, indices: list[int]) -> LoadedSplit:
+        return LoadedSplit(
+            [self.samples[i] for i in indices],
+            [self.images[i] for i in indices],
+            [self.masks[i] for i in indices],
+        )
+
+    def subset(self, keep: list[bool]) -> LoadedSplit:
+        return self.pick([i for i, k in enumerate(keep) if k])
+
+
+def load_split_images(samples: list[Sample]) -> LoadedSplit:
+    """Decode `samples` (images as the service decodes them, OR-merged masks) into memory."""
+    images = [load_image(s) for s in samples]
+    masks = [load_mask(s, im.shape) for s, im in zip(samples, images, strict=True)]
+    return LoadedSplit(list(samples), images, masks)
+
+
 # --- near-duplicate grouping ---------------------------------------------------------------------
 
 

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import random
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,21 +38,20 @@ from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.models.joint import JointFlipAverage, JointUNet
 from shared.postprocessing import dice_iou, softmax
 from shared.preprocessing import Preprocessing
-from training import distributed, engine
+from training import cli, distributed, engine
 from training.data import (
+    LoadedSplit,
     Sample,
     data_fingerprint,
     groups_largest_first,
     load_image,
+    load_split_images,
     scan_dataset,
+    subset_per_class,
 )
 from training.metrics import _scalars, confusion_matrix
-from training.segmentation import (
-    LoadedSplit,
-    SegmentationDataset,
-    augment_pair,
-    load_split_images,
-)
+from training.runner import Evaluation, Run, finish_run
+from training.segmentation import SegmentationDataset, augment_pair
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +309,73 @@ def _collate(batch: list) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tenso
     return torch.stack(xs), (torch.stack(labels), torch.stack(masks))
 
 
+class JointTask:
+    """Predicts class logits and a (1, S, S) lesion logit map from one letterboxed scan;
+    class-weighted, label-smoothed cross-entropy + mask_weight * (BCE + soft Dice); the
+    classification and lesion figures of `_figures`, pooled out of fold by the `cv` driver.
+
+    No validation split: `fit` trains on every image and keeps the last epoch, and the figures
+    that describe the recipe are its cross-validated ones (`cv`), carried in the manifest.
+    """
+
+    kind = TASK_DIAGNOSIS
+    command = "fit"
+    presets = PRESETS
+    default_output = "training/reports/fit/{preset}"
+    smoke_per_class = 3
+
+    def resolve_preset(self, args: argparse.Namespace) -> JointPreset:
+        return resolve_preset(args)
+
+    def preprocessing(self, preset: JointPreset) -> Preprocessing:
+        return preprocessing_for(preset)
+
+    def build_model(self, preset: JointPreset, pretrained: bool) -> JointUNet:
+        return build_model(preset, pretrained)
+
+    def loss(self, preset: JointPreset, labels: list[int]) -> JointLoss:
+        weights = class_weights(labels) if preset.class_weighted else None
+        return JointLoss(weights, preset.label_smoothing, preset.mask_weight)
+
+    def optimizer(
+        self, preset: JointPreset, net: nn.Module, steps_per_epoch: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+        """AdamW over the trainable parameters, one-cycle to preset.lr, stepped per batch."""
+        params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=preset.lr,
+            epochs=preset.epochs,
+            steps_per_epoch=steps_per_epoch,
+            pct_start=preset.pct_start,
+        )
+        return optimizer, scheduler
+
+    def selection(self, preset: JointPreset) -> engine.Selection:
+        return engine.Selection(None)  # the last epoch: no held-out data inside a fit
+
+    def metrics(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """The figures of per-image rows (evaluate_images), as the service would score them."""
+        return _figures(rows)
+
+    def report_section(self, document: dict[str, Any]) -> list[str]:
+        cv = document.get("cross_validation")
+        if not cv:
+            return ["No cross-validation report was given: this artifact carries no figures.", ""]
+        lines = [
+            f"Pooled out-of-fold figures of this recipe ({cv['k']} grouped folds; the artifact "
+            "itself was refit on every image), 95% group-bootstrap intervals:",
+            "",
+            *_figure_table(cv["pooled"]),
+            "",
+        ]
+        return lines
+
+
+JOINT = JointTask()
+
+
 def train(
     preset: JointPreset,
     data: LoadedSplit,
@@ -318,12 +383,17 @@ def train(
     seed: int,
     pretrained: bool,
     checkpoint: Path | None = None,
+    resume: Path | None = None,
     progress: bool = False,
+    device: torch.device | None = None,
 ) -> tuple[JointUNet, engine.History, float]:
-    """Train the recipe on `data`; returns the model (eval mode), its history and seconds.
+    """Train the recipe on `data` (engine.fit, no validation: the last epoch is kept); returns
+    the model (eval mode, on `device`), its history and the training seconds.
 
-    With `checkpoint`, a checkpoint is written after every epoch and an existing one is resumed.
+    With `checkpoint`, a checkpoint is written after every epoch; `resume` (default: the
+    checkpoint when it exists) continues from one.
     """
+    device = device or engine.resolve_device("cpu")
     engine.seed_everything(seed)
     preprocessing = preprocessing_for(preset)
     model = build_model(preset, pretrained)
@@ -332,7 +402,7 @@ def train(
     # DDP averages the gradients. Outside torchrun each helper below is the identity.
     if distributed.rank() > 0:
         engine.seed_everything(distributed.rank_seed(seed))
-    net = distributed.wrap(model)
+    net = distributed.wrap(model) if distributed.is_active() else model.to(device)
     dataset = JointDataset(data, preprocessing, preset, seed=distributed.rank_seed(seed))
     sampler = distributed.sampler(dataset, seed)
     loader = DataLoader(
@@ -343,61 +413,38 @@ def train(
         drop_last=True,
         collate_fn=_collate,
     )
-    weights = class_weights(data.labels) if preset.class_weighted else None
-    loss_fn = JointLoss(weights, preset.label_smoothing, preset.mask_weight)
-    loss_fn = loss_fn.to(distributed.device())
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=preset.lr,
-        epochs=preset.epochs,
-        steps_per_epoch=max(1, len(loader)),
-        pct_start=preset.pct_start,
-    )
-    history = engine.History()
-    start_epoch = 1
-    if checkpoint is not None and Path(checkpoint).is_file():
-        # Every rank resumes the weights; only rank 0 takes the saved random state (its own).
-        state = engine.load_checkpoint(
-            checkpoint,
-            distributed.module(net),
-            optimizer,
-            scheduler,
-            restore_rng=distributed.is_main(),
-        )
-        history, start_epoch = state.history, state.epoch + 1
-    started = time.perf_counter()
-    for epoch in range(start_epoch, preset.epochs + 1):
+    loss_fn = JOINT.loss(preset, data.labels).to(device)
+    optimizer, scheduler = JOINT.optimizer(preset, net, max(1, len(loader)))
+    if resume is None and checkpoint is not None and Path(checkpoint).is_file():
+        resume = checkpoint
+
+    def before_epoch(epoch: int) -> None:
         dataset.set_epoch(epoch)
         distributed.set_epoch(sampler, epoch)
-        with engine.Timer() as timer:
-            loss = engine.train_one_epoch(
-                net,
-                loss_fn,
-                optimizer,
-                distributed.on_device(loader),
-                epoch,
-                step_scheduler=scheduler,
-                progress=progress and distributed.is_main(),
-            )
-        loss = distributed.mean(loss)  # each rank measured its own shard
-        lr = optimizer.param_groups[0]["lr"]
-        history.append(epoch, train_loss=loss, lr=lr, seconds=timer.seconds)
-        engine.log_epoch(epoch, preset.epochs, timer.seconds, train_loss=loss)
-        if checkpoint is not None and distributed.is_main():
-            engine.save_checkpoint(
-                checkpoint,
-                model=distributed.module(net),
-                optimizer=optimizer,
-                scheduler=scheduler,
-                epoch=epoch,
-                best_metric=None,
-                history=history,
-            )
+
+    result = engine.fit(
+        net,
+        loss_fn,
+        optimizer,
+        loader,
+        epochs=preset.epochs,
+        scheduler=scheduler,
+        step_every="step",
+        selection=JOINT.selection(preset),
+        checkpoint=checkpoint,
+        resume=resume,
+        before_epoch=before_epoch,
+        progress=progress,
+        device=device,
+    )
     distributed.unwrap(net, into=model)
     model.eval()
-    return model, history, time.perf_counter() - started
+    return model, result.history, result.seconds
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights on the CPU (what the saved .pt files hold, whatever it trained on)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 # --- evaluation --------------------------------------------------------------------------------
@@ -426,6 +473,7 @@ def predict(
     `features`, also the pooled deepest encoder features (one more encoder pass per batch)."""
     net = JointFlipAverage(model) if flip_tta else model
     net.eval()
+    device = engine.model_device(model)
     logits_out, maps, pooled = [], [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -437,12 +485,12 @@ def predict(
                     for im, lay in zip(chunk, layouts, strict=True)
                 ]
             )
-        )
+        ).to(device)
         class_logits, mask_logits = net(x)
-        logits_out.append(class_logits.float().numpy().astype(np.float64))
+        logits_out.append(class_logits.float().cpu().numpy().astype(np.float64))
         if features:
-            pooled.append(model.encoder(x)[-1].mean(dim=(2, 3)).float().numpy())
-        for logits, lay in zip(mask_logits.float().numpy(), layouts, strict=True):
+            pooled.append(model.encoder(x)[-1].mean(dim=(2, 3)).float().cpu().numpy())
+        for logits, lay in zip(mask_logits.float().cpu().numpy(), layouts, strict=True):
             prob = 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64)))
             maps.append(preprocessing.frame_map(prob.astype(np.float32), lay))
     logits = np.concatenate(logits_out)
@@ -546,12 +594,8 @@ def summarise(rows_by_canvas: dict[str, list[dict[str, Any]]], n_resamples: int)
 
 def cv_main(args: argparse.Namespace) -> dict[str, Any]:
     preset = resolve_preset(args)
-    samples = scan_dataset(args.data_path)
-    if args.subset:
-        from training.data import subset_per_class
-
-        samples = subset_per_class(samples, args.subset)
-    folds_file = Path(args.folds_file)
+    samples = _samples(args)
+    folds_file = Path(args.split_file)
     if not folds_file.is_file() and distributed.is_main():
         log.warning("no fold file: making grouped 5-fold split at %s", folds_file)
         write_folds(args.data_path, folds_file, samples)
@@ -561,6 +605,7 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     engine.configure_threads(args.threads)
+    device = engine.resolve_device(args.device)
     todo = args.folds if args.folds is not None else list(range(k))
     data = load_split_images(samples) if todo and not args.report_only else None
     for fold in [] if args.report_only else todo:
@@ -577,6 +622,8 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed + fold,
             pretrained=not args.no_pretrained,
             checkpoint=output / f"fold{fold}.ckpt",
+            progress=not args.no_progress,
+            device=device,
         )
         if not distributed.is_main():
             continue  # rank 0 evaluates and writes; the others go on to the next fold
@@ -599,7 +646,7 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result) + "\n")
         tmp.replace(path)
-        torch.save(model.state_dict(), output / f"fold{fold}.pt")  # for later analyses
+        torch.save(cpu_state(model), output / f"fold{fold}.pt")  # for later analyses
         (output / f"fold{fold}.ckpt").unlink(missing_ok=True)
         log.info("fold %d: %s", fold, json.dumps(_figures(result["rows"]["plain"])))
     if not distributed.is_main():
@@ -608,7 +655,7 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
     if len(done) < k:
         log.info("%d of %d folds done; the pooled report waits for the rest", len(done), k)
         return {"folds_done": len(done)}
-    return write_cv_report(output, args.preset, args.resamples)
+    return write_cv_report(output, args.preset, args.bootstrap)
 
 
 def oof_main(args: argparse.Namespace) -> Path:
@@ -617,8 +664,9 @@ def oof_main(args: argparse.Namespace) -> Path:
     recipe says so) and the pooled deepest encoder features, for calibration and OOD work."""
     preset = resolve_preset(args)
     samples = scan_dataset(args.data_path)
-    items = load_folds(Path(args.folds_file), samples)
+    items = load_folds(Path(args.split_file), samples)
     engine.configure_threads(args.threads)
+    device = engine.resolve_device(args.device)
     data = load_split_images(samples)
     preprocessing = preprocessing_for(preset)
     rows = []
@@ -626,7 +674,7 @@ def oof_main(args: argparse.Namespace) -> Path:
         fold = int(weights.stem.removeprefix("fold"))
         model = build_model(preset, pretrained=False)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        model.eval()
+        model.to(device).eval()
         held_out = [i for i, s in enumerate(samples) if items[s.key]["fold"] == fold]
         images = [data.images[i] for i in held_out]
         out = predict(model, preprocessing, images, preset.flip_tta, features=True)
@@ -690,6 +738,20 @@ METRIC_ROWS = (
 )
 
 
+def _figure_table(pooled: dict[str, Any]) -> list[str]:
+    """Markdown rows: one metric per row, one canvas per column, with the 95% intervals."""
+    canvases = [c for c in CANVASES if c in pooled]
+    lines = ["| metric | " + " | ".join(canvases) + " |", "|---|" + "---|" * len(canvases)]
+    for key, label in METRIC_ROWS:
+        cells = []
+        for canvas in canvases:
+            fig = pooled[canvas]
+            lo, hi = fig["ci95"].get(key, [float("nan"), float("nan")])
+            cells.append(f"{fig[key]:.3f} [{lo:.3f}, {hi:.3f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_report(report: dict[str, Any]) -> str:
     lines = [
         f"# Cross-validation: {report['preset']}",
@@ -698,16 +760,8 @@ def render_report(report: dict[str, Any]) -> str:
         "train on it. Intervals: 95% percentile bootstrap over near-duplicate groups "
         f"({report['bootstrap']['resamples']} resamples).",
         "",
-        "| metric | " + " | ".join(CANVASES) + " |",
-        "|---|" + "---|" * len(CANVASES),
+        *_figure_table(report["pooled"]),
     ]
-    for key, label in METRIC_ROWS:
-        cells = []
-        for canvas in CANVASES:
-            fig = report["pooled"][canvas]
-            lo, hi = fig["ci95"].get(key, [float("nan"), float("nan")])
-            cells.append(f"{fig[key]:.3f} [{lo:.3f}, {hi:.3f}]")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Per fold (plain images):",
@@ -765,69 +819,62 @@ def fold_split(folds_doc: dict[str, Any], fold: int, val_fraction: float = 0.15)
 
 
 def fit_main(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.artifacts import new_version_name
-    from training.export import build_metadata, export_torchscript, publish
-
+    """Train the recipe on every image (or take --weights), then the engine's finishing step:
+    export with the flip averaging baked in, publish as `diagnosis`, metrics.json, report.md."""
     preset = resolve_preset(args)
-    samples = scan_dataset(args.data_path)
-    if args.subset:
-        from training.data import subset_per_class
-
-        samples = subset_per_class(samples, args.subset)
-    engine.configure_threads(args.threads)
+    samples = _samples(args)
+    threads = engine.configure_threads(args.threads)
+    device = engine.resolve_device(args.device)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if args.weights and not distributed.is_main():
         return {"rank": distributed.rank()}  # publishing a finished run is rank 0's alone
+    checkpoint = output / engine.CHECKPOINT_NAME
     if args.weights:  # publish a finished run again (e.g. with its calibration), no training
         model = build_model(preset, pretrained=False)
-        saved = torch.load(args.weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
+        history, seconds = load_weights(Path(args.weights), model)
         model.eval()
-        history, seconds = engine.History.from_dict(saved["history"]), float(saved["seconds"])
     else:
-        data = load_split_images(samples)
+        legacy = output / "fit.ckpt"  # the name before the engine: a run stopped then resumes
+        resume = args.resume or (legacy if legacy.is_file() and not checkpoint.is_file() else None)
         model, history, seconds = train(
             preset,
-            data,
+            load_split_images(samples),
             seed=args.seed,
             pretrained=not args.no_pretrained,
-            checkpoint=output / "fit.ckpt",
+            checkpoint=checkpoint,
+            resume=resume,
+            progress=not args.no_progress,
+            device=device,
         )
         if not distributed.is_main():
             return {"rank": distributed.rank()}  # rank 0 exports, reports and publishes
-        torch.save(
-            {"model": model.state_dict(), "history": history.to_dict(), "seconds": seconds},
-            output / "final.pt",
-        )
+        torch.save(cpu_state(model), output / engine.BEST_NAME)
     if args.cv_report and not Path(args.cv_report).is_file():
         log.warning("no cross-validation report at %s: publishing without it", args.cv_report)
         args.cv_report = None
-    preprocessing = preprocessing_for(preset)
-    served = JointFlipAverage(model) if preset.flip_tta else model
-    example = torch.zeros((1, 3, preset.size, preset.size))
-    scripted = export_torchscript(served, example)
     cv = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
     calibration: dict[str, Any] = {}
     if args.calibration:
         from training.calibration import manifest_fields
 
         calibration = manifest_fields(args.calibration)  # validated; see training.calibration
-    metrics = {
-        "kind": "cross-validated" if cv else "none",
-        "note": (
-            "pooled out-of-fold figures of this recipe (grouped 5-fold cross-validation); the "
-            "artifact itself was refit on every image"
-            if cv
-            else "no cross-validation report was given"
-        ),
-        **({"cross_validation": cv["pooled"], "k": cv["k"]} if cv else {}),
-    }
-    metadata = build_metadata(
-        task=TASK_DIAGNOSIS,
+    epochs_run = len(history.epochs)
+    run = Run(
+        args,
+        preset,
+        output,
+        device,
+        threads,
+        preprocessing_for(preset),
+        data={"train": LoadedSplit(samples, [], [])},
+        fit=engine.FitResult(history, epochs_run, None, seconds),
+    )
+    evaluation = Evaluation(
+        served=JointFlipAverage(model) if preset.flip_tta else model,
+        example=torch.zeros((1, 3, preset.size, preset.size)),
         name=args.name or args.preset,
         architecture=f"joint_unet_{preset.encoder}",
-        preprocessing=preprocessing,
         output={
             "type": "joint",
             "classes": {"type": "logits", "shape": [len(CLASS_NAMES)], **calibration},
@@ -837,28 +884,48 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
                 "threshold": preset.threshold,
             },
         },
-        metrics=metrics,
-        training={
-            "preset": args.preset,
-            "recipe": asdict(preset),
-            "seed": args.seed,
-            "seconds": round(seconds, 1),
-            "threads": torch.get_num_threads(),
-            "n_images": len(samples),
-            "history": history.to_dict(),
-            "flip_tta": preset.flip_tta,
+        metrics={
+            "kind": "cross-validated" if cv else "none",
+            "note": (
+                "pooled out-of-fold figures of this recipe (grouped 5-fold cross-validation); "
+                "the artifact itself was refit on every image"
+                if cv
+                else "no cross-validation report was given"
+            ),
+            **({"cross_validation": cv["pooled"], "k": cv["k"]} if cv else {}),
         },
-        data_fingerprint=data_fingerprint(samples),
-        class_names=CLASS_NAMES,
+        extra={"cross_validation": {"k": cv["k"], "pooled": cv["pooled"]} if cv else None},
+        training={"flip_tta": preset.flip_tta, "n_images": len(samples)},
     )
-    version = args.version or new_version_name()
-    info = publish(Path(args.model_dir), TASK_DIAGNOSIS, version, scripted, metadata)
+    document = finish_run(JOINT, run, evaluation)
+    checkpoint.unlink(missing_ok=True)  # finished: the same command trains afresh
     (output / "fit.ckpt").unlink(missing_ok=True)
-    (output / "fit.json").write_text(
-        json.dumps({"version": version, "seconds": round(seconds, 1), "path": str(info.path)})
-        + "\n"
+    artifact = document["artifact"]
+    return {"version": artifact["version"], "path": artifact["path"], "seconds": seconds}
+
+
+def load_weights(path: Path, model: nn.Module) -> tuple[engine.History, float]:
+    """Load a fit's weights into `model`: its best.pt (history and time from the metrics.json
+    beside it) or a final.pt of the job before the engine ({"model", "history", "seconds"})."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if "model" in saved and isinstance(saved["model"], dict):
+        model.load_state_dict(saved["model"])
+        return engine.History.from_dict(saved["history"]), float(saved["seconds"])
+    model.load_state_dict(saved)
+    metrics = path.parent / "metrics.json"
+    if not metrics.is_file():
+        return engine.History(), 0.0
+    document = json.loads(metrics.read_text())
+    return (
+        engine.History.from_dict(document["history"]),
+        float(document["training"]["train_seconds"]),
     )
-    return {"version": version, "path": str(info.path), "seconds": seconds}
+
+
+def _samples(args: argparse.Namespace) -> list[Sample]:
+    samples = scan_dataset(args.data_path)
+    per_class = args.max_per_class or (JOINT.smoke_per_class if args.smoke else None)
+    return subset_per_class(samples, per_class) if per_class else samples
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -866,44 +933,58 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
 
 def resolve_preset(args: argparse.Namespace) -> JointPreset:
     preset = get_preset(args.preset)
-    overrides = {
-        k: getattr(args, k)
-        for k in ("epochs", "batch_size", "lr", "size")
-        if getattr(args, k, None) is not None
-    }
+    overrides = cli.recipe_overrides(args)
+    if "image_size" in overrides:
+        overrides["size"] = overrides.pop("image_size")
     if getattr(args, "no_flip_tta", False):
         overrides["flip_tta"] = False
+    if getattr(args, "smoke", False):  # the flags win over the smoke sizes
+        overrides = {"epochs": 1, "batch_size": 4, "size": 64, **overrides}
+        args.no_pretrained = True
     return replace(preset, **overrides)
 
 
-def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--preset", default="joint-lite0", help="recipe (default: joint-lite0)")
-    parser.add_argument("--data-path", type=Path, required=True, help="folder in BUSI layout")
-    parser.add_argument("--output-dir", type=Path, default=None, help="where results go")
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the batch size")
-    parser.add_argument("--lr", type=float, default=None, help="override the peak lr")
-    parser.add_argument("--size", type=int, default=None, help="override the input side")
+def common_parser(
+    prog: str,
+    description: str,
+    *,
+    default_output: str,
+    split_file: Path | bool = DEFAULT_FOLDS_FILE,
+    model_dir: Path | bool = False,
+    bootstrap: int = 1000,
+) -> argparse.ArgumentParser:
+    """training.cli's common flags with the joint commands' defaults (and their older names
+    --folds-file, --subset, --resamples)."""
+    parser = cli.training_parser(
+        prog,
+        description,
+        presets=PRESETS,
+        default_preset="joint-lite0",
+        default_output=default_output,
+        split_file=split_file,
+        split_help="the grouped k-fold file (default: training/splits/busi-5fold.json; made "
+        "there when it does not exist); --folds-file is its older name",
+        model_dir=model_dir,
+        bootstrap=bootstrap,
+        aliases={
+            "--split-file": ["--folds-file"],
+            "--max-per-class": ["--subset"],
+            "--bootstrap": ["--resamples"],
+        },
+    )
     parser.add_argument("--no-flip-tta", action="store_true", help="score without flip averaging")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (fold k adds k)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument(
-        "--no-pretrained", action="store_true", help="random encoder init (tests, smoke runs)"
-    )
-    parser.add_argument(
-        "--subset", type=int, default=0, help="use the first N images per class (smoke runs)"
-    )
     return parser
 
 
 def parse_cv_args(argv: list[str]) -> argparse.Namespace:
-    parser = common_parser("python -m training cv", "Grouped k-fold cross-validation of a recipe")
+    parser = common_parser(
+        "python -m training cv",
+        "Grouped k-fold cross-validation of a recipe (each fold resumes from its checkpoint)",
+        default_output="training/reports/cv/<preset>",
+    )
     parser.add_argument("--folds", type=int, nargs="*", default=None, help="folds to run")
-    parser.add_argument("--folds-file", type=Path, default=DEFAULT_FOLDS_FILE)
     parser.add_argument("--report-only", action="store_true", help="pool finished folds only")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    args = parser.parse_args(argv)
+    args = cli.parse(parser, argv, "cv")
     if args.output_dir is None:
         args.output_dir = Path("training/reports/cv") / args.preset
     return args
@@ -911,18 +992,24 @@ def parse_cv_args(argv: list[str]) -> argparse.Namespace:
 
 def parse_oof_args(argv: list[str]) -> argparse.Namespace:
     parser = common_parser(
-        "python -m training oof", "Out-of-fold logits and features from the CV fold models"
+        "python -m training oof",
+        "Out-of-fold logits and features from the CV fold models",
+        default_output="training/reports/cv/<preset>",
     )
-    parser.add_argument("--folds-file", type=Path, default=DEFAULT_FOLDS_FILE)
-    args = parser.parse_args(argv)
+    args = cli.parse(parser, argv, "oof")
     if args.output_dir is None:
         args.output_dir = Path("training/reports/cv") / args.preset
     return args
 
 
 def parse_fit_args(argv: list[str]) -> argparse.Namespace:
-    parser = common_parser("python -m training fit", "Train the joint recipe on all images")
-    parser.add_argument("--model-dir", type=Path, default=Path("models"))
+    parser = common_parser(
+        "python -m training fit",
+        "Train the joint recipe on all images, export and publish it",
+        default_output="training/reports/fit/<preset>",
+        split_file=False,
+        model_dir=Path("models"),
+    )
     parser.add_argument("--cv-report", type=Path, default=None, help="report.json of its CV")
     parser.add_argument(
         "--calibration",
@@ -934,11 +1021,11 @@ def parse_fit_args(argv: list[str]) -> argparse.Namespace:
         "--weights",
         type=Path,
         default=None,
-        help="final.pt of an earlier fit: export and publish it without training",
+        help="best.pt (or an older final.pt) of an earlier fit: export and publish it "
+        "without training",
     )
     parser.add_argument("--name", default=None, help="artifact name (default: the preset)")
-    parser.add_argument("--version", default=None, help="version (default: UTC timestamp)")
-    args = parser.parse_args(argv)
+    args = cli.parse(parser, argv, "fit")
     if args.output_dir is None:
         args.output_dir = Path("training/reports/fit") / args.preset
     return args

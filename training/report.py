@@ -1,109 +1,51 @@
-"""Short Markdown reports of a run, written beside its metrics.json and plots."""
+"""report.md of a run: one frame for every task (what ran, how long, where it went), then the
+task's own section (training.runner.Task.report_section). Every number comes from metrics.json."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 from typing import Any
 
-TARGETS = {"accuracy": 0.88, "macro_f1": 0.85, "macro_auc": 0.95, "malignant_recall": 0.85}
+TITLES = {"classification": "Classification", "segmentation": "Segmentation"}
 
 
-def _fmt(value: float | None, ci: list[float | None] | None = None) -> str:
-    if value is None:
+def fmt(value: float | None, ci: list[float | None] | None = None) -> str:
+    """`0.812 [0.751, 0.866]`; "n/a" for a missing or undefined value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    if ci and ci[0] is not None:
-        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-    return f"{value:.3f}"
+    text = f"{value:.3f}"
+    if ci and ci[0] is not None and not (isinstance(ci[0], float) and math.isnan(ci[0])):
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return text
 
 
-def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, float | None]]:
-    """(label, formatted value with CI, raw value) for the target metrics of one split."""
-    ci = metrics.get("ci95", {})
-    malignant = metrics["per_class"]["malignant"]
-    return [
-        ("accuracy", _fmt(metrics["accuracy"], ci.get("accuracy")), metrics["accuracy"]),
-        ("macro-F1", _fmt(metrics["macro_f1"], ci.get("macro_f1")), metrics["macro_f1"]),
-        (
-            "macro one-vs-rest AUC",
-            _fmt(metrics["macro_auc"], ci.get("macro_auc")),
-            metrics["macro_auc"],
-        ),
-        (
-            "malignant sensitivity",
-            _fmt(malignant["recall"], ci.get("malignant_recall")),
-            malignant["recall"],
-        ),
-    ]
-
-
-def write_classification_report(
-    path: Path, document: dict[str, Any], command: str | None = None
-) -> Path:
-    """report.md: the test table against the targets, per-class numbers, confusion matrices."""
+def render_run_report(document: dict[str, Any], section: list[str]) -> str:
+    """The Markdown report of one run: header, training summary, then `section`."""
     cfg = document["training"]
-    names = document["class_names"]
-    lines = [
-        f"# Classification run: `{cfg['preset']}`",
-        "",
-        f"Architecture `{cfg['architecture']}`, input {cfg['crop'] or cfg['resize']} px, "
-        f"ImageNet weights loaded: {cfg['pretrained_loaded']}, mask channel: "
-        f"{cfg['mask_channel']}. Best epoch {cfg['best_epoch']} of {cfg['epochs_run']} "
-        f"(chosen on {cfg['select_on']}, validation split only); training time "
-        f"{cfg['train_seconds'] / 60:.1f} min on {cfg['threads']} CPU threads; seed {cfg['seed']}.",
-        "",
-    ]
-    if cfg.get("smoke"):
-        lines += ["**Smoke run** (tiny subset, 1 epoch): the numbers mean nothing.", ""]
-    if cfg["mask_channel"] == "ground-truth":
+    title = TITLES.get(document["task"], document["task"].capitalize())
+    lines = [f"# {title} run: `{document['preset']}`", ""]
+    if document.get("description"):
+        lines += [document["description"], ""]
+    artifact = document.get("artifact")
+    if artifact:
         lines += [
-            "**Ground-truth mask channel: these numbers include the label leak** (normal "
-            "images have empty masks) and do not describe a deployable model.",
+            f"Artifact: {artifact['task']}/{artifact['version']} "
+            f"(sha256 {artifact['sha256'][:12]}...)",
             "",
         ]
-    if command:
-        lines += ["Command:", "", f"    {command}", ""]
-    test, val = document["test"], document["validation"]
+    if document.get("command"):
+        lines += ["Command:", "", f"    {document['command']}", ""]
+    if cfg.get("smoke"):
+        lines += ["**Smoke run** (tiny subset, 1 epoch): the numbers mean nothing.", ""]
+    where = f"{cfg['threads']} torch threads, {cfg.get('device', 'cpu')}"
+    if cfg.get("world_size", 1) > 1:
+        where += f", {cfg['world_size']} processes"
     lines += [
-        f"## Test split (n = {test['n']}, evaluated once), 95% bootstrap intervals",
-        "",
-        "| metric | test | target | met | validation |",
-        "|---|---|---|---|---|",
-    ]
-    target_keys = ("accuracy", "macro_f1", "macro_auc", "malignant_recall")
-    for (label, text, raw), key, (_, vtext, _) in zip(
-        headline_rows(test), target_keys, headline_rows(val), strict=True
-    ):
-        met = "yes" if raw is not None and raw >= TARGETS[key] else "no"
-        lines.append(f"| {label} | {text} | >= {TARGETS[key]:.2f} | {met} | {vtext} |")
-    lines += [
-        "",
-        "Per class (test):",
-        "",
-        "| class | precision | recall | F1 | AUC | n |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in names:
-        pc = test["per_class"][name]
-        lines.append(
-            f"| {name} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | "
-            f"{_fmt(pc['f1'])} | {_fmt(pc['auc'])} | {pc['support']} |"
-        )
-    lines += [
-        "",
-        "Confusion matrix (test; rows true, columns predicted):",
-        "",
-        "| | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
-    ]
-    for name, row in zip(names, test["confusion_matrix"], strict=True):
-        lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
-    lines += [
-        "",
-        "Plots: `confusion_test.png`, `roc_test.png`, `loss_curves.png`, `samples_test.png` "
-        "(and the `_val` versions).",
+        f"Training: {cfg['epochs_run']} epochs in {cfg['train_seconds'] / 60:.1f} min "
+        f"({cfg['seconds_per_epoch']:.0f} s/epoch, {where}); seed {cfg['seed']}; weights of "
+        f"epoch {cfg['best_epoch']} ({cfg['selection']}"
+        + (")" if cfg["selection"] == "the last epoch" else ", validation split only)")
+        + (f"; trained on {cfg['train_images']} images." if cfg.get("train_images") else "."),
         "",
     ]
-    if test["accuracy"] is not None and test["accuracy"] > 0.95 and not cfg.get("smoke"):
-        lines += ["**Accuracy above 0.95: check for leakage before believing it.**", ""]
-    Path(path).write_text("\n".join(lines))
-    return Path(path)
+    return "\n".join(lines + section) + "\n"

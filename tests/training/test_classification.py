@@ -79,9 +79,10 @@ def test_smoke_run_reports_exports_and_publishes_a_verified_artifact(tmp_path):
     info = verify_artifact(registry, TASK_CLASSIFICATION, "smoke-1")
     assert info.metadata["class_names"] == list(CLASS_NAMES)
     assert info.metadata["architecture"] == "efficientnet_lite0"
-    assert info.metadata["data_fingerprint"]["n_images"] == 24
+    assert info.metadata["data_fingerprint"]["n_images"] == sum(metrics["split_sizes"].values())
     assert "not a medical device" in info.metadata["intended_use"]
-    assert document["published"]["sha256"] == info.sha256
+    assert document["artifact"]["sha256"] == info.sha256
+    assert info.metadata["training"]["history"] == metrics["history"]
     pre = Preprocessing.from_metadata(info.metadata["preprocessing"])
     scripted = torch.jit.load(str(info.model_path))
     image = np.asarray(Image.open(data / "benign" / "benign (1).png"))
@@ -93,7 +94,8 @@ def test_smoke_run_reports_exports_and_publishes_a_verified_artifact(tmp_path):
     )
     again = json.loads((out / "metrics.json").read_text())
     assert [row["epoch"] for row in again["history"]["epochs"]] == [1, 2]
-    assert "published" not in again  # no --model-dir: nothing published
+    assert again["artifact"] is None  # no --model-dir: nothing published
+    assert Path(again["torchscript"]).is_file()
 
 
 def test_unknown_preset_lists_the_valid_ones():

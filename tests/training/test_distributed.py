@@ -104,7 +104,7 @@ def test_two_process_fit_resumes_publishes_once_and_matches_a_plain_run(tmp_path
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 150
-        while not (ddp_dir / "fit.ckpt").exists() and first.poll() is None:
+        while not (ddp_dir / "checkpoint.pt").exists() and first.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint after 150 s"
             time.sleep(0.05)
         os.killpg(first.pid, signal.SIGTERM)
@@ -122,13 +122,14 @@ def test_two_process_fit_resumes_publishes_once_and_matches_a_plain_run(tmp_path
 
     log = (ddp_dir / "train.log").read_text()
     assert log.count("distributed run: 2 processes, backend gloo") == 2  # one line per launch
-    assert "resumed from fit.ckpt at epoch" in log
+    assert "resumed from checkpoint.pt at epoch" in log
     assert log.count(f"epoch {EPOCHS}/{EPOCHS} ") == 1  # rank 0 alone logs its epochs
     assert list_versions(ddp_models, TASK_DIAGNOSIS) == ["ddp"]  # rank 0 alone publishes
     info = verify_artifact(ddp_models, TASK_DIAGNOSIS, "ddp")
     epochs, ddp_loss = _final_loss(info.path)
     assert epochs == list(range(1, EPOCHS + 1))  # resumed epochs continue the saved history
-    assert not (ddp_dir / "fit.ckpt").exists()
+    assert not (ddp_dir / "checkpoint.pt").exists()  # finished: the same command starts afresh
+    assert (ddp_dir / "best.pt").is_file() and (ddp_dir / "metrics.json").is_file()
 
     # The same job as one plain process (in this process: no second torch start-up).
     plain_models = tmp_path / "plain-models"

@@ -123,6 +123,10 @@ def test_cv_then_fit_publish_a_diagnosis_artifact_the_service_loads(tmp_path: Pa
             "--cv-report", str(cv_dir / "report.json"), "--version", "j-1"]  # fmt: skip
     assert training_main(argv) == 0
     assert list_versions(registry, TASK_DIAGNOSIS) == ["j-1"]
+    fit_metrics = json.loads((fit_dir / "metrics.json").read_text())
+    assert fit_metrics["task"] == TASK_DIAGNOSIS and fit_metrics["artifact"]["version"] == "j-1"
+    assert fit_metrics["cross_validation"]["k"] == 5
+    assert "Pooled out-of-fold figures" in (fit_dir / "report.md").read_text()
     info = verify_artifact(registry, TASK_DIAGNOSIS, "j-1")
     assert info.metadata["metrics"]["cross_validation"]["plain"]["n"] == 18
     assert info.metadata["preprocessing"]["resize_mode"] == "letterbox"
@@ -135,12 +139,14 @@ def test_cv_then_fit_publish_a_diagnosis_artifact_the_service_loads(tmp_path: Pa
     calibration = tmp_path / "calibration.json"
     calibration.write_text(json.dumps({"calibrated": True, "temperature": 1.5}))
     argv = ["fit", *common, "--output-dir", str(fit_dir), "--model-dir", str(registry),
-            "--weights", str(fit_dir / "final.pt"), "--calibration", str(calibration),
+            "--weights", str(fit_dir / "best.pt"), "--calibration", str(calibration),
             "--version", "j-2"]  # fmt: skip
     assert training_main(argv) == 0
     again = load_model(verify_artifact(registry, TASK_DIAGNOSIS, "j-2"))
     assert again.info.metadata["output"]["classes"]["temperature"] == 1.5
     assert again.calibration.calibrated and again.calibration.temperature == 1.5
+    # republished weights carry the history of the run that trained them (its metrics.json)
+    assert again.info.metadata["training"]["history"] == info.metadata["training"]["history"]
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(again.module(x), loaded.module(x))
@@ -160,3 +166,17 @@ def test_fold_split_tests_on_exactly_one_fold_and_keeps_groups_whole():
         split_of_group.setdefault(group, set()).add(split[key]["split"])
     assert all(len(s) == 1 for s in split_of_group.values())
     assert 0.1 < sum(v["split"] == "val" for v in split.values()) / (120 - len(test)) < 0.2
+
+
+def test_fit_weights_of_the_job_before_the_engine_still_load(tmp_path: Path):
+    """`fit --weights .../final.pt` (the shipped model's republish command) keeps working."""
+    preset = joint.get_preset("joint-smoke")
+    trained = joint.build_model(preset, pretrained=False)
+    history = {"epochs": [{"epoch": 1, "train_loss": 2.5, "lr": 1e-3, "seconds": 3.0}]}
+    path = tmp_path / "final.pt"
+    torch.save({"model": trained.state_dict(), "history": history, "seconds": 3.0}, path)
+    model = joint.build_model(preset, pretrained=False)
+    loaded_history, seconds = joint.load_weights(path, model)
+    assert loaded_history.to_dict() == history and seconds == 3.0
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)

@@ -40,8 +40,9 @@ def test_smoke_run_writes_report_and_publishes_a_verified_artifact(
     assert segmentation.main(argv) == 0
 
     for name in ("metrics.json", "report.md", "loss_curves.png", "iou_vs_threshold.png",
-                 "sample_predictions.png", "checkpoint.pt", "split.json"):  # fmt: skip
+                 "sample_predictions.png", "checkpoint.pt", "best.pt"):  # fmt: skip
         assert (out / name).is_file(), name
+    assert (tmp_path / "no-split.json").is_file()  # made where the flag pointed, reusable
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["n_lesion_images"] > 0
     assert 0.0 <= metrics["threshold"] <= 1.0
@@ -61,7 +62,7 @@ def test_smoke_run_writes_report_and_publishes_a_verified_artifact(
     # --resume continues from the checkpoint (no epochs left) and --test-only reuses best weights
     again = [*base, "--resume", str(out / "checkpoint.pt")]
     assert segmentation.main(again) == 0
-    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 1
+    assert json.loads((out / "metrics.json").read_text())["training"]["epochs_run"] == 1
 
 
 def test_unknown_preset_lists_the_valid_ones() -> None:
