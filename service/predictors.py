@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from pydicom import Dataset
 
+from service.batching import request_started
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import DEFAULT_MAX_CINE_FRAMES
@@ -392,6 +393,7 @@ class Predictor:
         lesion pixel, the one most likely a lesion (benign + malignant probability); the earliest
         of equals. Only it keeps its pixels and mask; the others leave a FrameResult.
         """
+        request_started.set(time.perf_counter())  # REQUEST_DEADLINE_MS counts from here
         self._record_models(request, *plan.models)
         image = self.open(request)
         frames = self._frames(request, image)

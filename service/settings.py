@@ -110,12 +110,12 @@ class Settings(BaseSettings):
         "(deadline_exceeded) and is not analysed; 0: no deadline",
     )
     INFERENCE_PRECISION: Literal["fp32", "bf16"] = Field(
-        "fp32",
-        description="Arithmetic of the forwards: fp32, or bf16 autocast where bench/precision.py "
-        "validated it for the served artifact",
+        "bf16",
+        description="Arithmetic of the forwards: bf16 autocast (validated for the shipped "
+        "artifact by bench/precision.py, bench/reports/precision.md) or fp32",
     )
     INFERENCE_FREEZE: bool = Field(
-        True,
+        False,
         description="Serve a frozen, inference-optimised copy of each model (same fp32 "
         "arithmetic, validated by bench/precision.py); false serves the TorchScript as loaded",
     )
