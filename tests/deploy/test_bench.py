@@ -15,31 +15,40 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_bench_prints_the_table_the_ratios_and_the_memory(tiny_model_dir, tmp_path):
-    out = tmp_path / "bench.json"
-    args = ["--model-dir", str(tiny_model_dir), "--clients", "2", "--requests", "5", "--warmup",
-            "1", "--max-seconds", "5", "--threads", "1", "--json", str(out)]  # fmt: skip
+def test_bench_interleaves_http_and_bare_forwards_and_the_load_test_sees_only_200_and_503(
+    tiny_model_dir, tmp_path
+):
+    """A smoke run on the tiny models (their ratios mean nothing; nothing here is timed): the
+    report has every row and ratio, and under a queue of 2 the load test gets only 200s and
+    503s."""
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = ["--model-dir", str(tiny_model_dir), "--clients", "2", "--rounds", "2", "--requests",
+            "3", "--forwards", "2", "--warmup", "1", "--max-seconds", "5", "--load-clients", "8",
+            "--load-seconds", "2", "--env", "TORCH_THREADS=1", "--env", "MAX_QUEUE=2",
+            "--json", str(out), "--markdown", str(md)]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_service.py"), *args],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=240,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "| /classify | 1 | 5 |" in result.stdout
-    assert "| bare forward (classification) | 1 |" in result.stdout
-    assert "/classify p50 at 1 client / bare forward p50" in result.stdout
-    assert "service resident memory" in result.stdout
     report = json.loads(out.read_text())
-    names = {(r["name"], r["clients"]) for r in report["results"]}
-    assert {("/classify", 1), ("/segment", 2), ("/diagnose", 2)} <= names
-    assert all(r["errors"] == 0 for r in report["results"])
-    assert (
-        report["rss_after_warmup_mib"] > 0
-        and report["rss_peak_mib"] >= report["rss_after_warmup_mib"]
-    )
+    rows = {(r["endpoint"], r["clients"]) for r in report["http"]}
+    assert rows == {(e, c) for e in ("/classify", "/segment", "/diagnose") for c in (1, 2)}
+    assert all(r["errors"] == 0 for r in report["http"])
+    assert set(report["bare_forward"]) == {"classification", "segmentation"}
+    assert set(report["ratios"]) >= {
+        "classify_p50_1_client", "classify_throughput_n_clients", "diagnose_p50_1_client",
+        "startup_s",
+    }  # fmt: skip
+    assert all(len(v) == 2 for v in report["ratios_per_round"].values())
+    assert report["load_test"]["only_200_and_503"], report["load_test"]["statuses"]
+    assert report["rss_peak_mib"] >= report["rss_after_warmup_mib"] > 0
+    assert report["batch_sizes"]["classification_forwards"] > 0
+    assert "/classify p50 at 1 client / bare fp32 forward p50" in md.read_text()
 
 
 def test_bench_forward_times_every_served_artifact(tiny_model_dir, tmp_path):
