@@ -135,3 +135,265 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=Path("training/reports/compare"))
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     return parser.parse_args(argv)
+
+
+# --- compare-cv: recipes cross-validated on the same folds -------------------------------------
+
+CV_METRICS = (
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("macro_auc", "macro AUC"),
+    ("malignant_sensitivity", "malignant sensitivity"),
+    ("lesion_dice", "lesion Dice"),
+    ("normal_with_lesion_segment", "normal drawn /segment"),
+    ("normal_with_lesion_diagnose", "normal drawn /diagnose"),
+)
+
+
+def _cv_figures(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Headline figures of rows that may lack the class ("probs") or the mask ("dice") half."""
+    from training.metrics import _scalars
+
+    nan = float("nan")
+    out = dict.fromkeys((key for key, _ in CV_METRICS), nan)
+    scored = [r for r in rows if r.get("probs") is not None]
+    if scored:
+        y = np.asarray([r["label"] for r in scored])
+        scalars = _scalars(y, np.asarray([r["probs"] for r in scored]), CLASS_ORDER)
+        out["accuracy"] = scalars["accuracy"]
+        out["macro_f1"] = scalars["macro_f1"]
+        out["macro_auc"] = scalars.get("macro_auc", nan)
+        out["malignant_sensitivity"] = scalars["malignant_recall"]
+    segmented = [r for r in rows if r.get("dice") is not None]
+    lesion = [r["dice"] for r in segmented if r["label"] > 0]
+    normal = [r for r in segmented if r["label"] == 0]
+    if lesion:
+        out["lesion_dice"] = float(np.mean(lesion))
+    if normal:
+        out["normal_with_lesion_segment"] = float(np.mean([r["mask_pixels"] > 0 for r in normal]))
+        both = [r for r in normal if r.get("probs") is not None]
+        if both:
+            out["normal_with_lesion_diagnose"] = float(
+                np.mean([r["mask_pixels"] > 0 and int(np.argmax(r["probs"])) > 0 for r in both])
+            )
+    return out
+
+
+def _cv_bootstrap(rows: list[dict[str, Any]], n_resamples: int, seed: int = 0) -> dict[str, list]:
+    """95% percentile intervals resampling near-duplicate groups (row["group"])."""
+    import math
+
+    by_group: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_group.setdefault(int(row["group"]), []).append(row)
+    groups = list(by_group)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_resamples):
+        picked = rng.integers(0, len(groups), size=len(groups))
+        for key, value in _cv_figures([r for g in picked for r in by_group[groups[g]]]).items():
+            if not math.isnan(value):
+                draws.setdefault(key, []).append(value)
+    return {
+        k: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))] for k, v in draws.items()
+    }
+
+
+CLASS_ORDER = ("normal", "benign", "malignant")
+
+
+def _newest(pattern: str | None, fold: int, task: str) -> ArtifactInfo | None:
+    """The newest verified `task` artifact in the model folder `pattern` (with `{fold}`)."""
+    from shared.artifacts import verified_artifacts
+
+    if not pattern:
+        return None
+    folder = Path(pattern.format(fold=fold))
+    found = verified_artifacts(folder, task) if (folder / task).is_dir() else []
+    return found[-1] if found else None
+
+
+def _predict_mask(info: ArtifactInfo, module: Any, image: np.ndarray) -> np.ndarray:
+    import torch
+
+    pre = info.manifest.preprocessing
+    layout = pre.layout(image)
+    x = pre.normalise(pre.resize_image(image, layout))[None]
+    with torch.inference_mode():
+        out = module(torch.from_numpy(x))[0, 0].numpy()
+    mask_spec = info.manifest.output.mask
+    prob = out if mask_spec.type == "probability" else sigmoid(out)
+    frame = pre.frame_map(prob.astype(np.float32), layout)
+    return frame > mask_spec.threshold
+
+
+def _class_probs(info: ArtifactInfo, module: Any, image: np.ndarray, mask: np.ndarray | None):
+    """Class probabilities in CLASS_ORDER; a 4-channel classifier gets `mask` (the paired
+    segmenter's prediction, the only mask a service has) as its fourth channel."""
+    import torch
+
+    pre = info.manifest.preprocessing
+    x = pre(image)
+    if info.manifest.input.channels == x.shape[0] + 1:
+        if mask is None:
+            raise ValueError(f"{info.path} takes a mask channel; the recipe has no segmenter")
+        m = (pre.resize_image(mask.astype(np.uint8) * 255) > 127).astype(np.float32)
+        x = np.concatenate([x, m[None]], axis=0)
+    with torch.inference_mode():
+        logits = module(torch.from_numpy(x[None].astype(np.float32)))[0].numpy()
+    probs = class_probabilities(logits, info.manifest.class_names)
+    return [probs[name] for name in CLASS_ORDER]
+
+
+def score_recipe(
+    name: str, classifier: str | None, segmenter: str | None, folds: dict, data: dict
+) -> list[dict[str, Any]]:
+    """Rows (one per held-out image of every fold where the recipe has artifacts)."""
+    import torch
+
+    rows = []
+    for fold in sorted(set(folds.values())):
+        cls_info = _newest(classifier, fold, "classification")
+        seg_info = _newest(segmenter, fold, "segmentation")
+        if cls_info is None and seg_info is None:
+            continue
+        cls_mod = torch.jit.load(str(cls_info.model_path)).eval() if cls_info else None
+        seg_mod = torch.jit.load(str(seg_info.model_path)).eval() if seg_info else None
+        keys = [k for k, f in folds.items() if f == fold]
+        log.info("%s, fold %d: %d held-out images", name, fold, len(keys))
+        for key in keys:
+            image, truth, label, group = data[key]
+            row: dict[str, Any] = {"key": key, "label": label, "group": group, "fold": fold}
+            pred = _predict_mask(seg_info, seg_mod, image) if seg_info else None
+            if pred is not None:
+                row["dice"] = dice_iou(pred, truth > 127)[0]
+                row["mask_pixels"] = int(pred.sum())
+            if cls_info is not None:
+                row["probs"] = _class_probs(cls_info, cls_mod, image, pred)
+            rows.append(row)
+    return rows
+
+
+def cv_main(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    samples = scan_dataset(args.data_path)
+    items = json.loads(Path(args.folds_file).read_text())["items"]
+    folds = {s.key: int(items[s.key]["fold"]) for s in samples}
+    data = {}
+    for s in samples:
+        image = load_image(s)
+        data[s.key] = (image, load_mask(s, image.shape), s.label, int(items[s.key]["group"]))
+    joint_rows = {r["key"]: r for r in json.loads(Path(args.oof).read_text())["plain"]}
+    recipes: dict[str, Any] = {}
+    for spec in args.recipe:
+        name, _, paths = spec.partition("=")
+        classifier, _, segmenter = paths.partition(",")
+        rows = score_recipe(name, classifier or None, segmenter or None, folds, data)
+        if not rows:
+            log.warning("%s: no artifacts found; left out", name)
+            continue
+        # the joint model's rows for the same images, with the same half (class / mask) missing
+        same = []
+        for r in rows:
+            twin = {**joint_rows[r["key"]], "group": r["group"]}
+            twin.update({k: None for k in ("probs", "dice") if r.get(k) is None})
+            same.append(twin)
+        recipes[name] = {
+            "classifier": classifier or None,
+            "segmenter": segmenter or None,
+            "classified_folds": sorted({r["fold"] for r in rows if r.get("probs") is not None}),
+            "segmented_folds": sorted({r["fold"] for r in rows if r.get("dice") is not None}),
+            "n_classified": sum(r.get("probs") is not None for r in rows),
+            "n_segmented": sum(r.get("dice") is not None for r in rows),
+            "figures": _cv_figures(rows),
+            "ci95": _cv_bootstrap(rows, args.resamples),
+            "joint_same_images": _cv_figures(same),
+            "joint_same_images_ci95": _cv_bootstrap(same, args.resamples),
+        }
+    all_joint = list(joint_rows.values())
+    report = {
+        "folds_file": str(args.folds_file),
+        "oof": str(args.oof),
+        "joint": {
+            "folds": sorted({int(r["fold"]) for r in all_joint}),
+            "n": len(all_joint),
+            "figures": _cv_figures(all_joint),
+            "ci95": _cv_bootstrap(all_joint, args.resamples),
+        },
+        "recipes": recipes,
+    }
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "compare_cv.json").write_text(json.dumps(report, indent=1) + "\n")
+    (output / "compare_cv.md").write_text(render_cv(report, args))
+    return report
+
+
+def _cell(figures: dict[str, float], ci: dict[str, list], key: str) -> str:
+    value = figures.get(key, float("nan"))
+    if value != value:  # NaN: the recipe has no such output
+        return "–"
+    lo, hi = ci.get(key, [float("nan"), float("nan")])
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def render_cv(report: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        "# Recipes on the same grouped folds, out-of-fold",
+        "",
+        f"Folds: `{report['folds_file']}`. Each recipe's models were trained on the other folds "
+        "and scored, as the service runs them, on the held-out fold's images; each row is "
+        "followed by the joint model's out-of-fold figures on exactly the same images. 95% "
+        "bootstrap intervals resample near-duplicate groups. '–': the recipe has no such output.",
+        "",
+        "| recipe | folds (images) | " + " | ".join(label for _, label in CV_METRICS) + " |",
+        "|---|---|" + "---|" * len(CV_METRICS),
+    ]
+    joint = report["joint"]
+    cells = [_cell(joint["figures"], joint["ci95"], key) for key, _ in CV_METRICS]
+    folds = ",".join(map(str, joint["folds"]))
+    lines.append(
+        f"| joint-lite0 (shipped recipe) | {folds} ({joint['n']}) | " + " | ".join(cells) + " |"
+    )
+    for name, recipe in report["recipes"].items():
+        folds = "; ".join(
+            f"{what} {','.join(map(str, recipe[what + '_folds']))} ({recipe['n_' + what]})"
+            for what in ("classified", "segmented")
+            if recipe["n_" + what]
+        )
+        cells = [_cell(recipe["figures"], recipe["ci95"], key) for key, _ in CV_METRICS]
+        lines.append(f"| {name} | {folds} | " + " | ".join(cells) + " |")
+        cells = [
+            _cell(recipe["joint_same_images"], recipe["joint_same_images_ci95"], key)
+            for key, _ in CV_METRICS
+        ]
+        lines.append("| ↳ joint on the same images | same | " + " | ".join(cells) + " |")
+    lines += ["", "Command:", "", "```bash", "python -m training compare-cv " + " ".join(
+        args.argv), "```"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def parse_cv_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m training compare-cv",
+        description="Score recipes' per-fold artifacts on their held-out folds beside the "
+        "joint model's out-of-fold predictions.",
+    )
+    parser.add_argument("--data-path", type=Path, required=True, help="folder in BUSI layout")
+    parser.add_argument("--folds-file", type=Path, default=Path("training/splits/busi-5fold.json"))
+    parser.add_argument("--oof", type=Path, required=True, help="oof.json of the joint CV")
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        required=True,
+        help='"NAME=CLASSIFIER_DIR,SEGMENTER_DIR": model folders with {fold} for the fold '
+        "number (either may be empty); the newest verified artifact of each fold is scored",
+    )
+    parser.add_argument("--output-dir", type=Path, default=Path("training/reports/compare"))
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return args
