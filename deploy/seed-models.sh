@@ -6,7 +6,9 @@
 # hidden staging folder and renamed into place, like shared/artifacts.py publishes, so the service
 # (which skips hidden folders) never sees a half-copied version, and an interrupted seed is simply
 # redone on the next start. A task that already has a version, seeded or trained, is left alone:
-# the volume is the source of truth after the first start.
+# the volume is the source of truth after the first start. The promotions record (which versions
+# serve; shared/promotion.py) is seeded likewise, only into a volume that has none, so the seeded
+# versions serve; an existing record is never touched (promote with `python -m training promote`).
 set -eu
 
 src=${SEED_SOURCE:-/app/models}
@@ -41,4 +43,10 @@ for task_dir in "$src"/*/; do
         seeded=$((seeded + 1))
     done
 done
+if [ -f "$src/promotions.json" ] && [ ! -e "$dst/promotions.json" ]; then
+    cp "$src/promotions.json" "$dst/.seed-promotions.json"
+    sync
+    mv "$dst/.seed-promotions.json" "$dst/promotions.json"
+    say "seeded promotions.json"
+fi
 say "done: $seeded version(s) seeded"

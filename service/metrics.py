@@ -65,7 +65,20 @@ class ServiceMetrics:
         )
         self.fallback = Gauge(
             "busi_model_fallback",
-            "1 while an older version serves a task: its newest verified one would not load.",
+            "1 while another version serves a task: its promoted (or pinned) one would not serve.",
+            ["task"],
+            registry=self.registry,
+        )
+        self.gate_refusals = Counter(
+            "busi_model_gate_refusals",
+            "Promoted (or pinned) versions the promotion gate refused to serve, by reason "
+            "(smoke, task, input, no_metrics, eval_images, accuracy, dice).",
+            ["task", "reason"],
+            registry=self.registry,
+        )
+        self.promotion_changes = Counter(
+            "busi_model_promotion_changes",
+            "Changes to a task's promoted versions (promote, demote) picked up from the record.",
             ["task"],
             registry=self.registry,
         )

@@ -1,10 +1,16 @@
 """The model registry: the verified TorchScript artifact being served for each task.
 
-At start-up the newest (or pinned) verified version of each task is loaded, checked against its
-manifest and warmed up. A background poller repeats that whenever the set of version folders (or
-a pin) changes: a new version is loaded and warmed beside the one serving, then swapped in with a
-single reference assignment, so a request keeps the model it started with. A version that fails
-verification, loading or warm-up is refused, logged and counted, and whatever was serving stays.
+Training publishes candidates; what serves each task is the version last promoted in the model
+directory's promotions record (`python -m training promote`, shared.promotion), or a pinned one
+(the *_VERSION settings), and only if its manifest passes the gate (not a smoke run, metrics at or
+above the GATE_MIN_* floors, an input the service can feed). At start-up that version is
+verified, loaded, checked against its manifest and warmed up; if it cannot be, the version
+promoted before it serves instead (a fallback, shown in /models and the metrics). A background
+poller repeats this whenever the version folders, the record or a pin change: a new version is
+loaded and warmed beside the one serving, then swapped in with a single reference assignment, so a
+request keeps the model it started with. A version that fails verification, the gate, loading or
+warm-up is refused, logged and counted, and whatever was serving stays; a task whose last
+promotion is demoted stops being served.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from shared.artifacts import (
     ArtifactInfo,
     list_versions,
     resolve_artifact,
-    verified_artifacts,
     verify_artifact,
 )
 from shared.calibration import Calibration
@@ -39,6 +44,13 @@ from shared.labels import (
     TASKS,
 )
 from shared.preprocessing import Preprocessing
+from shared.promotion import (
+    PROMOTIONS_FILE,
+    GateFloors,
+    Promotions,
+    gate_refusals,
+    read_promotions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,17 +176,24 @@ class ModelRegistry:
         pins: dict[str, str | None],
         metrics: ServiceMetrics,
         tasks: tuple[str, ...] = TASKS,
+        gate: GateFloors | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.tasks = tasks
         self.metrics = metrics
+        self.gate = gate or GateFloors()
         self.inference_lock = threading.Lock()
         self._pins = {task: pins.get(task) or None for task in tasks}
         self._models: dict[str, LoadedModel] = {}
-        self._seen: dict[str, tuple[frozenset[str], str | None]] = {}
+        # per task: the version folders, the pin and the promoted versions last acted on
+        self._seen: dict[str, tuple[frozenset[str], str | None, tuple[str, ...] | None]] = {}
+        self._names: dict[str, frozenset[str]] = {}
         self._refused: dict[str, set[tuple[str, str]]] = {task: set() for task in tasks}
-        # {task: the newest verified version} while an older one serves because it would not load
+        # {task: the promoted (or pinned) version} while another serves because it would not load
         self.fallback: dict[str, str] = {}
+        # {task: {version: why}} for promoted (or pinned) versions the gate refuses
+        self.gate_refused: dict[str, dict[str, str]] = {task: {} for task in tasks}
+        self._record_state: str | None = None  # the last promotions-record problem logged
         self._refresh_lock = threading.Lock()
 
     # --- serving -----------------------------------------------------------------------------
@@ -248,25 +267,57 @@ class ModelRegistry:
         """Pin `task` to a version (None: the newest); takes effect at the next refresh."""
         self._pins[task] = version or None
 
+    def promoted(self) -> dict[str, str | None]:
+        """{task: the version the promotions record says serves it, or None}."""
+        record = self._read_record()
+        return {task: record.serving(task) if record else None for task in self.tasks}
+
     def refresh(self) -> None:
         """Load what should serve each task, if that changed since the last call."""
         with self._refresh_lock:
+            record = self._read_record()
             # the joint model first: when it serves, the separate tasks are optional
             for task in sorted(self.tasks, key=lambda t: t != TASK_DIAGNOSIS):
                 try:
-                    self._refresh_task(task)
+                    self._refresh_task(task, record.stack(task) if record else None)
                 except Exception:  # never let one task's surprise stop the poller
                     self.metrics.reloads.labels(task, "error").inc()  # feeds the load alert
                     log.exception("model refresh failed", extra={"task": task})
         self.metrics.ready.set(1 if self.ready else 0)
 
-    def _refresh_task(self, task: str) -> None:
+    def _read_record(self) -> Promotions | None:
+        """The promotions record, or None (logged once per problem) when missing or unreadable."""
+        try:
+            record = read_promotions(self.model_dir)
+            problem = None if record else f"no {PROMOTIONS_FILE}"
+        except ArtifactError as exc:
+            record, problem = None, exc.message
+        if problem and problem != self._record_state:
+            log.error(
+                "%s in %s: no version is promoted, so none serves (what serves keeps serving); "
+                "promote one with: python -m training promote <task> <version> --model-dir %s",
+                problem, self.model_dir, self.model_dir,
+                extra={"reason": "promotions_record"},
+            )  # fmt: skip
+        self._record_state = problem
+        return record
+
+    def _refresh_task(self, task: str, promoted: tuple[str, ...] | None) -> None:
+        """Serve the newest promoted version of `task` (or its pin) that passes the gate and
+        loads; `promoted` is None when the promotions record is missing or unreadable."""
         names = frozenset(list_versions(self.model_dir, task))
         pin = self._pins[task]
-        previous_names, previous_pin = self._seen.get(task, (frozenset(), None))
-        if (names, pin) == (previous_names, previous_pin) and task in self._seen:
-            return  # nothing was published, removed or re-pinned
-        self._seen[task] = (names, pin)
+        if self._seen.get(task) == (names, pin, promoted):
+            return  # nothing was published, removed, promoted, demoted or re-pinned
+        previous_names = self._names.get(task, frozenset())
+        if task in self._seen and self._seen[task][2] != promoted:
+            self.metrics.promotion_changes.labels(task).inc()
+            log.info(
+                "promotions of %s changed: %s",
+                task, list(promoted or ()), extra={"task": task, "promoted": list(promoted or ())},
+            )  # fmt: skip
+        self._seen[task] = (names, pin, promoted)
+        self._names[task] = names
         current = self._models.get(task)
         keeping = f"version {current.version} keeps serving" if current else "/readyz stays 503"
 
@@ -281,45 +332,93 @@ class ModelRegistry:
                     extra={"task": task, "version": version, "reason": exc.code},
                 )  # fmt: skip
 
-        if not names and pin is None and (task == TASK_DIAGNOSIS or self.joint() is not None):
-            # a registry of separate models has no joint one; a joint one needs no separate ones
-            log.info("no %s artifacts in %s", task, self.model_dir, extra={"task": task})
+        if pin:
+            wanted: tuple[str, ...] = (pin,)  # a pin needs no promotion, but passes the gate
+        elif promoted is None:
+            return  # no readable record (logged once): keep what serves
+        else:
+            wanted = tuple(reversed(promoted))  # the last promoted first, then its fallbacks
+        if not wanted:
+            if current is not None:
+                self._unload(task, current)
+            if task == TASK_DIAGNOSIS or self.joint() is not None:
+                # a registry of separate models has no joint one; a joint one needs no others
+                log.info("no %s version is promoted in %s", task, self.model_dir)
+            else:
+                log.error(
+                    "no usable %s model in %s: none is promoted (python -m training promote "
+                    "%s <version>); %s",
+                    task, self.model_dir, task, keeping, extra={"task": task},
+                )  # fmt: skip
             return
-        try:
-            if pin:
-                candidates = [resolve_artifact(self.model_dir, task, pin)]
-            else:  # newest first: the newest that loads serves
-                candidates = verified_artifacts(self.model_dir, task)
-                if not candidates:
-                    raise ArtifactNotFoundError(f"no verified {task} model in the model directory")
-        except ArtifactError as exc:
-            log.error(
-                "no usable %s model%s in %s: %s; %s",
-                task, f" (pinned {pin})" if pin else "", self.model_dir, exc.message, keeping,
-                extra={"task": task, "reason": exc.code},
-            )  # fmt: skip
-            return
+        candidates = []
+        for version in wanted:
+            try:
+                candidates.append(resolve_artifact(self.model_dir, task, version))
+            except ArtifactError as exc:
+                log.error(
+                    "no usable %s model%s in %s: %s version %s: %s; %s",
+                    task, f" (pinned {pin})" if pin else "", self.model_dir, "pinned" if pin
+                    else "promoted", version, exc.message, keeping,
+                    extra={"task": task, "version": version, "reason": exc.code},
+                )  # fmt: skip
         for info in candidates:
             if current and (current.version, current.info.sha256) == (info.version, info.sha256):
-                break  # what serves is already the newest version that loads
+                break  # what serves is already the first promoted version that loads
             if (info.version, info.sha256) in self._refused[task]:
-                continue  # already failed to load; try the next older one
-            if self._load(task, info, current, keeping):
+                continue  # already refused; try the one promoted before it
+            if self._passes_gate(task, info, keeping) and self._load(task, info, current, keeping):
                 break
-        self._note_fallback(task, candidates[0])
+        self._note_fallback(task, wanted[0])
 
-    def _note_fallback(self, task: str, newest: ArtifactInfo) -> None:
+    def _passes_gate(self, task: str, info: ArtifactInfo, keeping: str) -> bool:
+        """True when `info` passes the gate; else refused, counted per reason and logged.
+
+        A manifest that does not even read passes here and fails (counted) at load.
+        """
+        try:
+            refusals = gate_refusals(info.manifest, self.gate, task)
+        except ArtifactError:
+            return True
+        if not refusals:
+            self.gate_refused[task].pop(info.version, None)
+            return True
+        self._refused[task].add((info.version, info.sha256))
+        why = "; ".join(r.message for r in refusals)
+        self.gate_refused[task][info.version] = why
+        for refusal in refusals:
+            self.metrics.gate_refusals.labels(task, refusal.reason).inc()
+        log.error(
+            "the gate refuses %s version %s: %s; %s",
+            task, info.version, why, keeping,
+            extra={"task": task, "version": info.version, "reason": "gate",
+                   "gate": [r.reason for r in refusals]},
+        )  # fmt: skip
+        return False
+
+    def _unload(self, task: str, current: LoadedModel) -> None:
+        """Stop serving `task`: its version was demoted and nothing else is promoted."""
+        self._models.pop(task, None)
+        self.metrics.model_info.remove(task, current.name, current.version, current.info.sha256)
+        self.metrics.fallback.labels(task).set(0)
+        self.fallback.pop(task, None)
+        log.warning(
+            "no longer serving %s version %s: no %s version is promoted any more",
+            task, current.version, task, extra={"task": task, "version": current.version},
+        )  # fmt: skip
+
+    def _note_fallback(self, task: str, wanted: str) -> None:
         serving = self._models.get(task)
-        older = serving is not None and serving.version != newest.version
+        older = serving is not None and serving.version != wanted
         self.metrics.fallback.labels(task).set(1 if older else 0)
-        if older and self.fallback.get(task) != newest.version:
+        if older and self.fallback.get(task) != wanted:
             log.warning(
-                "serving %s version %s: the newest, %s, could not be loaded",
-                task, serving.version, newest.version,
-                extra={"task": task, "version": serving.version, "newest": newest.version},
+                "serving %s version %s: the %s one, %s, could not be served",
+                task, serving.version, "pinned" if self._pins[task] else "promoted", wanted,
+                extra={"task": task, "version": serving.version, "newest": wanted},
             )  # fmt: skip
         if older:
-            self.fallback[task] = newest.version
+            self.fallback[task] = wanted
         else:
             self.fallback.pop(task, None)
 

@@ -30,7 +30,9 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
         metrics = ServiceMetrics()
-        registry = ModelRegistry(settings.MODEL_DIR, settings.pinned_versions(), metrics)
+        registry = ModelRegistry(
+            settings.MODEL_DIR, settings.pinned_versions(), metrics, gate=settings.gate_floors()
+        )
         registry.batcher = Batcher(
             batching_config(settings),
             metrics,

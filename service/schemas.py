@@ -258,8 +258,23 @@ class ModelsResponse(BaseModel):
     )
     fallback: dict[str, str] = Field(
         default_factory=dict,
-        description="Per task, the newest verified version when it failed to load and an older "
-        "one serves instead",
+        description="Per task, the promoted (or pinned) version when it could not be served and "
+        "the one promoted before it serves instead",
+    )
+    promoted: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="Per task, the version last promoted (python -m training promote); null "
+        "when none is",
+    )
+    gate: dict[str, float] = Field(
+        default_factory=dict,
+        description="The promotion gate's floors (GATE_MIN_ACCURACY, GATE_MIN_DICE, "
+        "GATE_MIN_EVAL_IMAGES)",
+        examples=[{"min_accuracy": 0.75, "min_dice": 0.7, "min_eval_images": 50}],
+    )
+    gate_refused: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Per task, promoted (or pinned) versions the gate refuses, and why",
     )
 
 

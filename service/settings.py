@@ -19,6 +19,12 @@ from shared.decoding import (
 )
 from shared.errors import InvalidVersionError
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
+from shared.promotion import (
+    DEFAULT_MIN_ACCURACY,
+    DEFAULT_MIN_DICE,
+    DEFAULT_MIN_EVAL_IMAGES,
+    GateFloors,
+)
 from shared.quality import DEFAULT_DETECTOR_FILE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -120,17 +126,36 @@ class Settings(BaseSettings):
         "arithmetic, validated by bench/precision.py); false serves the TorchScript as loaded",
     )
     CLASSIFICATION_VERSION: str = Field(
-        "", description="Pinned classification version; empty serves the newest"
+        "", description="Pinned classification version; empty serves the promoted one"
     )
     SEGMENTATION_VERSION: str = Field(
-        "", description="Pinned segmentation version; empty serves the newest"
+        "", description="Pinned segmentation version; empty serves the promoted one"
     )
     DIAGNOSIS_VERSION: str = Field(
         "",
         description=(
-            "Pinned joint (diagnosis) version; empty serves the newest. A loaded joint model "
+            "Pinned joint (diagnosis) version; empty serves the promoted one. A loaded joint model "
             "answers /classify, /segment and /diagnose"
         ),
+    )
+    GATE_MIN_ACCURACY: float = Field(
+        DEFAULT_MIN_ACCURACY,
+        ge=0,
+        le=1,
+        description="Promotion gate: lowest headline accuracy a classification or diagnosis "
+        "version may have and serve (its cross-validation, else test, metrics)",
+    )
+    GATE_MIN_DICE: float = Field(
+        DEFAULT_MIN_DICE,
+        ge=0,
+        le=1,
+        description="Promotion gate: lowest lesion Dice a segmentation or diagnosis version "
+        "may have and serve",
+    )
+    GATE_MIN_EVAL_IMAGES: int = Field(
+        DEFAULT_MIN_EVAL_IMAGES,
+        ge=0,
+        description="Promotion gate: fewest images a version's headline metrics may come from",
     )
     RELOAD_INTERVAL_S: float = Field(
         10.0, ge=0, description="Seconds between checks for new model versions; 0 disables"
@@ -241,6 +266,14 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    def gate_floors(self) -> GateFloors:
+        """The promotion gate's floors (shared.promotion)."""
+        return GateFloors(
+            min_accuracy=self.GATE_MIN_ACCURACY,
+            min_dice=self.GATE_MIN_DICE,
+            min_eval_images=self.GATE_MIN_EVAL_IMAGES,
+        )
 
     def pinned_versions(self) -> dict[str, str | None]:
         """{task: pinned version or None}."""

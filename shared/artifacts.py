@@ -713,6 +713,40 @@ def publish_artifact(
     return verify_artifact(Path(model_dir), task, version)
 
 
+def copy_artifact(source_dir: Path, model_dir: Path, task: str, version: str) -> ArtifactInfo:
+    """Copy a verified version from another model directory (e.g. runs/candidate-models) into
+    `model_dir`, byte for byte and atomically (staged in a hidden folder, manifest last, renamed).
+
+    A version already in `model_dir` with the same model file is left as it is. Raises the
+    errors of verify_artifact for the source, and ArtifactIntegrityError when `model_dir` holds
+    the version with another model file.
+    """
+    source = verify_artifact(source_dir, task, version)
+    task_dir = Path(model_dir) / task
+    target = task_dir / version
+    if target.exists() or target.is_symlink():
+        existing = verify_artifact(model_dir, task, version)
+        if existing.sha256 != source.sha256:
+            raise ArtifactIntegrityError(f"{task} version {version} exists with another model")
+        return existing
+    task_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".copy-{version}-", dir=task_dir))
+    try:
+        for name in (MODEL_FILE, MANIFEST_FILE):  # the manifest last
+            with (source.path / name).open("rb") as src, (staging / name).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.chmod(staging, 0o755)
+        _fsync_dir(staging)
+        os.rename(staging, target)
+        _fsync_dir(task_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return verify_artifact(model_dir, task, version)
+
+
 def verify_artifact(model_dir: Path, task: str, version: str) -> ArtifactInfo:
     """Check one version folder and return its manifest.
 

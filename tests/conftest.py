@@ -23,6 +23,8 @@ from torch import nn
 
 from shared.artifacts import ArtifactInfo, publish_artifact
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_SEGMENTATION
+from shared.promotion import GateFloors
+from shared.promotion import promote as promote_version
 
 
 class TinyClassifier(nn.Module):
@@ -80,7 +82,9 @@ PublishTiny = Callable[..., ArtifactInfo]
 
 @pytest.fixture(scope="session")
 def publish_tiny(tiny_model_files: dict[str, Path]) -> PublishTiny:
-    """publish_tiny(model_dir, task, version, created_at=..., model="<task>", **metadata)."""
+    """publish_tiny(model_dir, task, version, created_at=..., model="<task>", promote=True,
+    **metadata): publish a tiny model and (unless promote=False) promote it, as an operator
+    would, so that it serves."""
 
     def publish(
         model_dir: Path,
@@ -89,13 +93,17 @@ def publish_tiny(tiny_model_files: dict[str, Path]) -> PublishTiny:
         *,
         created_at: str = "2026-01-01T00:00:00+00:00",
         model: str | None = None,
+        promote: bool = True,
         **overrides: Any,
     ) -> ArtifactInfo:
         metadata = (
             classification_metadata() if task == TASK_CLASSIFICATION else segmentation_metadata()
         )
         metadata.update(created_at=created_at, **overrides)
-        return publish_artifact(model_dir, task, version, tiny_model_files[model or task], metadata)
+        info = publish_artifact(model_dir, task, version, tiny_model_files[model or task], metadata)
+        if promote:  # what `python -m training promote` does: the gate, then the record
+            promote_version(model_dir, task, version, GateFloors())
+        return info
 
     return publish
 

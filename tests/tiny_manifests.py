@@ -12,9 +12,16 @@ import torch
 from shared.artifacts import MANIFEST_FILE, MODEL_FILE, sha256_file
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_SEGMENTATION
 from shared.preprocessing import Preprocessing
+from shared.promotion import PROMOTIONS_FILE
 
 CLASSIFIER_PREPROCESSING = Preprocessing(resize=64, crop=56)
 SEGMENTER_PREPROCESSING = Preprocessing(resize=64, resize_mode="stretch")
+
+
+TINY_TEST_METRICS = {
+    TASK_CLASSIFICATION: {"accuracy": 0.9, "n": 100},
+    TASK_SEGMENTATION: {"lesion_dice": 0.9, "n_lesion_images": 80, "n_normal_images": 20},
+}
 
 
 def _metadata(task: str, preprocessing: Preprocessing, output: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +39,9 @@ def _metadata(task: str, preprocessing: Preprocessing, output: dict[str, Any]) -
             "source": "8-bit grayscale (shared.decoding)",
         },
         "output": output,
-        "metrics": {"test": {"accuracy": 0.5}},
+        # figures that pass the promotion gate's default floors (the rigged models earn them on
+        # the rigged inputs the tests send; they were never measured on scans)
+        "metrics": {"test": TINY_TEST_METRICS[task]},
         "training": {"preset": "tiny", "epochs": 0, "seed": 0},
         "data_fingerprint": {"sha256": "0" * 64, "n_images": 0, "split_file": "none"},
         "framework": {"torch": torch.__version__},
@@ -79,3 +88,12 @@ def write_unchecked_artifact(
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     return folder
+
+
+def promote_unchecked(model_dir: Path, task: str, version: str) -> None:
+    """Add `version` to the promotions record without the gate (an operator editing the file, or
+    a record written under other floors): for testing that the service's own gate refuses it."""
+    path = Path(model_dir) / PROMOTIONS_FILE
+    record = json.loads(path.read_text()) if path.exists() else {"schema_version": 1}
+    record.setdefault("promoted", {}).setdefault(task, []).append(version)
+    path.write_text(json.dumps(record))

@@ -1,6 +1,8 @@
 """`python -m training <command> ...`: the training jobs' command line.
 
     python -m training split --data-path D [--output F]      grouped train/val/test split file
+    python -m training promote TASK VERSION [--model-dir D]  make a published candidate serve
+    python -m training demote TASK [VERSION] [--model-dir D] the one promoted before serves again
     python -m training classify --preset effnet-lite0 ...    train, evaluate, export, publish
     python -m training segment --preset ...                  (training.segmentation)
     python -m training cv --preset joint-lite0 --data-path D grouped 5-fold cross-validation
@@ -45,6 +47,8 @@ COMMANDS = (
     "shortcuts",
     "compare",
     "compare-cv",
+    "promote",
+    "demote",
 )
 
 
@@ -133,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             args = joint.parse_fit_args(rest)
             setup_logging(Path(args.output_dir) / "train.log")
             joint.fit_main(args)
+    elif command in ("promote", "demote"):
+        from training import promote
+
+        return promote.main(command, rest)
     elif command in ("calibrate", "ood", "shortcuts"):
         from training import calibration, ood, shortcuts
 

@@ -91,7 +91,14 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
             intended_use=meta.get("intended_use"),
         )
     registry = runtime.registry
-    return ModelsResponse(models=described, pins=registry.pins(), fallback=dict(registry.fallback))
+    return ModelsResponse(
+        models=described,
+        pins=registry.pins(),
+        fallback=dict(registry.fallback),
+        promoted=registry.promoted(),
+        gate=registry.gate.to_dict(),
+        gate_refused={task: dict(v) for task, v in registry.gate_refused.items() if v},
+    )
 
 
 @router.get(

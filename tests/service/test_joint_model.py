@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 from service_inputs import png
-from tiny_manifests import write_unchecked_artifact
+from tiny_manifests import promote_unchecked, write_unchecked_artifact
 from torch import nn
 
 from shared.artifacts import ManifestError, publish_artifact
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 from shared.preprocessing import Preprocessing
+from shared.promotion import GateFloors, promote
 
 PRE = Preprocessing(resize=64, resize_mode="letterbox", trim_border=True)
 
@@ -48,7 +49,10 @@ def joint_metadata(mask_side: int = 64) -> dict:
             "mask": {"type": "logits", "shape": [1, mask_side, mask_side], "threshold": 0.5},
         },
         "class_names": list(CLASS_NAMES),
-        "metrics": {"kind": "cross-validated", "cross_validation": {"plain": {"accuracy": 0.9}}},
+        "metrics": {
+            "kind": "cross-validated",
+            "cross_validation": {"plain": {"accuracy": 0.9, "lesion_dice": 0.9, "n": 100}},
+        },
         "training": {"preset": "tiny"},
         "data_fingerprint": {"sha256": "0" * 64},
         "framework": {"torch": torch.__version__},
@@ -61,6 +65,7 @@ def joint_dir(tmp_path: Path) -> Path:
     model_file = tmp_path / "joint.pt"
     torch.jit.script(TinyJoint().eval()).save(str(model_file))
     publish_artifact(tmp_path / "models", TASK_DIAGNOSIS, "j1", model_file, joint_metadata())
+    promote(tmp_path / "models", TASK_DIAGNOSIS, "j1", GateFloors())
     return tmp_path / "models"
 
 
@@ -144,6 +149,7 @@ def test_joint_artifact_whose_mask_disagrees_with_its_manifest_is_refused(serve,
         publish_artifact(tmp_path / "m", TASK_DIAGNOSIS, "j1", model_file, joint_metadata(32))
     # written around publish_artifact's validation: the service refuses it all the same
     write_unchecked_artifact(tmp_path / "m", TASK_DIAGNOSIS, "j1", model_file, joint_metadata(32))
+    promote_unchecked(tmp_path / "m", TASK_DIAGNOSIS, "j1")
     with serve(tmp_path / "m") as client:
         assert client.get("/readyz").status_code == 503
         assert client.get("/models").json()["models"][TASK_DIAGNOSIS] is None

@@ -48,7 +48,7 @@ def test_models_describes_each_served_artifact(client, tiny_model_dir):
     assert cls["name"] == "tiny-classification"
     assert cls["version"] == "v1"
     assert re.fullmatch(r"[0-9a-f]{64}", cls["sha256"]) and cls["sha256"] in manifest
-    assert cls["metrics"] == {"test": {"accuracy": 0.5}}
+    assert cls["metrics"] == {"test": {"accuracy": 0.9, "n": 100}}
     assert cls["class_names"] == ["normal", "benign", "malignant"]
     assert cls["preprocessing"]["resize"] == 64 and cls["preprocessing"]["crop"] == 56
     assert cls["input"]["height"] == 56

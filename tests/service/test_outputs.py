@@ -126,9 +126,21 @@ def test_uncertain_band_uses_the_artifact_threshold_unless_the_setting_overrides
     assert described["uncertain_below"] == 0.0
 
 
-def test_malformed_temperature_refuses_the_artifact(serve, tmp_path, publish_tiny):
-    publish_tiny(tmp_path, TASK_CLASSIFICATION, "bad", output={"type": "logits", "shape": [3],
-                 "temperature": -1.0})  # fmt: skip
+def test_malformed_temperature_refuses_the_artifact(
+    serve, tmp_path, publish_tiny, tiny_model_files
+):
+    from tiny_manifests import classification_metadata, promote_unchecked, write_unchecked_artifact
+
+    from shared.artifacts import ManifestError
+
+    bad = {"type": "logits", "shape": [3], "temperature": -1.0}
+    with pytest.raises(ManifestError, match="temperature must be a positive number"):
+        publish_tiny(tmp_path, TASK_CLASSIFICATION, "bad", output=bad)
+    # written around publish's validation and promoted by hand: the service refuses it too
+    manifest = {**classification_metadata(), "output": bad}
+    model_file = tiny_model_files[TASK_CLASSIFICATION]
+    write_unchecked_artifact(tmp_path, TASK_CLASSIFICATION, "bad", model_file, manifest)
+    promote_unchecked(tmp_path, TASK_CLASSIFICATION, "bad")
     publish_tiny(tmp_path, TASK_SEGMENTATION, "s1")
     with serve(tmp_path) as client:
         assert client.get("/readyz").status_code == 503
@@ -181,13 +193,15 @@ def test_joint_artifact_declaring_a_temperature_in_its_classes_is_calibrated(ser
 
     from shared.artifacts import publish_artifact
     from shared.labels import TASK_DIAGNOSIS
+    from shared.promotion import GateFloors, promote
 
     model_file = tmp_path / "joint.pt"
     torch.jit.script(TinyJoint().eval()).save(str(model_file))
     plain, calibrated = joint_metadata(), joint_metadata()
     calibrated["output"]["classes"].update(calibrated=True, temperature=3.0)
-    publish_artifact(tmp_path / "plain", TASK_DIAGNOSIS, "j1", model_file, plain)
-    publish_artifact(tmp_path / "calibrated", TASK_DIAGNOSIS, "j1", model_file, calibrated)
+    for folder, metadata in (("plain", plain), ("calibrated", calibrated)):
+        publish_artifact(tmp_path / folder, TASK_DIAGNOSIS, "j1", model_file, metadata)
+        promote(tmp_path / folder, TASK_DIAGNOSIS, "j1", GateFloors())
     image = png(uniform(220))
     with serve(tmp_path / "plain") as client:
         raw = client.post("/diagnose", content=image, headers=CLASSIFY_PNG).json()

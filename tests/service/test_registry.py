@@ -1,4 +1,4 @@
-"""Which artifact serves: newest or pinned, verified and warmed, and refusals that keep us up."""
+"""Which artifact serves: promoted or pinned, verified and warmed, and refusals that keep us up."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 from service_inputs import png
-from tiny_manifests import classification_metadata, write_unchecked_artifact
+from tiny_manifests import classification_metadata, promote_unchecked, write_unchecked_artifact
 
 from shared.artifacts import ManifestError, list_versions
 from shared.errors import ArtifactNotFoundError
@@ -26,15 +26,24 @@ def corrupt(info) -> None:
         fh.write(b"tampered")
 
 
-def test_newest_version_is_served(serve, registry_dir, publish_tiny):
+def test_the_last_promoted_version_is_served_not_the_newest(serve, registry_dir, publish_tiny):
     publish_tiny(registry_dir, TASK_CLASSIFICATION, "v2", created_at="2026-02-01T00:00:00+00:00")
     publish_tiny(registry_dir, TASK_CLASSIFICATION, "v0", created_at="2025-12-01T00:00:00+00:00")
+    publish_tiny(  # the newest, a candidate nobody promoted
+        registry_dir, TASK_CLASSIFICATION, "v3", created_at="2026-03-01T00:00:00+00:00",
+        promote=False,
+    )  # fmt: skip
     with serve(registry_dir) as client:
         response = client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
         assert response.status_code == 200
-        assert response.json()["model"]["version"] == "v2"
+        assert response.json()["model"]["version"] == "v0"
         assert client.get("/readyz").json()["models"] == {
-            TASK_CLASSIFICATION: "v2",
+            TASK_CLASSIFICATION: "v0",
+            TASK_SEGMENTATION: "v1",
+            TASK_DIAGNOSIS: None,
+        }
+        assert client.get("/models").json()["promoted"] == {
+            TASK_CLASSIFICATION: "v0",
             TASK_SEGMENTATION: "v1",
             TASK_DIAGNOSIS: None,
         }
@@ -91,7 +100,9 @@ def test_corrupt_artifact_is_refused_at_start_up_and_the_service_stays_up(
     assert "busi_ready 0.0" in metrics
 
 
-def test_corrupt_newest_version_falls_back_to_the_previous(serve, registry_dir, publish_tiny):
+def test_corrupt_promoted_version_falls_back_to_the_one_promoted_before(
+    serve, registry_dir, publish_tiny
+):
     corrupt(
         publish_tiny(
             registry_dir, TASK_CLASSIFICATION, "v2", created_at="2026-02-01T00:00:00+00:00"
@@ -136,7 +147,8 @@ def test_empty_model_dir_starts_not_ready_with_a_clear_log_line(serve, tmp_path,
         assert client.get("/readyz").status_code == 503
         response = client.post("/diagnose", content=png(), headers={"Content-Type": "image/png"})
         assert response.status_code == 503
-    assert "no usable classification model" in caplog.text
+    assert "no promotions.json in" in caplog.text
+    assert "python -m training promote <task> <version>" in caplog.text
     assert "not ready" in caplog.text
 
 
@@ -154,7 +166,7 @@ def test_pins_are_shown_by_readyz_and_models(serve, registry_dir):
     assert models["pins"] == ready["pins"] and models["fallback"] == {}
 
 
-def test_unloadable_newest_version_falls_back_to_the_newest_that_loads_after_a_restart(
+def test_unloadable_promoted_version_falls_back_to_the_one_before_after_a_restart(
     serve, registry_dir, publish_tiny, caplog
 ):
     # A restarted replica never saw v1 serve; v2 verifies (good checksum) but fails its warm-up.
@@ -173,7 +185,9 @@ def test_unloadable_newest_version_falls_back_to_the_newest_that_loads_after_a_r
     assert models["fallback"] == {TASK_SEGMENTATION: "v2"}
     assert 'busi_model_fallback{task="segmentation"} 1.0' in metrics
     assert 'busi_model_reloads_total{outcome="failed",task="segmentation"} 1.0' in metrics
-    assert "serving segmentation version v1: the newest, v2, could not be loaded" in caplog.text
+    assert (
+        "serving segmentation version v1: the promoted one, v2, could not be served" in caplog.text
+    )
 
 
 def test_manifest_with_a_field_of_the_wrong_type_is_refused_at_publish(tmp_path, publish_tiny):
@@ -190,6 +204,7 @@ def test_manifest_with_a_field_of_the_wrong_type_is_counted_as_a_failed_load(
     write_unchecked_artifact(
         tmp_path, TASK_CLASSIFICATION, "v1", tiny_model_files[TASK_CLASSIFICATION], manifest
     )
+    promote_unchecked(tmp_path, TASK_CLASSIFICATION, "v1")  # promote itself would refuse it
     publish_tiny(tmp_path, TASK_SEGMENTATION, "v1")
     with caplog.at_level(logging.INFO), serve(tmp_path) as client:
         assert client.get("/readyz").status_code == 503

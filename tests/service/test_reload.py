@@ -99,9 +99,7 @@ def test_new_version_failing_its_checksum_is_rejected_and_counted(
     serve, registry_dir, publish_tiny
 ):
     with serve(registry_dir, RELOAD_INTERVAL_S=0.1) as client:
-        info = publish_tiny(
-            registry_dir, TASK_CLASSIFICATION, "v2", created_at="2026-02-01T00:00:00+00:00"
-        )
+        info = publish_tiny(registry_dir, TASK_CLASSIFICATION, "v2", promote=False)
         with info.model_path.open("ab") as fh:
             fh.write(b"tampered")
         wait_for(
