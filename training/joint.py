@@ -1008,7 +1008,8 @@ def parse_fit_args(argv: list[str]) -> argparse.Namespace:
         "Train the joint recipe on all images, export and publish it",
         default_output="training/reports/fit/<preset>",
         split_file=False,
-        model_dir=Path("models"),
+        # a candidate, not what scripts/serve.sh serves: `python -m training promote --from`
+        model_dir=Path("runs/candidate-models"),
     )
     parser.add_argument("--cv-report", type=Path, default=None, help="report.json of its CV")
     parser.add_argument(

@@ -510,7 +510,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "python -m training segment",
         "Train, evaluate, export and publish a lesion segmenter.",
         presets=PRESETS,
-        default_preset="unet-effnet-lite0",
+        default_preset="unet-effnet-lite0-gated",  # the shipped segmenter's recipe
         default_output=SEGMENTATION.default_output.format(preset="<preset>"),
         split_file=DEFAULT_SPLIT_FILE,
         split_help="grouped split file (default: training/splits/busi.json; when it does not "

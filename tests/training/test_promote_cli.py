@@ -48,3 +48,10 @@ def test_promote_and_demote_through_the_training_command_line(tmp_path, publish_
     record = json.loads((tmp_path / PROMOTIONS_FILE).read_text())
     assert record["promoted"] == {TASK_CLASSIFICATION: ["v1"]}
     assert [e["action"] for e in record["history"]] == ["promote", "promote", "demote"]
+
+
+def test_training_jobs_do_not_publish_into_the_served_folder_by_default():
+    from training import joint
+
+    args = joint.parse_fit_args(["--data-path", "d"])
+    assert args.model_dir == Path("runs/candidate-models")

@@ -124,3 +124,8 @@ def test_command_line_rejects_an_unknown_preset_listing_the_valid_ones(
         segmentation.main(["--preset", "nope", "--data-path", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "unet-effnet-lite0" in capsys.readouterr().err
+
+
+def test_the_default_preset_is_the_shipped_segmenters_recipe() -> None:
+    args = segmentation.get_args_parser().parse_args(["--data-path", "d"])
+    assert args.preset == "unet-effnet-lite0-gated"
