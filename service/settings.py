@@ -116,9 +116,10 @@ class Settings(BaseSettings):
         "(deadline_exceeded) and is not analysed; 0: no deadline",
     )
     INFERENCE_PRECISION: Literal["fp32", "bf16"] = Field(
-        "bf16",
-        description="Arithmetic of the forwards: bf16 autocast (validated for the shipped "
-        "artifact by bench/precision.py, bench/reports/precision.md) or fp32",
+        "fp32",
+        description="Arithmetic of the forwards: fp32, or bf16 autocast (validated for the "
+        "shipped joint artifact by bench/precision.py, bench/reports/precision.md; applies to "
+        "every served model, so only with artifacts validated the same way)",
     )
     INFERENCE_FREEZE: bool = Field(
         False,
