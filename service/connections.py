@@ -59,6 +59,7 @@ def guarded_protocol(
         _header_timer: asyncio.TimerHandle | None = None
         _header_bytes = 0
         _in_headers = False
+        _tail = b""
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -69,8 +70,13 @@ def guarded_protocol(
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            # A read may hold the end of the headers and much of the body: count only the
+            # bytes up to the blank line that ends the headers (it may straddle two reads).
             if self._in_headers:
-                self._header_bytes += len(data)
+                window = self._tail + data
+                end = window.find(b"\r\n\r\n")
+                self._header_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+                self._tail = window[-3:]
                 if self._header_bytes > MAX_HEADER_BYTES:
                     self._refuse(too_large, "header_size")
                     return
@@ -78,7 +84,8 @@ def guarded_protocol(
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._await_headers()
+            if not self._in_headers:  # a later request on the connection: its own clock
+                self._await_headers()
 
         def on_headers_complete(self) -> None:
             self._headers_done()
@@ -89,6 +96,7 @@ def guarded_protocol(
                 self._header_timer.cancel()
             self._in_headers = True
             self._header_bytes = 0
+            self._tail = b""
             self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
 
         def _headers_done(self) -> None:

@@ -114,6 +114,49 @@ def test_slowloris_connections_neither_block_a_request_nor_stay_open(tmp_path, t
             sock.close()
 
 
+def _noise_png(side: int = 420) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _exchange(address: tuple[str, int], request: bytes) -> bytes:
+    with socket.create_connection(address, timeout=60) as sock:
+        sock.sendall(request)  # one write: the server reads headers and body together
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data:
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: (\d+)", head)
+                if length and len(body) >= int(length[1]):
+                    break
+        return data
+
+
+def test_the_header_cap_counts_header_bytes_not_the_body_read_with_them(tmp_path, tiny_model_dir):
+    env = {**QUIET_ENV, "MODEL_DIR": str(tiny_model_dir), "LOG_LEVEL": "WARNING"}
+    image = _noise_png()
+    assert len(image) > 2 * 64 * 1024
+    with running_service(env, tmp_path / "service.log", timeout_s=300) as service:
+        address = ("127.0.0.1", service.port)
+        head = (
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(image)
+        )
+        answer = _exchange(address, head + image)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (80 * 1024) + b"\r\n\r\n"
+        answer = _exchange(address, huge)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+
+
 def test_uvicorn_runs_with_the_connection_cap_and_the_guarded_protocol(tiny_model_dir):
     from service.__main__ import uvicorn_config
     from service.app import create_app
