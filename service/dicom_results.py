@@ -157,7 +157,28 @@ def source_image(header: Dataset | None, frame: int) -> SourceImage:
         raise UnreferenceableDicomError(
             "DICOM results must reference the source, which lacks " + ", ".join(missing)
         )
+    charsets = _character_sets(header)
+    if charsets - _RESULT_CHARSETS:
+        # Results copy the source's patient and study text, so they are written in its
+        # character set; highdicom knows DICOM's defined terms only.
+        raise UnreferenceableDicomError(
+            "the source's Specific Character Set is not a DICOM defined term; DICOM results "
+            "cannot be written in it (JSON results still can)"
+        )
     return SourceImage(header, frame)
+
+
+_RESULT_CHARSETS = {value.value for value in hd.SpecificCharacterSetValues} | {""}
+
+
+def _character_sets(header: Dataset) -> set[str]:
+    """The source's Specific Character Set values (one or more; empty when absent)."""
+    try:
+        value = header.get("SpecificCharacterSet", "")
+    except Exception:  # a value pydicom cannot convert; its message may quote it
+        return {"<unreadable>"}
+    values = [value] if isinstance(value, str) else list(value or [])
+    return {str(v).strip() for v in values}
 
 
 def _algorithm(model_name: str, model_version: str) -> hd.AlgorithmIdentificationSequence:

@@ -96,15 +96,13 @@ def test_every_line_is_json_and_no_canary_reaches_the_log(tmp_path: Path, tiny_m
     # 5xx are item 1's business (test_unknown_charset_... below); here only the log is judged.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the canary test: a DICOM whose Specific Character Set is unknown, asked "
-    "for DICOM results, reaches highdicom's SpecificCharacterSetValues and ends as a 500 "
-    "(service/dicom_results.py build_segmentation); remove this mark once it is a 4xx",
-)
 def test_unknown_charset_with_dicom_results_is_no_server_error(client):
     data, headers = _canary_files()["charset-dicom-results"]
     response = client.post(
         "/diagnose", content=data, headers={"Content-Type": "application/dicom", **headers}
     )
-    assert response.status_code < 500
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "dicom_not_referenceable"
+    # the same file still gets its JSON answer
+    response = client.post("/diagnose", content=data, headers={"Content-Type": "application/dicom"})
+    assert response.status_code == 200
