@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             log.error(
                 "not ready: a model is missing or was refused (see above); /readyz answers 503 "
-                "until a verified version is published in %s",
+                "until a version passing the gate is promoted in %s (python -m training promote)",
                 settings.MODEL_DIR,
             )
         poller = None
