@@ -24,9 +24,10 @@ import numpy as np
 
 from service.registry import load_model
 from shared.artifacts import ArtifactInfo, verify_artifact
+from shared.labels import CLASS_NAMES
 from shared.postprocessing import class_probabilities, dice_iou, sigmoid
 from training.data import load_image, load_mask, scan_dataset
-from training.joint import CANVASES, METRIC_ROWS, place_on_canvas, summarise
+from training.joint import CANVASES, METRIC_ROWS, group_bootstrap, place_on_canvas, summarise
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def _cv_figures(rows: list[dict[str, Any]]) -> dict[str, float]:
     scored = [r for r in rows if r.get("probs") is not None]
     if scored:
         y = np.asarray([r["label"] for r in scored])
-        scalars = _scalars(y, np.asarray([r["probs"] for r in scored]), CLASS_ORDER)
+        scalars = _scalars(y, np.asarray([r["probs"] for r in scored]), CLASS_NAMES)
         out["accuracy"] = scalars["accuracy"]
         out["macro_f1"] = scalars["macro_f1"]
         out["macro_auc"] = scalars.get("macro_auc", nan)
@@ -180,26 +181,8 @@ def _cv_figures(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _cv_bootstrap(rows: list[dict[str, Any]], n_resamples: int, seed: int = 0) -> dict[str, list]:
-    """95% percentile intervals resampling near-duplicate groups (row["group"])."""
-    import math
-
-    by_group: dict[int, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_group.setdefault(int(row["group"]), []).append(row)
-    groups = list(by_group)
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    for _ in range(n_resamples):
-        picked = rng.integers(0, len(groups), size=len(groups))
-        for key, value in _cv_figures([r for g in picked for r in by_group[groups[g]]]).items():
-            if not math.isnan(value):
-                draws.setdefault(key, []).append(value)
-    return {
-        k: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))] for k, v in draws.items()
-    }
-
-
-CLASS_ORDER = ("normal", "benign", "malignant")
+    """95% percentile intervals of _cv_figures, resampling near-duplicate groups."""
+    return group_bootstrap(rows, n_resamples, seed, figures=_cv_figures)
 
 
 def _newest(pattern: str | None, fold: int, task: str) -> ArtifactInfo | None:
@@ -228,7 +211,7 @@ def _predict_mask(info: ArtifactInfo, module: Any, image: np.ndarray) -> np.ndar
 
 
 def _class_probs(info: ArtifactInfo, module: Any, image: np.ndarray, mask: np.ndarray | None):
-    """Class probabilities in CLASS_ORDER; a 4-channel classifier gets `mask` (the paired
+    """Class probabilities in CLASS_NAMES; a 4-channel classifier gets `mask` (the paired
     segmenter's prediction, the only mask a service has) as its fourth channel."""
     import torch
 
@@ -242,7 +225,7 @@ def _class_probs(info: ArtifactInfo, module: Any, image: np.ndarray, mask: np.nd
     with torch.inference_mode():
         logits = module(torch.from_numpy(x[None].astype(np.float32)))[0].numpy()
     probs = class_probabilities(logits, info.manifest.class_names)
-    return [probs[name] for name in CLASS_ORDER]
+    return [probs[name] for name in CLASS_NAMES]
 
 
 def score_recipe(

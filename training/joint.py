@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -554,9 +555,14 @@ def _figures(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def group_bootstrap(
-    rows: list[dict[str, Any]], n_resamples: int = 1000, seed: int = 0
+    rows: list[dict[str, Any]],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    figures: Callable[[list[dict[str, Any]]], dict[str, float]] | None = None,
 ) -> dict[str, list[float]]:
-    """95% percentile intervals resampling near-duplicate groups (row["group"]) with replacement."""
+    """95% percentile intervals resampling near-duplicate groups (row["group"]) with replacement,
+    of each of `figures(rows)` (default: this module's headline figures); NaN draws are skipped."""
+    figures = figures or _figures
     by_group: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         by_group.setdefault(int(row["group"]), []).append(row)
@@ -566,7 +572,7 @@ def group_bootstrap(
     for _ in range(n_resamples):
         picked = rng.integers(0, len(groups), size=len(groups))
         sample = [row for g in picked for row in by_group[groups[g]]]
-        for key, value in _figures(sample).items():
+        for key, value in figures(sample).items():
             if not math.isnan(value):
                 draws.setdefault(key, []).append(value)
     return {
