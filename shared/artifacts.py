@@ -3,6 +3,7 @@
 Layout on the model volume:
 
     <MODEL_DIR>/<task>/<version>/model.pt        TorchScript file
+    <MODEL_DIR>/<task>/<version>/model.onnx      optional: the same model for ONNX Runtime
     <MODEL_DIR>/<task>/<version>/metadata.json   the manifest, written last
     <MODEL_DIR>/promotions.json                  which versions may serve (shared.promotion)
 
@@ -15,8 +16,8 @@ never loaded.
 The manifest is one typed object, `Manifest`: training builds the dict, `publish_artifact`
 validates it with `Manifest.from_dict` (an invalid one is never written) and writes
 `Manifest.to_dict()`; the service reads `ArtifactInfo.manifest` at load time. Schema version 1 is
-the only one; fields added since (`status`) are optional, so every version-1 manifest ever
-written still reads, and an older reader ignores them.
+the only one; fields added since (`status`, `runtimes`) are optional, so every version-1 manifest
+ever written still reads, and an older reader ignores them.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ STATUSES = (STATUS_CANDIDATE, STATUS_SMOKE)
 """`status` of a published artifact: a smoke run (never served) or a candidate (served once
 promoted and past the gate; see shared.promotion). Promotion itself is not in the manifest,
 which never changes after publishing, but in the model directory's promotions record."""
+
+RUNTIME_ONNX = "onnxruntime"
+ONNX_FILE = "model.onnx"
+RUNTIME_FILES = {RUNTIME_ONNX: ONNX_FILE}
+"""Runtimes other than TorchScript an artifact may carry a file for, and that file's name."""
+
+VALIDATION_BAR = {"accuracy": 0.005, "macro_auc": 0.005, "lesion_dice": 0.005}
+"""How far a runtime variant's figures may lie from the TorchScript fp32 model's on the same
+images (absolute difference) for the variant to serve: 0.5 points of accuracy, 0.005 macro AUC,
+0.005 lesion Dice (issue 10)."""
 
 OUTPUT_TYPES = ("logits", "probability")
 INPUT_SOURCE = "8-bit grayscale (shared.decoding)"
@@ -175,6 +186,97 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class RuntimeVariant:
+    """The same model in another runtime, shipped beside model.pt and validated against it.
+
+    JSON (one entry of the manifest's `runtimes` list):
+
+        {"runtime": "onnxruntime", "file": "model.onnx", "sha256": "<hex>", "precision": "fp32",
+         "validation": {"source": "...", "command": "...", "n_images": 623,
+                        "reference": {"accuracy": .., "macro_auc": .., "lesion_dice": ..},
+                        "variant": {"accuracy": .., "macro_auc": .., "lesion_dice": ..},
+                        ...}}
+
+    `reference` holds the TorchScript fp32 figures and `variant` this runtime's, on the same
+    images (out-of-fold where the job had folds); figures a task has no use for are left out.
+    The variant serves only when it `holds`: every figure it shares with `reference` lies within
+    VALIDATION_BAR (and it shares at least one).
+    """
+
+    runtime: str
+    file: str
+    sha256: str
+    precision: str = "fp32"
+    validation: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def deltas(self) -> dict[str, float]:
+        """variant - reference for each figure of VALIDATION_BAR both record."""
+        reference = self.validation.get("reference") or {}
+        variant = self.validation.get("variant") or {}
+        return {
+            key: float(variant[key]) - float(reference[key])
+            for key in VALIDATION_BAR
+            if _is_number(reference.get(key)) and _is_number(variant.get(key))
+        }
+
+    @property
+    def holds(self) -> bool:
+        deltas = self.deltas
+        return bool(deltas) and all(abs(d) <= VALIDATION_BAR[k] + 1e-12 for k, d in deltas.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.extra,
+            "runtime": self.runtime,
+            "file": self.file,
+            "sha256": self.sha256,
+            "precision": self.precision,
+            "validation": dict(self.validation),
+        }
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _runtimes(value: object, problems: list[str]) -> tuple[RuntimeVariant, ...]:
+    if not isinstance(value, list):
+        problems.append("runtimes must be a list")
+        return ()
+    variants = []
+    for i, entry in enumerate(value):
+        where = f"runtimes[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} must be an object")
+            continue
+        runtime, file = entry.get("runtime"), entry.get("file")
+        sha, precision = entry.get("sha256"), entry.get("precision", "fp32")
+        validation = entry.get("validation", {})
+        bad = len(problems)
+        if runtime not in RUNTIME_FILES:
+            problems.append(f"{where}.runtime must be one of {list(RUNTIME_FILES)}")
+        elif file != RUNTIME_FILES[runtime]:
+            problems.append(f"{where}.file must be {RUNTIME_FILES[runtime]!r}")
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            problems.append(f"{where}.sha256 must be 64 lower-case hex digits")
+        if precision != "fp32":
+            problems.append(f"{where}.precision must be 'fp32'")
+        if not isinstance(validation, dict):
+            problems.append(f"{where}.validation must be an object")
+        if runtime in {v.runtime for v in variants}:
+            problems.append(f"{where}: runtime {runtime!r} listed twice")
+        if len(problems) == bad:
+            known = {"runtime", "file", "sha256", "precision", "validation"}
+            variants.append(RuntimeVariant(
+                runtime, file, sha, precision, validation,
+                {k: v for k, v in entry.items() if k not in known},
+            ))  # fmt: skip
+    return tuple(variants)
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """The headline figures of `metrics`, which a promotion gate compares with its floors.
 
@@ -245,9 +347,14 @@ class Manifest:
     framework: Mapping[str, Any] = field(default_factory=dict)
     intended_use: str | None = None
     status: str = STATUS_CANDIDATE
+    runtimes: tuple[RuntimeVariant, ...] = ()
     schema_version: int = SCHEMA_VERSION
     model_file: str = MODEL_FILE
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def runtime(self, name: str) -> RuntimeVariant | None:
+        """The variant for runtime `name`, or None when the artifact carries none."""
+        return next((v for v in self.runtimes if v.runtime == name), None)
 
     @property
     def evaluation(self) -> Evaluation:
@@ -303,6 +410,8 @@ class Manifest:
             data["architecture"] = self.architecture
         if self.intended_use is not None:
             data["intended_use"] = self.intended_use
+        if self.runtimes:
+            data["runtimes"] = [v.to_dict() for v in self.runtimes]
         return data
 
     @classmethod
@@ -367,6 +476,8 @@ class Manifest:
         elif training.smoke and status != STATUS_SMOKE:
             problems.append("status must be 'smoke' for a smoke run (training.smoke)")
 
+        runtimes = _runtimes(data["runtimes"], problems) if "runtimes" in data else ()
+
         if problems:
             raise ManifestError(problems)
         assert preprocessing and spec_in and spec_out and task  # no problems: all were read
@@ -388,6 +499,7 @@ class Manifest:
             framework=sections["framework"],
             intended_use=intended_use,
             status=status,
+            runtimes=runtimes,
             schema_version=data["schema_version"],
             model_file=text["model_file"],
             extra={k: v for k, v in data.items() if k not in known},
@@ -603,6 +715,10 @@ class ArtifactInfo:
     def name(self) -> str:
         return str(self.metadata["name"])
 
+    def runtime_path(self, variant: RuntimeVariant) -> Path:
+        """Where `variant`'s file lies (verify_artifact has checked its sha256)."""
+        return self.path / variant.file
+
     @property
     def sha256(self) -> str:
         return str(self.metadata["sha256"])
@@ -663,12 +779,20 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def publish_artifact(
-    model_dir: Path, task: str, version: str, model_file: Path, metadata: Mapping[str, Any]
+    model_dir: Path,
+    task: str,
+    version: str,
+    model_file: Path,
+    metadata: Mapping[str, Any],
+    runtime_files: Mapping[str, Path] | None = None,
 ) -> ArtifactInfo:
     """Publish `model_file` (a TorchScript file) with `metadata` as `<model_dir>/<task>/<version>`.
 
     Fills in schema_version, task, version, model_file, sha256, (if absent) created_at and (if
-    absent) status, validates the result as a Manifest and writes its `to_dict()`. The version is
+    absent) status, validates the result as a Manifest and writes its `to_dict()`.
+    `runtime_files` maps each runtime the metadata's `runtimes` list names to its file (e.g.
+    {"onnxruntime": path/to/model.onnx}): it is copied in as the entry's `file` and the entry's
+    sha256 is filled in. The version is
     a candidate: it serves only once promoted (shared.promotion). Raises InvalidVersionError for
     a bad task/version name, ManifestError (an ArtifactIntegrityError) for an invalid manifest,
     and ArtifactIntegrityError if the version already exists.
@@ -689,6 +813,19 @@ def publish_artifact(
         sha256=sha256_file(Path(model_file)),
     )
     fields_in.setdefault("created_at", datetime.now(UTC).isoformat(timespec="seconds"))
+    runtime_files = {name: Path(path) for name, path in (runtime_files or {}).items()}
+    entries = [dict(e) if isinstance(e, Mapping) else e for e in fields_in.get("runtimes", [])]
+    named = {e.get("runtime") for e in entries if isinstance(e, dict)}
+    if set(runtime_files) != named:
+        raise ArtifactIntegrityError(
+            f"runtime files {sorted(runtime_files)} do not match the manifest's runtimes "
+            f"{sorted(str(n) for n in named)}"
+        )
+    for entry in entries:
+        entry["file"] = RUNTIME_FILES.get(entry["runtime"], entry.get("file"))
+        entry["sha256"] = sha256_file(runtime_files[entry["runtime"]])
+    if entries:
+        fields_in["runtimes"] = entries
     manifest = Manifest.from_dict(fields_in)  # an invalid manifest is never written
     task_dir.mkdir(parents=True, exist_ok=True)
 
@@ -700,6 +837,14 @@ def publish_artifact(
             os.fsync(dst.fileno())
         if sha256_file(staging / MODEL_FILE) != manifest.sha256:
             raise ArtifactIntegrityError("model file changed while it was being published")
+        for variant in manifest.runtimes:
+            source = runtime_files[variant.runtime]
+            with source.open("rb") as src, (staging / variant.file).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            if sha256_file(staging / variant.file) != variant.sha256:
+                raise ArtifactIntegrityError(f"{variant.file} changed while it was being published")
         body = json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
         _write_synced(staging / MANIFEST_FILE, body)  # the manifest last
         os.chmod(staging, 0o755)
@@ -732,7 +877,8 @@ def copy_artifact(source_dir: Path, model_dir: Path, task: str, version: str) ->
     task_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".copy-{version}-", dir=task_dir))
     try:
-        for name in (MODEL_FILE, MANIFEST_FILE):  # the manifest last
+        runtime_files = [v.file for v in source.manifest.runtimes]
+        for name in (MODEL_FILE, *runtime_files, MANIFEST_FILE):  # the manifest last
             with (source.path / name).open("rb") as src, (staging / name).open("wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
@@ -789,7 +935,24 @@ def verify_artifact(model_dir: Path, task: str, version: str) -> ArtifactInfo:
         raise ArtifactIntegrityError(f"{task} version {version} names an unexpected model file")
     if sha256_file(model_path) != metadata["sha256"]:
         raise ArtifactIntegrityError(f"{task} version {version} fails its checksum")
+    _verify_runtime_files(folder, metadata, f"{task} version {version}")
     return ArtifactInfo(task=task, version=version, path=folder, metadata=metadata)
+
+
+def _verify_runtime_files(folder: Path, metadata: Mapping[str, Any], what: str) -> None:
+    """Each file the manifest's `runtimes` names must be a plain file with its sha256."""
+    entries = metadata.get("runtimes", [])
+    if not isinstance(entries, list):
+        raise ArtifactIntegrityError(f"{what} has a malformed runtimes list")
+    for entry in entries:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if name not in RUNTIME_FILES.values():
+            raise ArtifactIntegrityError(f"{what} names an unexpected runtime file")
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            raise ArtifactIntegrityError(f"{what} lacks {name}")
+        if sha256_file(path) != entry.get("sha256"):
+            raise ArtifactIntegrityError(f"{what} fails the checksum of {name}")
 
 
 def list_versions(model_dir: Path, task: str) -> list[str]:
