@@ -15,7 +15,9 @@ with Retry-After) instead of letting latency grow without bound; a request whose
 (REQUEST_DEADLINE_MS after the predictor began it, its body received) passes before its forward
 starts gets DeadlineExceededError (504) and its forward is skipped.
 
-Each model can be prepared for serving on the forward thread when it is idle: frozen and
+A model whose validated model.onnx runs in ONNX Runtime (service.onnx_forward, INFERENCE_RUNTIME)
+is called through its sessions, one per thread count. A TorchScript model can be prepared for
+serving on the forward thread when it is idle: frozen and
 optimised for inference (torch.jit.freeze + optimize_for_inference, the same fp32 arithmetic with
 the convolutions prepacked for oneDNN) and/or run under bf16 autocast. A prepared module is used
 only once it has been checked against the plain one on a warm-up input; until then, and if the
@@ -234,10 +236,15 @@ class Batcher:
         self._last_batch = rows
         try:
             config = self.config
-            self._set_threads(config.threads_alone if rows == 1 else config.threads_batched)
+            threads = config.threads_alone if rows == 1 else config.threads_batched
             inputs = np.concatenate([p.batch for p in batch]) if len(batch) > 1 else batch[0].batch
-            with self.lock:
-                outputs = self.run_module(self._module_for(model), torch.from_numpy(inputs))
+            if model.onnx is not None:  # model.onnx in ONNX Runtime (service.onnx_forward)
+                with self.lock:
+                    outputs = model.onnx(inputs, threads)
+            else:
+                self._set_threads(threads)
+                with self.lock:
+                    outputs = self.run_module(self._module_for(model), torch.from_numpy(inputs))
         except BaseException as exc:  # every waiting request gets the forward's error
             for pending in batch:
                 pending.error = exc
@@ -293,7 +300,7 @@ class Batcher:
         for key in [k for k in self._prepared if k not in keep]:
             del self._prepared[key]  # a replaced version: let its prepared copy go
         for model in served:
-            if id(model.module) not in self._prepared:
+            if model.onnx is None and id(model.module) not in self._prepared:
                 self.prepare(model)
 
     def prepare(self, model: Any) -> None:

@@ -57,6 +57,13 @@ class ServiceMetrics:
             ["task", "name", "version", "sha256"],
             registry=self.registry,
         )
+        self.model_runtime = Gauge(
+            "busi_model_runtime",
+            "1 for each model version being served, labelled with what runs its forwards "
+            "(torchscript: model.pt; onnxruntime: the validated model.onnx).",
+            ["task", "version", "runtime"],
+            registry=self.registry,
+        )
         self.reloads = Counter(
             "busi_model_reloads",
             "Attempts to load a model version, by outcome (loaded, failed, rejected, error).",

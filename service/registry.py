@@ -1,4 +1,4 @@
-"""The model registry: the verified TorchScript artifact being served for each task.
+"""The model registry: the verified artifact being served for each task.
 
 Training publishes candidates; what serves each task is the version last promoted in the model
 directory's promotions record (`python -m training promote`, shared.promotion), or a pinned one
@@ -26,7 +26,9 @@ import torch
 
 from service.batching import Batcher, BatchingConfig
 from service.metrics import ServiceMetrics
+from service.onnx_forward import AGREEMENT_ATOL, OnnxForward, onnxruntime_available
 from shared.artifacts import (
+    RUNTIME_ONNX,
     ArtifactInfo,
     list_versions,
     resolve_artifact,
@@ -55,6 +57,8 @@ from shared.promotion import (
 log = logging.getLogger(__name__)
 
 _WARMUP_FORWARDS = 2  # TorchScript's profiling executor specialises the graph on the 2nd call
+RUNTIME_TORCHSCRIPT = "torchscript"
+INFERENCE_RUNTIMES = ("auto", RUNTIME_TORCHSCRIPT, RUNTIME_ONNX)
 
 
 def configure_torch(threads: int) -> None:
@@ -88,7 +92,13 @@ class LoadedModel:
     threshold: float = 0.5  # segmentation and diagnosis
     mask_shape: tuple[int, ...] = ()  # diagnosis only: the second output, without the batch axis
     calibration: Calibration = Calibration()  # of the class logits; identity when not declared
+    onnx: OnnxForward | None = None  # set when model.onnx runs the forwards (service.onnx_forward)
     loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def runtime(self) -> str:
+        """What runs the forwards: "onnxruntime" (model.onnx) or "torchscript" (model.pt)."""
+        return RUNTIME_ONNX if self.onnx is not None else RUNTIME_TORCHSCRIPT
 
     @property
     def task(self) -> str:
@@ -103,13 +113,23 @@ class LoadedModel:
         return self.info.name
 
 
-def load_model(info: ArtifactInfo, lock: threading.Lock | None = None) -> LoadedModel:
+def load_model(
+    info: ArtifactInfo,
+    lock: threading.Lock | None = None,
+    runtime: str = "auto",
+    threads: tuple[int, ...] = (),
+) -> LoadedModel:
     """Load a verified artifact on the CPU, check it against its manifest and warm it up.
 
-    `lock` serialises the warm-up forwards with the requests being served. Raises
-    ArtifactIntegrityError when the manifest is inconsistent, the file is not TorchScript, or a
-    forward fails or returns another shape than the manifest declares.
+    `lock` serialises the warm-up forwards with the requests being served. `runtime` is
+    INFERENCE_RUNTIME (service.onnx_forward): with "auto" or "onnxruntime", an artifact whose
+    manifest carries a validated model.onnx runs its forwards in ONNX Runtime, with a session
+    for each of `threads` (default: torch's thread count). Raises ArtifactIntegrityError when
+    the manifest is inconsistent, the file is not TorchScript, or a forward fails or returns
+    another shape than the manifest declares.
     """
+    if runtime not in INFERENCE_RUNTIMES:
+        raise ValueError(f"runtime must be one of {INFERENCE_RUNTIMES}")
     manifest = info.manifest  # raises ManifestError (an ArtifactIntegrityError) when invalid
     problems = manifest.input_problems()
     if problems:
@@ -137,6 +157,9 @@ def load_model(info: ArtifactInfo, lock: threading.Lock | None = None) -> Loaded
             raise ArtifactIntegrityError(
                 f"the warm-up forward returned {got}, the manifest declares {declared}"
             )
+    onnx = None
+    if runtime != RUNTIME_TORCHSCRIPT:
+        onnx = _onnx_forward(info, module, lock, threads or (torch.get_num_threads(),), runtime)
     classes, mask = manifest.output.classes, manifest.output.mask
     return LoadedModel(
         info=info,
@@ -149,7 +172,69 @@ def load_model(info: ArtifactInfo, lock: threading.Lock | None = None) -> Loaded
         threshold=mask.threshold if mask else 0.5,
         mask_shape=mask.shape if classes and mask else (),
         calibration=classes.calibration if classes else Calibration(),
+        onnx=onnx,
     )
+
+
+def _onnx_forward(
+    info: ArtifactInfo,
+    module: torch.jit.ScriptModule,
+    lock: threading.Lock | None,
+    threads: tuple[int, ...],
+    runtime: str,
+) -> OnnxForward | None:
+    """model.onnx in ONNX Runtime when the artifact carries one that holds and agrees with
+    model.pt; None (TorchScript serves) otherwise, logged when it is not the expected case."""
+    manifest = info.manifest
+    variant = manifest.runtime(RUNTIME_ONNX)
+    context = {"task": info.task, "version": info.version}
+    why = None
+    if variant is None:
+        why = "the artifact carries no model.onnx"
+    elif not variant.holds:
+        why = f"its model.onnx was not validated within the bar (differences {variant.deltas})"
+    elif not onnxruntime_available():
+        why = "onnxruntime is not installed"
+    if why:
+        if runtime == RUNTIME_ONNX or (variant is not None and runtime == "auto"):
+            log.warning(
+                "%s version %s runs in TorchScript: %s", info.task, info.version, why,
+                extra=context,
+            )  # fmt: skip
+        return None
+    assert variant is not None
+    try:
+        forward = OnnxForward(info.runtime_path(variant), threads)
+        worst = 0.0
+        for example in (np.zeros, _scan_like):
+            batch = example((2, *manifest.input.shape)).astype(np.float32)
+            with lock or _NO_LOCK, torch.inference_mode():
+                reference = module(torch.from_numpy(batch))
+            reference = reference if isinstance(reference, tuple | list) else (reference,)
+            with lock or _NO_LOCK:
+                worst = max(worst, forward.disagreement([r.numpy() for r in reference], batch))
+    except Exception:
+        log.exception(
+            "%s version %s runs in TorchScript: its model.onnx could not be loaded",
+            info.task, info.version, extra=context,
+        )  # fmt: skip
+        return None
+    if not worst <= AGREEMENT_ATOL:
+        log.error(
+            "%s version %s runs in TorchScript: its model.onnx disagrees with model.pt by %.3g",
+            info.task, info.version, worst, extra=context,
+        )  # fmt: skip
+        return None
+    log.info(
+        "%s version %s runs in ONNX Runtime %s (model.onnx; agrees with model.pt within %.1g)",
+        info.task, info.version, forward.version, worst, extra=context,
+    )  # fmt: skip
+    return forward
+
+
+def _scan_like(shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed input that is not zeros (a broken export can still map zeros right)."""
+    return np.random.default_rng(0).normal(0.0, 1.0, shape)
 
 
 class _NoLock:
@@ -177,8 +262,12 @@ class ModelRegistry:
         metrics: ServiceMetrics,
         tasks: tuple[str, ...] = TASKS,
         gate: GateFloors | None = None,
+        inference_runtime: str = "auto",
     ) -> None:
+        if inference_runtime not in INFERENCE_RUNTIMES:
+            raise ValueError(f"inference_runtime must be one of {INFERENCE_RUNTIMES}")
         self.model_dir = Path(model_dir)
+        self.inference_runtime = inference_runtime
         self.tasks = tasks
         self.metrics = metrics
         self.gate = gate or GateFloors()
@@ -246,6 +335,13 @@ class ModelRegistry:
         return self.batcher.submit(model, batch)
 
     # --- loading -----------------------------------------------------------------------------
+
+    def _forward_threads(self) -> tuple[int, ...]:
+        """The thread counts the batcher runs forwards with (an ONNX session is made for each)."""
+        if self.batcher is None:
+            return (torch.get_num_threads(),)
+        config = self.batcher.config
+        return (config.threads_alone, config.threads_batched)
 
     def pins(self) -> dict[str, str | None]:
         """{task: pinned version or None}."""
@@ -400,6 +496,7 @@ class ModelRegistry:
         """Stop serving `task`: its version was demoted and nothing else is promoted."""
         self._models.pop(task, None)
         self.metrics.model_info.remove(task, current.name, current.version, current.info.sha256)
+        self.metrics.model_runtime.remove(task, current.version, current.runtime)
         self.metrics.fallback.labels(task).set(0)
         self.fallback.pop(task, None)
         log.warning(
@@ -428,7 +525,9 @@ class ModelRegistry:
         """Load `info` and make it serve `task`; False (counted, logged) when it fails."""
         started = time.perf_counter()
         try:
-            model = load_model(info, self.inference_lock)
+            model = load_model(
+                info, self.inference_lock, self.inference_runtime, self._forward_threads()
+            )
         except ArtifactError as exc:
             self._refused[task].add((info.version, info.sha256))
             self.metrics.reloads.labels(task, "failed").inc()
@@ -441,11 +540,13 @@ class ModelRegistry:
         self._models[task] = model  # the swap: one reference assignment
         if current:
             self.metrics.model_info.remove(task, current.name, current.version, current.info.sha256)
+            self.metrics.model_runtime.remove(task, current.version, current.runtime)
         self.metrics.model_info.labels(task, model.name, model.version, info.sha256).set(1)
+        self.metrics.model_runtime.labels(task, model.version, model.runtime).set(1)
         self.metrics.reloads.labels(task, "loaded").inc()
         log.info(
-            "serving %s version %s (%s), loaded and warmed up in %.2f s%s",
-            task, model.version, model.name, time.perf_counter() - started,
+            "serving %s version %s (%s, %s), loaded and warmed up in %.2f s%s",
+            task, model.version, model.name, model.runtime, time.perf_counter() - started,
             f", replacing {current.version}" if current else "",
             extra={"task": task, "version": model.version, "previous": current and current.version},
         )  # fmt: skip

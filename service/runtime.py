@@ -31,7 +31,11 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> Runtime:
         metrics = ServiceMetrics()
         registry = ModelRegistry(
-            settings.MODEL_DIR, settings.pinned_versions(), metrics, gate=settings.gate_floors()
+            settings.MODEL_DIR,
+            settings.pinned_versions(),
+            metrics,
+            gate=settings.gate_floors(),
+            inference_runtime=settings.INFERENCE_RUNTIME,
         )
         registry.batcher = Batcher(
             batching_config(settings),

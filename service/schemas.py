@@ -247,6 +247,11 @@ class ModelDescription(BaseModel):
         None, description="How the class probabilities are calibrated (models with classes)"
     )
     intended_use: str | None = None
+    runtime: Literal["torchscript", "onnxruntime"] = Field(
+        "torchscript",
+        description="What runs the forwards: torchscript (model.pt) or onnxruntime (the "
+        "artifact's model.onnx, validated against model.pt; see INFERENCE_RUNTIME)",
+    )
 
 
 class ModelsResponse(BaseModel):

@@ -115,6 +115,13 @@ class Settings(BaseSettings):
         description="A request whose forward has not started this long after it arrived gets 504 "
         "(deadline_exceeded) and is not analysed; 0: no deadline",
     )
+    INFERENCE_RUNTIME: Literal["auto", "torchscript", "onnxruntime"] = Field(
+        "auto",
+        description="What runs the forwards: auto (ONNX Runtime for an artifact whose manifest "
+        "carries a model.onnx validated against model.pt, TorchScript otherwise), torchscript "
+        "(always model.pt, fp32 or INFERENCE_PRECISION), onnxruntime (as auto, warning when a "
+        "model cannot)",
+    )
     INFERENCE_PRECISION: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="Arithmetic of the forwards: fp32, or bf16 autocast (validated for the "

@@ -89,6 +89,7 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
             metrics=meta.get("metrics") or {},
             calibration=calibration,
             intended_use=meta.get("intended_use"),
+            runtime=model.runtime,
         )
     registry = runtime.registry
     return ModelsResponse(

@@ -53,6 +53,7 @@ class FakeModel:
     task: str = "diagnosis"
     version: str = "v1"
     input_shape: tuple[int, int, int] = SHAPE
+    onnx: Any = None  # a TorchScript model (ONNX forwards: tests/service/test_onnx_runtime.py)
 
 
 def image(value: float) -> np.ndarray:

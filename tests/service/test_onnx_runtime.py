@@ -1,0 +1,162 @@
+"""INFERENCE_RUNTIME: an artifact's validated model.onnx runs in ONNX Runtime, and only then."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from service_inputs import png
+from test_joint_model import TinyJoint, frame_with_lesion, joint_metadata
+
+from service.metrics import ServiceMetrics
+from service.registry import ModelRegistry
+from shared.artifacts import RUNTIME_ONNX, publish_artifact
+from shared.labels import TASK_DIAGNOSIS
+from shared.promotion import GateFloors, promote
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+def export_onnx(module: torch.nn.Module, path: Path) -> Path:
+    torch.onnx.export(
+        module.eval(),
+        (torch.zeros((1, 3, 64, 64)),),
+        str(path),
+        input_names=["x"],
+        output_names=["classes", "masks"],
+        dynamic_axes={"x": {0: "n"}, "classes": {0: "n"}, "masks": {0: "n"}},
+        dynamo=False,
+    )
+    return path
+
+
+def validation(accuracy_delta: float = 0.0) -> dict:
+    # A fixture's record, shaped as `python -m training export-onnx` writes it; the figures were
+    # not measured (the tiny model has none to measure), only their difference matters here.
+    return {
+        "source": "tests: fabricated figures",
+        "reference": {"accuracy": 0.9, "lesion_dice": 0.9},
+        "variant": {"accuracy": 0.9 + accuracy_delta, "lesion_dice": 0.9},
+    }
+
+
+def publish_joint(models: Path, version: str, onnx_module: torch.nn.Module, record: dict) -> None:
+    work = models.parent / f"work-{version}"
+    work.mkdir()
+    model_file = work / "model.pt"
+    torch.jit.script(TinyJoint().eval()).save(str(model_file))
+    metadata = joint_metadata()
+    metadata["runtimes"] = [{"runtime": RUNTIME_ONNX, "precision": "fp32", "validation": record}]
+    onnx_file = export_onnx(onnx_module, work / "model.onnx")
+    publish_artifact(
+        models, TASK_DIAGNOSIS, version, model_file, metadata, {RUNTIME_ONNX: onnx_file}
+    )
+    promote(models, TASK_DIAGNOSIS, version, GateFloors())
+
+
+class Disagreeing(TinyJoint):
+    """TinyJoint with the lesion logits shifted: a model.onnx that is not model.pt's model."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        classes, masks = super().forward(x)
+        return classes, masks + 1.0
+
+
+@pytest.fixture
+def onnx_dir(tmp_path: Path) -> Path:
+    publish_joint(tmp_path / "models", "j1", TinyJoint(), validation())
+    return tmp_path / "models"
+
+
+def runtime_series(client) -> list[str]:
+    return [
+        line
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("busi_model_runtime{")
+    ]
+
+
+def diagnose(client, data: bytes) -> dict:
+    response = client.post("/diagnose", content=data, headers={"Content-Type": "image/png"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_validated_model_onnx_serves_by_default_and_answers_as_model_pt(serve, onnx_dir):
+    frame, _ = frame_with_lesion()
+    data = png(frame)
+    with serve(onnx_dir) as client:
+        assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == RUNTIME_ONNX
+        assert runtime_series(client) == [
+            'busi_model_runtime{runtime="onnxruntime",task="diagnosis",version="j1"} 1.0'
+        ]
+        onnx_answer = diagnose(client, data)
+    with serve(onnx_dir, INFERENCE_RUNTIME="torchscript") as client:
+        assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == "torchscript"
+        assert runtime_series(client) == [
+            'busi_model_runtime{runtime="torchscript",task="diagnosis",version="j1"} 1.0'
+        ]
+        torch_answer = diagnose(client, data)
+    assert onnx_answer["classification"]["label"] == torch_answer["classification"]["label"]
+    for label, p in torch_answer["classification"]["probabilities"].items():
+        assert onnx_answer["classification"]["probabilities"][label] == pytest.approx(p, abs=1e-4)
+    assert onnx_answer["segmentation"]["bbox"] == torch_answer["segmentation"]["bbox"]
+    assert onnx_answer["segmentation"]["mask_png"] == torch_answer["segmentation"]["mask_png"]
+
+
+def test_a_variant_outside_the_validation_bar_does_not_serve(serve, tmp_path, caplog):
+    models = tmp_path / "models"
+    publish_joint(models, "j1", TinyJoint(), validation(accuracy_delta=-0.02))
+    with caplog.at_level(logging.WARNING), serve(models) as client:
+        assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == "torchscript"
+        assert diagnose(client, png(frame_with_lesion()[0]))["classification"]["label"]
+    assert any("not validated within the bar" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_onnx_that_disagrees_with_model_pt_does_not_serve(serve, tmp_path, caplog):
+    models = tmp_path / "models"
+    publish_joint(models, "j1", Disagreeing(), validation())
+    with caplog.at_level(logging.ERROR), serve(models, INFERENCE_RUNTIME="onnxruntime") as client:
+        assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == "torchscript"
+        assert client.get("/readyz").status_code == 200
+    assert any("disagrees with model.pt" in r.getMessage() for r in caplog.records)
+
+
+def test_an_artifact_without_model_onnx_runs_in_torchscript_quietly(serve, tmp_path, caplog):
+    models = tmp_path / "models"
+    model_file = tmp_path / "model.pt"
+    torch.jit.script(TinyJoint().eval()).save(str(model_file))
+    publish_artifact(models, TASK_DIAGNOSIS, "j1", model_file, joint_metadata())
+    promote(models, TASK_DIAGNOSIS, "j1", GateFloors())
+    with caplog.at_level(logging.WARNING), serve(models) as client:
+        assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == "torchscript"
+    assert not [r for r in caplog.records if "runs in TorchScript" in r.getMessage()]
+
+
+def test_batched_onnx_forwards_give_each_request_its_own_result(onnx_dir):
+    from service.batching import Batcher, BatchingConfig
+
+    metrics = ServiceMetrics()
+    registry = ModelRegistry(onnx_dir, {}, metrics, tasks=(TASK_DIAGNOSIS,))
+    config = BatchingConfig(max_batch_size=4, max_queue=64, threads_alone=1, threads_batched=1)
+    registry.batcher = Batcher(config, metrics, registry.inference_lock)
+    registry.refresh()
+    model = registry.get(TASK_DIAGNOSIS)
+    assert model.runtime == RUNTIME_ONNX
+    rng = np.random.default_rng(1)
+    inputs = [rng.normal(i / 8, 0.3, (1, 3, 64, 64)).astype(np.float32) for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda x: registry.forward(model, x), inputs))
+    batch_sizes = metrics.batch_size.labels(TASK_DIAGNOSIS)._sum.get()  # images forwarded
+    assert batch_sizes == len(inputs)
+    scripted = torch.jit.script(TinyJoint().eval())
+    for x, (classes, masks) in zip(inputs, results, strict=True):
+        expected_classes, expected_masks = scripted(torch.from_numpy(x))
+        np.testing.assert_allclose(classes, expected_classes.numpy(), atol=1e-5)
+        np.testing.assert_allclose(masks, expected_masks.numpy(), atol=1e-5)
+    registry.batcher.stop()
