@@ -3,11 +3,15 @@
 Starts `python -m service` on a free loopback port over MODEL_DIR (default: the embedded
 models/) and, in a separate process (bench/bare_forward.py), the bare forward of each artifact
 the service reports in /models: plain torch.jit.load, inference_mode, flush-denormal, batch 1.
-Then, in rounds, alternates the two so that drift of a shared machine hits both alike: each
-round sends a synthetic 256x256 grayscale PNG to /classify, /segment and /diagnose with 1 and
-N concurrent keep-alive clients, and times the bare forward at 1 thread and at all usable CPUs
-(the better of the two is the yardstick). Reports per-round ratios and their median, p50/p99,
-throughput, and the service's resident memory. Then a bounded load test: `--load-clients`
+Where an artifact carries model.onnx (its manifest's `runtimes`) and onnxruntime is installed,
+a second such process times the bare ONNX Runtime forward of that file too. Then, in rounds,
+alternates the bare forwards and the service so that drift of a shared machine hits both alike:
+each round sends a synthetic 256x256 grayscale PNG to /classify, /segment and /diagnose with 1
+and N concurrent keep-alive clients, and times each bare forward at 1 thread and at all usable
+CPUs (the better of the two is the yardstick). Reports per-round ratios and their median (the
+issue's targets against the bare TorchScript fp32 forward; the same ratios against the bare
+ONNX Runtime forward as extra rows without a target), p50/p99, throughput, what runtime the
+service says it serves, and its resident memory. Then a bounded load test: `--load-clients`
 clients for `--load-seconds` against /classify, counting every status (only 200 and 503 are
 expected) and the p99 per window.
 
@@ -21,10 +25,13 @@ Every request loop is bounded by a request count and a time limit, and talks onl
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import io
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
@@ -45,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.settings import available_cpus  # noqa: E402
+from shared.artifacts import MANIFEST_FILE, RUNTIME_ONNX, ArtifactInfo  # noqa: E402
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION, TASKS  # noqa: E402
 
 ENDPOINTS = ("/classify", "/segment", "/diagnose")
@@ -59,6 +67,8 @@ TARGETS = {
     "diagnose_p50_1_client": ("<=", 1.3, "/diagnose p50 at 1 client / sum of its bare forwards"),
     "startup_s": ("<=", 10.0, "start-up to /readyz 200, seconds"),
 }
+RUNTIME_TORCHSCRIPT = "torchscript"  # the yardstick of the targets: model.pt, fp32
+RUNTIME_SETTING = "INFERENCE_RUNTIME"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -119,7 +129,15 @@ def machine_facts() -> dict[str, str]:
         "loadavg_at_start": " ".join(f"{load:.2f}" for load in os.getloadavg()),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "onnxruntime": onnxruntime_version() or "not installed",
     }
+
+
+def onnxruntime_version() -> str | None:
+    """The installed onnxruntime's version (the service runs on this interpreter too)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    return importlib.metadata.version("onnxruntime")
 
 
 def busy_processes(exclude: set[int]) -> list[str]:
@@ -286,11 +304,12 @@ def run_clients(
 
 
 class BareForward:
-    """The bare-forward process (bench/bare_forward.py)."""
+    """A bare-forward process (bench/bare_forward.py) for one runtime."""
 
-    def __init__(self, png_file: Path) -> None:
+    def __init__(self, png_file: Path, runtime: str = RUNTIME_TORCHSCRIPT) -> None:
+        script = str(REPO / "bench" / "bare_forward.py")
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / "bare_forward.py"), str(png_file)],
+            [sys.executable, script, str(png_file), "--runtime", runtime],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -351,6 +370,52 @@ def load_test(base_url: str, body: bytes, clients: int, seconds: float) -> dict[
     }
 
 
+# --- the runtimes ---------------------------------------------------------------------------
+
+
+def onnx_variants(model_dir: Path, versions: dict[str, str], tasks: set[str]) -> dict[str, dict]:
+    """The model.onnx of each of `tasks` whose served artifact's manifest carries one, and
+    whether its validation against TorchScript fp32 holds (what INFERENCE_RUNTIME=auto needs to
+    serve it). The service has verified the files' checksums before serving them."""
+    variants = {}
+    for task in sorted(tasks):
+        folder = model_dir / task / versions[task]
+        metadata = json.loads((folder / MANIFEST_FILE).read_text())
+        info = ArtifactInfo(task=task, version=versions[task], path=folder, metadata=metadata)
+        variant = info.manifest.runtime(RUNTIME_ONNX)
+        if variant is not None:
+            variants[task] = {
+                "path": str(info.runtime_path(variant)),
+                "holds": variant.holds,
+                "deltas": {k: round(v, 4) for k, v in variant.deltas.items()},
+            }
+    return variants
+
+
+def requested_runtime(extra_env: dict[str, str]) -> dict[str, str]:
+    """INFERENCE_RUNTIME as the service gets it: `--env`, else this process's environment (the
+    service inherits it), else the service's default."""
+    for source, env in (("--env", extra_env), ("environment", os.environ)):
+        if RUNTIME_SETTING in env:
+            return {"value": env[RUNTIME_SETTING], "from": source}
+    return {"value": "auto", "from": "default"}
+
+
+def served_runtimes(models: dict[str, dict | None], metrics_text: str) -> dict[str, str]:
+    """What runs each served task's forwards, as the service says: GET /models' `runtime`, else
+    /metrics' busi_model_runtime; "not reported" by a service that says neither."""
+    from_metrics = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("busi_model_runtime{") and float(line.rsplit(" ", 1)[1]) > 0:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            from_metrics[labels.get("task")] = labels.get("runtime")
+    return {
+        task: described.get("runtime") or from_metrics.get(task) or "not reported"
+        for task, described in models.items()
+        if described is not None and task in TASKS
+    }
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -364,39 +429,63 @@ def main(args: argparse.Namespace) -> int:
     log_file = tempfile.NamedTemporaryFile("w+", prefix="bench-service-", delete=False)
     started = time.perf_counter()
     process, base_url = start_service(model_dir, extra_env, log_file)
-    bare = BareForward(png_file)
+    bare: dict[str, BareForward] = {}  # per runtime
     thread_options = sorted({1, available_cpus()})
     http: dict[tuple[str, int], list[Sample]] = {}
-    forward: dict[str, list[Sample]] = {}  # per task: the better thread count of each round
-    forward_by_threads: dict[str, dict[int, list[float]]] = {}
+    # per runtime and task: the better thread count of each round, and each thread count's p50s
+    forward: dict[str, dict[str, list[Sample]]] = {}
+    forward_by_threads: dict[str, dict[str, dict[int, list[float]]]] = {}
     ratios: dict[str, list[float]] = {}
     try:
         wait_ready(process, base_url)
         startup_s = time.perf_counter() - started
-        busy = busy_processes({os.getpid(), process.pid, bare.process.pid})
+        busy = busy_processes({os.getpid(), process.pid})
         served = httpx.get(f"{base_url}/models", timeout=10).json()["models"]
         versions = {t: d["version"] for t, d in served.items() if d is not None and t in TASKS}
+        runtimes = {
+            "INFERENCE_RUNTIME": requested_runtime(extra_env),
+            "served": served_runtimes(served, httpx.get(f"{base_url}/metrics", timeout=10).text),
+        }
         needed = {t for e in args.endpoints for t in forwards_needed(versions, e)}
-        model_files = {t: model_dir / t / versions[t] / "model.pt" for t in sorted(needed)}
+        model_files = {
+            RUNTIME_TORCHSCRIPT: {
+                t: model_dir / t / versions[t] / "model.pt" for t in sorted(needed)
+            }
+        }
+        variants = onnx_variants(model_dir, versions, needed)
+        runtimes["model_onnx"] = {
+            t: {k: v[k] for k in ("holds", "deltas")} for t, v in variants.items()
+        }
+        if variants and onnxruntime_version():
+            model_files[RUNTIME_ONNX] = {t: Path(v["path"]) for t, v in variants.items()}
+        # after start-up, which their imports would otherwise slow down
+        for runtime in model_files:
+            bare[runtime] = BareForward(png_file, runtime)
         for endpoint in args.endpoints:
             run_clients(base_url, endpoint, png, 1, args.warmup, args.max_seconds)
             run_clients(base_url, endpoint, png, args.clients, args.warmup, args.max_seconds)
         rss_after_warmup = memory_kib(process.pid)["VmRSS"]
         for round_ in range(args.rounds):
             # the bare forwards of this round: each thread count, the better one counts
-            best_of_round: dict[str, Sample] = {}
-            for task, path in model_files.items():
-                for threads in thread_options:
-                    sample = bare.time(path, threads, args.forwards)
-                    forward_by_threads.setdefault(task, {}).setdefault(threads, []).append(
-                        sample.p50
-                    )
-                    if task not in best_of_round or sample.p50 < best_of_round[task].p50:
-                        best_of_round[task] = sample
-                forward.setdefault(task, []).append(best_of_round[task])
+            best_of_round: dict[str, dict[str, Sample]] = {}
+            for runtime, files in model_files.items():
+                best = best_of_round.setdefault(runtime, {})
+                for task, path in files.items():
+                    for threads in thread_options:
+                        sample = bare[runtime].time(path, threads, args.forwards)
+                        by_threads = forward_by_threads.setdefault(runtime, {}).setdefault(task, {})
+                        by_threads.setdefault(threads, []).append(sample.p50)
+                        if task not in best or sample.p50 < best[task].p50:
+                            best[task] = sample
+                    forward.setdefault(runtime, {}).setdefault(task, []).append(best[task])
             for endpoint in args.endpoints:
                 needed = forwards_needed(versions, endpoint)
-                bare_p50 = sum(best_of_round[t].p50 for t in needed)
+                # the yardstick of each runtime that has every forward the endpoint needs
+                bare_p50 = {
+                    runtime: sum(best[t].p50 for t in needed)
+                    for runtime, best in best_of_round.items()
+                    if all(t in best for t in needed)
+                }
                 for clients in (1, args.clients):
                     requests = args.requests * (1 if clients == 1 else 2)
                     sample, _ = run_clients(
@@ -405,13 +494,15 @@ def main(args: argparse.Namespace) -> int:
                     if not sample.latencies:
                         raise RuntimeError(f"{endpoint}: no request succeeded {sample.statuses}")
                     http.setdefault((endpoint, clients), []).append(sample)
-                    name = endpoint.strip("/")
-                    if clients == 1:
-                        ratios.setdefault(f"{name}_p50_1_client", []).append(sample.p50 / bare_p50)
-                    else:
-                        ratios.setdefault(f"{name}_throughput_n_clients", []).append(
-                            sample.throughput * bare_p50
-                        )
+                    for runtime, p50 in bare_p50.items():
+                        key = ratio_key(endpoint, clients == 1, runtime)
+                        value = sample.p50 / p50 if clients == 1 else sample.throughput * p50
+                        ratios.setdefault(key, []).append(value)
+            for task, sample in best_of_round.get(RUNTIME_ONNX, {}).items():
+                reference = best_of_round[RUNTIME_TORCHSCRIPT][task].p50
+                ratios.setdefault(f"bare_{task}_torchscript_over_onnxruntime", []).append(
+                    reference / sample.p50
+                )
             print(f"  round {round_ + 1}/{args.rounds} done", file=sys.stderr)
         load = (
             load_test(base_url, png, args.load_clients, args.load_seconds)
@@ -426,16 +517,19 @@ def main(args: argparse.Namespace) -> int:
         sys.stderr.write(log_file.read()[-4000:])
         raise
     finally:
-        bare.close()
+        for process_ in bare.values():
+            process_.close()
         stop_process(process)
         log_file.close()
         png_file.unlink()
     os.unlink(log_file.name)
 
+    runtimes["bare_runtimes"] = list(model_files)
     report = {
         "machine": facts,
         "busy_processes_at_start": busy,
         "settings": extra_env,
+        "runtime": runtimes,
         "model_dir": str(model_dir),
         "versions": versions,
         "clients": args.clients,
@@ -454,19 +548,9 @@ def main(args: argparse.Namespace) -> int:
             }
             for (endpoint, clients), samples in http.items()
         ],
-        "bare_forward": {
-            task: {
-                "p50_ms_by_threads": {
-                    str(t): round(1000 * statistics.median(v), 1) for t, v in by_threads.items()
-                },
-                "p50_ms": round(1000 * statistics.median(s.p50 for s in forward[task]), 1),
-                "p99_ms": round(
-                    1000 * percentile([x for s in forward[task] for x in s.latencies], 99), 1
-                ),
-                "loop_rps": round(statistics.median(1 / s.p50 for s in forward[task]), 1),
-            }
-            for task, by_threads in forward_by_threads.items()
-        },
+        # the yardstick of the targets (TorchScript fp32), then ONNX Runtime's where timed
+        "bare_forward": bare_summary(forward, forward_by_threads, RUNTIME_TORCHSCRIPT),
+        "bare_forward_onnxruntime": bare_summary(forward, forward_by_threads, RUNTIME_ONNX),
         "ratios_per_round": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
         "ratios": {k: round(statistics.median(v), 3) for k, v in ratios.items()},
         "rss_after_warmup_mib": round(rss_after_warmup / 1024, 1),
@@ -484,6 +568,54 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def ratio_key(endpoint: str, one_client: bool, runtime: str) -> str:
+    """`classify_p50_1_client`, `classify_throughput_n_clients`, ...; against a bare forward
+    other than TorchScript's, suffixed `_vs_<runtime>`."""
+    key = f"{endpoint.strip('/')}_{'p50_1_client' if one_client else 'throughput_n_clients'}"
+    return key if runtime == RUNTIME_TORCHSCRIPT else f"{key}_vs_{runtime}"
+
+
+def ratio_label(key: str) -> str:
+    """The row's text: the issue's wording for a target, the same wording for the other
+    endpoints and for the ratios against another runtime's bare forward."""
+    if key in TARGETS:
+        return TARGETS[key][2]
+    base, _, runtime = key.partition("_vs_")
+    bare = "bare fp32" if not runtime else f"bare {runtime}"
+    endpoint, _, measure = base.partition("_")
+    if measure == "p50_1_client":
+        if endpoint == "diagnose":
+            return f"/diagnose p50 at 1 client / sum of its {bare} forwards"
+        return f"/{endpoint} p50 at 1 client / {bare} forward p50"
+    if measure == "throughput_n_clients":
+        return f"/{endpoint} throughput at N clients / {bare} batch-1 loop"
+    if base.startswith("bare_") and base.endswith("_torchscript_over_onnxruntime"):
+        task = base.removeprefix("bare_").removesuffix("_torchscript_over_onnxruntime")
+        return f"bare torchscript forward p50 / bare onnxruntime forward p50, {task}"
+    return key.replace("_", " ")
+
+
+def bare_summary(
+    forward: dict[str, dict[str, list[Sample]]],
+    forward_by_threads: dict[str, dict[str, dict[int, list[float]]]],
+    runtime: str,
+) -> dict[str, dict]:
+    """Per task, the medians over rounds of one runtime's bare forward ({} when not timed)."""
+    return {
+        task: {
+            "p50_ms_by_threads": {
+                str(t): round(1000 * statistics.median(v), 1) for t, v in by_threads.items()
+            },
+            "p50_ms": round(1000 * statistics.median(s.p50 for s in forward[runtime][task]), 1),
+            "p99_ms": round(
+                1000 * percentile([x for s in forward[runtime][task] for x in s.latencies], 99), 1
+            ),
+            "loop_rps": round(statistics.median(1 / s.p50 for s in forward[runtime][task]), 1),
+        }
+        for task, by_threads in forward_by_threads.get(runtime, {}).items()
+    }
+
+
 def batch_size_summary(metrics_text: str) -> dict[str, float]:
     """Forwards and images per task from busi_batch_size, over the whole run."""
     summary: dict[str, float] = {}
@@ -497,9 +629,30 @@ def batch_size_summary(metrics_text: str) -> dict[str, float]:
     return summary
 
 
+def runtime_line(runtime: dict) -> str:
+    """What the service was asked to run the forwards with, what it says it ran them with, and
+    which artifacts carry model.onnx."""
+    requested = runtime["INFERENCE_RUNTIME"]
+    source = {"default": "the default", "--env": "--env", "environment": "from the environment"}
+    served = ", ".join(f"{t} {r}" for t, r in runtime["served"].items()) or "nothing"
+    carried = (
+        ", ".join(
+            f"{t} (validation {'holds' if v['holds'] else 'does NOT hold'})"
+            for t, v in runtime["model_onnx"].items()
+        )
+        or "none of the timed artifacts"
+    )
+    timed = " and ".join(runtime["bare_runtimes"])
+    return (
+        f"Runtime: INFERENCE_RUNTIME={requested['value']} ({source[requested['from']]}); the "
+        f"service says it serves {served}; model.onnx carried by {carried}; bare forwards timed: "
+        f"{timed}."
+    )
+
+
 def verdict(key: str, value: float) -> str:
     if key not in TARGETS:
-        return ""
+        return "no target" if "onnxruntime" in key else ""
     op, target, _ = TARGETS[key]
     met = value <= target if op == "<=" else value >= target
     return f"{op} {target:g}: {'met' if met else 'NOT met'}"
@@ -510,12 +663,13 @@ def markdown(report: dict) -> str:
     lines = [
         f"Machine: {facts['cpu']}, {facts['nproc']} CPUs ({facts['usable_cpus']} usable), load "
         f"average at start {facts['loadavg_at_start']}; Python {facts['python']}, torch "
-        f"{facts['torch']}; {facts['date']}.",
+        f"{facts['torch']}, onnxruntime {facts.get('onnxruntime', 'unknown')}; {facts['date']}.",
         "Models: "
         + ", ".join(f"{t} {v}" for t, v in report["versions"].items())
         + f"; input {report['image']}; settings: "
         + (", ".join(f"{k}={v}" for k, v in report["settings"].items()) or "the defaults")
         + f"; {report['rounds']} alternating rounds.",
+        runtime_line(report["runtime"]),
         "",
         "| measurement | clients | p50 ms | p99 ms | throughput /s | errors |",
         "|---|---:|---:|---:|---:|---:|",
@@ -525,16 +679,21 @@ def markdown(report: dict) -> str:
             f"| `{row['endpoint']}` | {row['clients']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
             f"| {row['throughput_rps']:.1f} | {row['errors']} |"
         )
-    for task, fig in report["bare_forward"].items():
-        by_threads = ", ".join(f"{t} thr {v:.1f}" for t, v in fig["p50_ms_by_threads"].items())
-        lines.append(
-            f"| bare forward, {task} (best of {by_threads}) | 1 | {fig['p50_ms']:.1f} "
-            f"| {fig['p99_ms']:.1f} | {fig['loop_rps']:.1f} | 0 |"
-        )
+    bare_rows = {
+        "bare torchscript forward": report["bare_forward"],
+        "bare onnxruntime forward": report.get("bare_forward_onnxruntime", {}),
+    }
+    for what, figures in bare_rows.items():
+        for task, fig in figures.items():
+            by_threads = ", ".join(f"{t} thr {v:.1f}" for t, v in fig["p50_ms_by_threads"].items())
+            lines.append(
+                f"| {what}, {task} (best of {by_threads}) | 1 | {fig['p50_ms']:.1f} "
+                f"| {fig['p99_ms']:.1f} | {fig['loop_rps']:.1f} | 0 |"
+            )
     lines += ["", "| ratio (median over rounds) | value | per round | target |",
               "|---|---:|---|---|"]  # fmt: skip
     for key, value in report["ratios"].items():
-        label = TARGETS[key][2] if key in TARGETS else key.replace("_", " ")
+        label = ratio_label(key)
         per_round = ", ".join(f"{x:.2f}" for x in report["ratios_per_round"].get(key, []))
         lines.append(f"| {label} | **{value:.2f}** | {per_round} | {verdict(key, value)} |")
     lines += [
@@ -546,6 +705,12 @@ def markdown(report: dict) -> str:
         "- throughput ratios are requests per second times the bare forward's p50 of the same "
         "round (the bare batch-1 loop's rate); the load generator runs on the same cores.",
     ]
+    if report.get("bare_forward_onnxruntime"):
+        lines.append(
+            "- the targets are against the bare TorchScript fp32 forward; the rows against the "
+            "bare onnxruntime forward (no target) give the service's own overhead where it serves "
+            "model.onnx, and the bare torchscript / onnxruntime rows the gain from the runtime."
+        )
     load = report["load_test"]
     if load:
         lines.append(
