@@ -14,6 +14,7 @@
     python -m training calibrate --oof F [--output-dir R]    temperature + abstain band from OOF
     python -m training ood --data-path D [--detector-out J]  evaluate and fit the OOD check
     python -m training shortcuts --cv-dir R --data-path D    predictions with marks inpainted
+    python -m training export-onnx --version V --data-path D  republish with model.onnx, validated
 
 Each command's own `--help` lists its flags and their defaults. The training commands (classify,
 segment, cv, fit, oof) share one set of flags (training.cli: --preset, --data-path, --split-file,
@@ -49,6 +50,7 @@ COMMANDS = (
     "compare-cv",
     "promote",
     "demote",
+    "export-onnx",
 )
 
 
@@ -141,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         from training import promote
 
         return promote.main(command, rest)
+    elif command == "export-onnx":
+        from training import runtimes
+
+        return runtimes.main(rest)
     elif command in ("calibrate", "ood", "shortcuts"):
         from training import calibration, ood, shortcuts
 

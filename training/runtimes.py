@@ -1,0 +1,588 @@
+"""`python -m training export-onnx`: a published model again, with its network for ONNX Runtime.
+
+    python -m training export-onnx --model-dir models --task diagnosis --version V \
+        --data-path D [--cv-dir training/reports/cv/joint-lite0] [--output-model-dir M] \
+        [--new-version N] [--limit N]
+
+ONNX Runtime runs the joint network about twice as fast as TorchScript on our CPUs (issue 10,
+bench/precision.py). This command takes a verified diagnosis artifact, rebuilds its network in
+eager PyTorch from the manifest (the recipe in `training`) with model.pt's weights, exports it to
+ONNX and validates it before publishing anything:
+
+- With `--cv-dir` (the `fold<k>.pt` weights of `python -m training cv` for the same recipe),
+  every image is scored out-of-fold by the fold model that did not train on it, once as
+  TorchScript fp32 (exported as `training fit` exports) and once in ONNX Runtime (the same fold
+  model exported to ONNX): accuracy, macro AUC and lesion Dice of both, with the CV report's own
+  figure code (training.joint._figures). Without it, the artifact's own model.pt and ONNX are
+  compared on the data folder's images, which it may have been trained on: the validation says so.
+- Either way the artifact's model.pt and its ONNX file answer the same images, and the largest
+  differences of their class and mask logits and the number of images whose class differs are
+  recorded.
+
+It publishes a NEW version (model.pt byte for byte, the source manifest with `derived_from` and a
+`runtimes` entry for model.onnx; shared.artifacts.RuntimeVariant) only when the ONNX figures lie
+within shared.artifacts.VALIDATION_BAR of TorchScript's and the artifact's two files agree (no
+class differs, no logit by more than ARTIFACT_AGREEMENT_ATOL); otherwise it exits with status 1
+and says why. It does not promote: `python -m training promote` stays the operator's step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.artifacts import (
+    ONNX_FILE,
+    RUNTIME_ONNX,
+    VALIDATION_BAR,
+    ArtifactInfo,
+    RuntimeVariant,
+    new_version_name,
+    publish_artifact,
+    verify_artifact,
+)
+from shared.calibration import Calibration
+from shared.errors import ArtifactError
+from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS, TASKS
+from shared.models.joint import JointFlipAverage
+from shared.postprocessing import dice_iou, softmax
+from shared.preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 20  # torch.onnx's default when bench/precision.py measured the variant
+ARTIFACT_AGREEMENT_ATOL = 1e-3
+"""The most the logits of an artifact's model.onnx may differ from its model.pt's (they differ by
+~1e-5: fp32 sums in another order); the service checks the same bound at warm-up."""
+
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ValidationRefused(RuntimeError):
+    """The ONNX variant does not hold against TorchScript fp32, so nothing is published."""
+
+    def __init__(self, reasons: list[str], validation: Mapping[str, Any]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+        self.validation = validation
+
+
+# --- ONNX export and ONNX Runtime -----------------------------------------------------------
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, opset: int = ONNX_OPSET) -> bytes:
+    """The ONNX file of eager `model` (eval mode), batch size dynamic: inputs `x`, outputs
+    `classes` and `masks`. TorchScript modules do not export (their scripted interpolate); rebuild
+    the eager network first (eager_model)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # the TorchScript-based exporter, the one bench/precision.py measured, warns it is legacy
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            buffer,
+            input_names=["x"],
+            output_names=["classes", "masks"],
+            dynamic_axes={"x": {0: "n"}, "classes": {0: "n"}, "masks": {0: "n"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    return buffer.getvalue()
+
+
+def onnx_opset(data: bytes) -> int:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load_model_from_string(data)
+    return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+class OnnxRuntimeForward:
+    """An ONNX file in ONNX Runtime's CPU provider, called like the TorchScript module."""
+
+    def __init__(self, data: bytes, threads: int | None = None) -> None:
+        import onnxruntime as ort  # optional: pip install -e ".[train]"
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.version = ort.__version__
+        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        classes, masks = self.session.run(None, {"x": x.numpy()})
+        return torch.from_numpy(classes), torch.from_numpy(masks)
+
+
+# --- scoring --------------------------------------------------------------------------------
+
+
+def _batches(
+    preprocessing: Preprocessing, images: list, batch_size: int
+) -> Iterator[tuple[int, torch.Tensor, list]]:
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        layouts = [preprocessing.layout(im) for im in chunk]
+        x = torch.from_numpy(np.stack([
+            preprocessing.normalise(preprocessing.resize_image(im, lay))
+            for im, lay in zip(chunk, layouts, strict=True)
+        ]))  # fmt: skip
+        yield start, x, layouts
+
+
+def _rows(
+    start: int, class_logits: torch.Tensor, mask_logits: torch.Tensor, layouts: list,
+    preprocessing: Preprocessing, masks: list, labels: list, keys: list, threshold: float,
+) -> list[dict[str, Any]]:  # fmt: skip
+    rows = []
+    for j, (logits, lay) in enumerate(zip(mask_logits.float().numpy(), layouts, strict=True)):
+        i = start + j
+        prob = 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64)))
+        pred = preprocessing.frame_map(prob.astype(np.float32), lay) > threshold
+        dice, _ = dice_iou(pred, masks[i] > 127)
+        probs = softmax(class_logits[j].float().numpy().astype(np.float64))
+        rows.append({
+            "key": keys[i], "label": labels[i], "probs": [float(v) for v in probs],
+            "dice": float(dice), "mask_pixels": int(pred.sum()),
+        })  # fmt: skip
+    return rows
+
+
+def score(
+    forward: Forward, preprocessing: Any, images: list, masks: list, labels: list, keys: list,
+    batch_size: int, threshold: float,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Per-image rows as training.joint.evaluate_images makes them (probs, dice, mask_pixels)."""
+    rows = []
+    for start, x, layouts in _batches(preprocessing, images, batch_size):
+        with torch.inference_mode():
+            class_logits, mask_logits = forward(x)
+        rows += _rows(start, class_logits, mask_logits, layouts, preprocessing, masks, labels,
+                      keys, threshold)  # fmt: skip
+    return rows
+
+
+@dataclass
+class Agreement:
+    """How far two forwards of the same network lie apart on the same inputs."""
+
+    calibration: Calibration
+    n_images: int = 0
+    max_abs_class_logit_diff: float = 0.0
+    max_abs_mask_logit_diff: float = 0.0
+    class_disagreements: int = 0
+
+    def add(self, reference: tuple[torch.Tensor, ...], variant: tuple[torch.Tensor, ...]) -> None:
+        ref_classes, ref_masks = (t.float().numpy().astype(np.float64) for t in reference)
+        var_classes, var_masks = (t.float().numpy().astype(np.float64) for t in variant)
+        self.n_images += len(ref_classes)
+        self.max_abs_class_logit_diff = max(
+            self.max_abs_class_logit_diff, float(np.abs(ref_classes - var_classes).max())
+        )
+        self.max_abs_mask_logit_diff = max(
+            self.max_abs_mask_logit_diff, float(np.abs(ref_masks - var_masks).max())
+        )
+        # the raw label, and the one the service reports (after the manifest's calibration)
+        differs = ref_classes.argmax(1) != var_classes.argmax(1)
+        served = self.calibration.apply(ref_classes).argmax(1)
+        differs |= served != self.calibration.apply(var_classes).argmax(1)
+        self.class_disagreements += int(differs.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_images": self.n_images,
+            "max_abs_class_logit_diff": self.max_abs_class_logit_diff,
+            "max_abs_mask_logit_diff": self.max_abs_mask_logit_diff,
+            "class_disagreements": self.class_disagreements,
+        }
+
+
+@dataclass
+class Images:
+    """The scored images with what `score` needs of each."""
+
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+    labels: list[int]
+    keys: list[str]
+
+    def pick(self, indices: list[int]) -> Images:
+        return Images(*([values[i] for i in indices] for values in
+                        (self.images, self.masks, self.labels, self.keys)))  # fmt: skip
+
+
+def score_pair(
+    reference: Forward,
+    variant: Forward,
+    preprocessing: Preprocessing,
+    data: Images,
+    threshold: float,
+    agreement: Agreement,
+    batch_size: int = 8,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of both forwards on the same batches (see `score`); their differences go to
+    `agreement`."""
+    reference_rows, variant_rows = [], []
+    for start, x, layouts in _batches(preprocessing, data.images, batch_size):
+        with torch.inference_mode():
+            ref, var = reference(x), variant(x)
+        agreement.add(ref, var)
+        common = (layouts, preprocessing, data.masks, data.labels, data.keys, threshold)
+        reference_rows += _rows(start, *ref, *common)
+        variant_rows += _rows(start, *var, *common)
+    return reference_rows, variant_rows
+
+
+def bar_figures(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The figures of VALIDATION_BAR, computed as the CV report computes them."""
+    from training.joint import _figures
+
+    figures = _figures(rows)
+    return {key: float(figures[key]) for key in VALIDATION_BAR}
+
+
+# --- the artifact's network, eager --------------------------------------------------------------
+
+
+def joint_preset(training: Mapping[str, Any]) -> Any:
+    """The JointPreset an artifact was trained with: its named preset with the recipe's fields
+    (the flags' overrides) applied. Raises ValueError for an unknown preset."""
+    from training.joint import JointPreset, get_preset
+
+    preset = get_preset(str(training.get("preset")))
+    recipe = training.get("recipe") or {}
+    names = {f.name for f in fields(JointPreset)} - {"description"}
+    return replace(preset, **{k: v for k, v in recipe.items() if k in names})
+
+
+def eager_network(preset: Any, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The served form of a joint recipe (flip averaging when it says so) with these weights,
+    loaded strictly. `state_dict` holds the served module's keys or the bare network's."""
+    from training.joint import build_model
+
+    model = build_model(preset, pretrained=False)
+    served: nn.Module = JointFlipAverage(model) if preset.flip_tta else model
+    bare = not any(k.startswith("model.") for k in state_dict)
+    (model if bare else served).load_state_dict(dict(state_dict), strict=True)
+    return served.eval()
+
+
+def eager_model(info: ArtifactInfo) -> tuple[nn.Module, Any]:
+    """The artifact's network in eager PyTorch with model.pt's weights, and its recipe.
+
+    Raises ValueError for a task other than diagnosis (classification and segmentation artifacts
+    are not rebuilt here yet) or an unknown preset, and RuntimeError when model.pt's weights do
+    not fit the rebuilt network.
+    """
+    if info.task != TASK_DIAGNOSIS:
+        raise ValueError(
+            f"export-onnx rebuilds joint diagnosis models only; {info.task} version "
+            f"{info.version} is not one (its network would need its task's model builder)"
+        )
+    preset = joint_preset(info.metadata.get("training") or {})
+    scripted = torch.jit.load(str(info.model_path), map_location="cpu")
+    return eager_network(preset, scripted.state_dict()), preset
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def spread(n: int, limit: int | None) -> list[int]:
+    """Indices of `limit` items spread evenly over `n` (all of them without a limit), so that a
+    limited run still sees every class of a folder sorted by class."""
+    if not limit or limit >= n:
+        return list(range(n))
+    return sorted({int(i * n / limit) for i in range(limit)})
+
+
+def validate(
+    info: ArtifactInfo,
+    preset: Any,
+    data: Images,
+    *,
+    cv: tuple[Path, Mapping[str, Mapping[str, int]]] | None,
+    artifact_onnx: bytes,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """reference / variant figures (out-of-fold with `cv` = (cv_dir, fold items), else the
+    artifact's own) and the artifact's agreement; the validation dict less source and command."""
+    from training.export import export_torchscript
+
+    preprocessing = Preprocessing.from_metadata(info.metadata["preprocessing"])
+    threshold = float(info.metadata["output"]["mask"]["threshold"])
+    calibration = Calibration.from_manifest(info.metadata["output"]["classes"], len(CLASS_NAMES))
+    example = torch.zeros((1, 3, preset.size, preset.size))
+    reference_rows: list[dict[str, Any]] = []
+    variant_rows: list[dict[str, Any]] = []
+    fold_agreement = Agreement(calibration)
+    if cv is not None:
+        cv_dir, items = cv
+        by_fold: dict[int, list[int]] = {}
+        for i, key in enumerate(data.keys):
+            by_fold.setdefault(int(items[key]["fold"]), []).append(i)
+        for fold, indices in sorted(by_fold.items()):
+            started = time.perf_counter()
+            weights = Path(cv_dir) / f"fold{fold}.pt"
+            if not weights.is_file():
+                raise FileNotFoundError(f"no {weights}: fold {fold}'s images have no model")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            fold_eager = eager_network(preset, state)
+            scripted = export_torchscript(fold_eager, example)
+            onnx = OnnxRuntimeForward(export_onnx(fold_eager, example))
+            ref, var = score_pair(scripted, onnx, preprocessing, data.pick(indices), threshold,
+                                  fold_agreement, batch_size)  # fmt: skip
+            reference_rows += ref
+            variant_rows += var
+            log.info("fold %d: %d images in %.0f s", fold, len(indices),
+                     time.perf_counter() - started)  # fmt: skip
+    started = time.perf_counter()
+    agreement = Agreement(calibration)
+    artifact_pt = torch.jit.load(str(info.model_path), map_location="cpu").eval()
+    ref, var = score_pair(artifact_pt, OnnxRuntimeForward(artifact_onnx), preprocessing, data,
+                          threshold, agreement, batch_size)  # fmt: skip
+    log.info("the artifact: %d images in %.0f s", len(data.keys), time.perf_counter() - started)
+    if cv is None:
+        reference_rows, variant_rows = ref, var
+    validation: dict[str, Any] = {
+        "n_images": len(reference_rows),
+        "reference": bar_figures(reference_rows),
+        "variant": bar_figures(variant_rows),
+        "artifact_agreement": agreement.to_dict(),
+    }
+    if cv is not None:
+        validation["fold_models_agreement"] = fold_agreement.to_dict()
+    return validation
+
+
+def refusals(validation: Mapping[str, Any]) -> list[str]:
+    """Why the ONNX variant must not be published (none: it may).
+
+    It must hold (shared.artifacts.RuntimeVariant.holds: every figure within VALIDATION_BAR of
+    TorchScript fp32's) with all of VALIDATION_BAR's figures measured, and the artifact's own two
+    files must agree: no class differs and no logit by more than ARTIFACT_AGREEMENT_ATOL.
+    """
+    variant = RuntimeVariant(RUNTIME_ONNX, ONNX_FILE, "", "fp32", dict(validation))
+    deltas = variant.deltas
+    reasons = [
+        f"{key} differs from TorchScript fp32's by {delta:+.4f} (bar {VALIDATION_BAR[key]})"
+        for key, delta in deltas.items()
+        if abs(delta) > VALIDATION_BAR[key]
+    ]
+    missing = [key for key in VALIDATION_BAR if key not in deltas]
+    if missing:  # e.g. a macro AUC without every class among the images
+        reasons.append(f"not measured for both runtimes: {', '.join(missing)}")
+    if not variant.holds and not reasons:
+        reasons.append("the variant does not hold against VALIDATION_BAR")
+    agreement = validation.get("artifact_agreement") or {}
+    if not agreement.get("n_images"):
+        reasons.append("the artifact's model.pt and model.onnx were not compared on any image")
+    if agreement.get("class_disagreements", 0):
+        reasons.append(
+            f"the artifact's model.onnx gives another class than its model.pt on "
+            f"{agreement['class_disagreements']} of {agreement['n_images']} images"
+        )
+    for what in ("class", "mask"):
+        diff = agreement.get(f"max_abs_{what}_logit_diff", 0.0)
+        if not diff <= ARTIFACT_AGREEMENT_ATOL:  # NaN fails too
+            reasons.append(
+                f"the artifact's {what} logits differ between model.pt and model.onnx by up to "
+                f"{diff:.2g} (more than {ARTIFACT_AGREEMENT_ATOL:g})"
+            )
+    return reasons
+
+
+def derived_metadata(info: ArtifactInfo, validation: Mapping[str, Any]) -> dict[str, Any]:
+    """The source manifest with a new created_at, where it came from and the ONNX runtime entry
+    (publish_artifact fills in version, file and sha256)."""
+    metadata = {k: v for k, v in info.metadata.items() if k not in ("version", "runtimes")}
+    metadata["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    metadata["derived_from"] = {
+        "version": info.version,
+        "sha256": info.sha256,
+        "change": "adds model.onnx for ONNX Runtime",
+    }
+    metadata["runtimes"] = [
+        {"runtime": RUNTIME_ONNX, "precision": "fp32", "validation": dict(validation)}
+    ]
+    return metadata
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training export-onnx",
+        description="Publish a model again with the same network for ONNX Runtime, validated "
+        "against TorchScript fp32 (not promoted).",
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, default=Path("models"), help="the source's (default: models)"
+    )
+    parser.add_argument("--task", choices=TASKS, default=TASK_DIAGNOSIS, help="default: diagnosis")
+    parser.add_argument("--version", required=True, help="the source version (folder name)")
+    parser.add_argument(
+        "--data-path", type=Path, required=True, help="folder in BUSI layout to validate on"
+    )
+    parser.add_argument(
+        "--cv-dir",
+        type=Path,
+        default=None,
+        help="fold<k>.pt of `python -m training cv` for the same recipe: validate out-of-fold "
+        "(default: none; the artifact's own model on the data folder, not held out)",
+    )
+    parser.add_argument(
+        "--folds-file",
+        type=Path,
+        default=None,
+        help="the k-fold file of --cv-dir (default: training/splits/busi-5fold.json)",
+    )
+    parser.add_argument(
+        "--output-model-dir",
+        type=Path,
+        default=None,
+        help="where to publish the new version (default: --model-dir)",
+    )
+    parser.add_argument(
+        "--new-version", default=None, help="the new version's name (default: UTC time)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=0, help="score N images spread over the folder (default: all)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="scoring batch (default: 8)")
+    parser.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads "
+                        "(default: 0, torch's default)")  # fmt: skip
+    return parser
+
+
+def export_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Verify, export, validate, publish; the summary. Raises ValidationRefused (nothing is
+    published), the errors of verify_artifact / publish_artifact, ValueError for an artifact this
+    command cannot rebuild and FileNotFoundError for missing data or fold weights."""
+    import onnxruntime
+
+    from training.data import data_fingerprint, load_split_images, scan_dataset
+    from training.engine import configure_threads
+    from training.joint import DEFAULT_FOLDS_FILE, load_folds
+    from training.runner import display_path
+
+    configure_threads(args.threads)
+    info = verify_artifact(args.model_dir, args.task, args.version)
+    eager, preset = eager_model(info)
+    example = torch.zeros((1, 3, preset.size, preset.size))
+    artifact_onnx = export_onnx(eager, example)
+    log.info("exported %s %s to ONNX (opset %d, %.1f MB)", info.task, info.version,
+             onnx_opset(artifact_onnx), len(artifact_onnx) / 1e6)  # fmt: skip
+
+    samples = scan_dataset(args.data_path)
+    fingerprint = data_fingerprint(samples)
+    same_data = fingerprint["sha256"] == (info.metadata.get("data_fingerprint") or {}).get("sha256")
+    cv = None
+    if args.cv_dir is not None:
+        folds_file = args.folds_file or DEFAULT_FOLDS_FILE
+        cv = (args.cv_dir, load_folds(folds_file, samples))
+        _check_fold_recipe(args.cv_dir, preset)
+    picked = [samples[i] for i in spread(len(samples), args.limit)]
+    loaded = load_split_images(picked)
+    data = Images(loaded.images, loaded.masks, [s.label for s in picked], [s.key for s in picked])
+    measured = validate(info, preset, data, cv=cv, artifact_onnx=artifact_onnx,
+                        batch_size=args.batch_size)  # fmt: skip
+    subset = f"{len(picked)} of the {len(samples)} images" if args.limit else "every image"
+    if cv is not None:
+        source = (
+            f"out-of-fold: {subset} of {args.data_path}, each scored by the fold model of "
+            f"{args.cv_dir} that did not train on it (folds: {display_path(folds_file)}), as "
+            "TorchScript fp32 exported as `training fit` exports and as the same fold model in "
+            "ONNX Runtime"
+        )
+    else:
+        trained = "the images it was trained on" if same_data else "images it may have seen"
+        source = (
+            f"not held out: {subset} of {args.data_path} ({trained}), scored by the artifact's "
+            "own model.pt (TorchScript fp32) and model.onnx (ONNX Runtime)"
+        )
+    validation = {
+        "source": source,
+        "command": command,
+        **measured,
+        "data_fingerprint": fingerprint["sha256"],
+        "onnxruntime_version": onnxruntime.__version__,
+        "onnx_opset": onnx_opset(artifact_onnx),
+        "exported_with": {"torch": torch.__version__},
+    }
+    reasons = refusals(validation)
+    if reasons:
+        raise ValidationRefused(reasons, validation)
+
+    output_dir = args.output_model_dir or args.model_dir
+    version = args.new_version or new_version_name()
+    with tempfile.TemporaryDirectory(prefix="export-onnx-") as tmp:
+        onnx_file = Path(tmp) / ONNX_FILE
+        onnx_file.write_bytes(artifact_onnx)
+        publish_artifact(
+            Path(output_dir), info.task, version, info.model_path,
+            derived_metadata(info, validation), runtime_files={RUNTIME_ONNX: onnx_file},
+        )  # fmt: skip
+    published = verify_artifact(Path(output_dir), info.task, version)
+    variant = published.manifest.runtime(RUNTIME_ONNX)
+    assert variant is not None and variant.holds  # refusals() checked it
+    log.info("published %s %s to %s (a candidate: promote it to serve)", info.task, version,
+             published.path)  # fmt: skip
+    return {
+        "task": info.task,
+        "version": version,
+        "path": str(published.path),
+        "derived_from": {"version": info.version, "sha256": info.sha256},
+        "holds": variant.holds,
+        "deltas": variant.deltas,
+        "validation": validation,
+        "promote": f"python -m training promote {info.task} {version} --model-dir {output_dir}",
+    }
+
+
+def _check_fold_recipe(cv_dir: Path, preset: Any) -> None:
+    """The fold models must be the artifact's recipe (what a fold<k>.json records of it)."""
+    for path in sorted(Path(cv_dir).glob("fold*.json")):
+        recipe = json.loads(path.read_text()).get("recipe") or {}
+        differs = [
+            key for key in ("encoder", "size", "flip_tta", "threshold")
+            if key in recipe and recipe[key] != getattr(preset, key)
+        ]  # fmt: skip
+        if differs:
+            raise ValueError(f"{path} is another recipe than the artifact's ({', '.join(differs)})")
+
+
+def main(argv: list[str]) -> int:
+    """Run export-onnx; the exit status (1 when refused or the source cannot be used)."""
+    from training.cli import command_line
+    from training.runner import json_ready
+
+    args = get_args_parser().parse_args(argv)
+    try:
+        summary = export_main(args, command_line("export-onnx", argv))
+    except ValidationRefused as exc:
+        for reason in exc.reasons:
+            log.error("not published: %s", reason)
+        print(json.dumps(json_ready({"published": False, "reasons": exc.reasons,
+                                     "validation": exc.validation}), indent=1))  # fmt: skip
+        return 1
+    except (ArtifactError, ValueError, FileNotFoundError) as exc:
+        log.error("export-onnx failed: %s", getattr(exc, "message", None) or exc)
+        return 1
+    print(json.dumps(json_ready(summary), indent=1))
+    return 0
