@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import statistics
@@ -46,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from service.settings import available_cpus  # noqa: E402
 from shared.models.joint import JointFlipAverage  # noqa: E402
-from shared.postprocessing import dice_iou, softmax  # noqa: E402
+from training.runtimes import OnnxRuntimeForward, export_onnx, score  # noqa: E402
 
 log = logging.getLogger("precision")
 
@@ -152,58 +151,11 @@ def _int8_static(eager: torch.nn.Module, calibration: torch.Tensor) -> Forward:
 
 
 def _onnxruntime(eager: torch.nn.Module, example: torch.Tensor) -> Built:
-    import onnxruntime as ort  # optional: pip install -e ".[bench]"
-
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        eager.eval(),
-        (example,),
-        buffer,
-        input_names=["x"],
-        output_names=["classes", "masks"],
-        dynamic_axes={"x": {0: "n"}, "classes": {0: "n"}, "masks": {0: "n"}},
-        dynamo=False,
-    )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-
-    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        classes, masks = session.run(None, {"x": x.numpy()})
-        return torch.from_numpy(classes), torch.from_numpy(masks)
-
-    return Built(forward, f"onnxruntime {ort.__version__}, CPUExecutionProvider")
+    forward = OnnxRuntimeForward(export_onnx(eager, example))  # pip install -e ".[train]"
+    return Built(forward, f"onnxruntime {forward.version}, CPUExecutionProvider")
 
 
-# --- scoring --------------------------------------------------------------------------------
-
-
-def score(
-    forward: Forward, preprocessing: Any, images: list, masks: list, labels: list, keys: list,
-    batch_size: int, threshold: float,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Per-image rows as training.joint.evaluate_images makes them (probs, dice, mask_pixels)."""
-    rows = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        layouts = [preprocessing.layout(im) for im in chunk]
-        x = torch.from_numpy(np.stack([
-            preprocessing.normalise(preprocessing.resize_image(im, lay))
-            for im, lay in zip(chunk, layouts, strict=True)
-        ]))  # fmt: skip
-        with torch.inference_mode():
-            class_logits, mask_logits = forward(x)
-        for j, (logits, lay) in enumerate(zip(mask_logits.float().numpy(), layouts, strict=True)):
-            i = start + j
-            prob = 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64)))
-            pred = preprocessing.frame_map(prob.astype(np.float32), lay) > threshold
-            dice, _ = dice_iou(pred, masks[i] > 127)
-            probs = softmax(class_logits[j].float().numpy().astype(np.float64))
-            rows.append({
-                "key": keys[i], "label": labels[i], "probs": [float(v) for v in probs],
-                "dice": float(dice), "mask_pixels": int(pred.sum()),
-            })  # fmt: skip
-    return rows
+# --- timing ---------------------------------------------------------------------------------
 
 
 def time_forward(forwards: dict[str, Forward], example: torch.Tensor, rounds: int, n: int) -> dict:
