@@ -10,8 +10,9 @@ INFERENCE_RUNTIME picks what runs the forwards:
 - `torchscript`: always model.pt (fp32, or INFERENCE_PRECISION).
 - `onnxruntime`: like `auto`, and a model that cannot run in ONNX Runtime is logged as a warning.
 
-Before a session serves it must give model.pt's answers on two warm-up inputs (within 1e-3 of
-the logits); if it does not, or building it fails, the TorchScript module serves (logged).
+Before a session serves it must give model.pt's answers on two warm-up inputs (within
+shared.artifacts.RUNTIME_AGREEMENT_ATOL of the logits); if it does not, or building it fails,
+the TorchScript module serves (logged).
 
 ONNX Runtime sizes a session's thread pool when the session is made, so there is one session per
 thread count the batcher uses (a lone request's and a batch's). Spinning is off: an idle intra-op
@@ -26,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from shared.artifacts import RUNTIME_AGREEMENT_ATOL as AGREEMENT_ATOL
 
-AGREEMENT_ATOL = 1e-3  # the logits of model.onnx and model.pt differ by ~1e-5 (fp32 reordering)
+__all__ = ["AGREEMENT_ATOL", "OnnxForward", "onnxruntime_available"]
+
+log = logging.getLogger(__name__)
 
 
 def onnxruntime_available() -> bool:

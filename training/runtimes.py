@@ -47,6 +47,7 @@ from torch import nn
 
 from shared.artifacts import (
     ONNX_FILE,
+    RUNTIME_AGREEMENT_ATOL,
     RUNTIME_ONNX,
     VALIDATION_BAR,
     ArtifactInfo,
@@ -65,7 +66,7 @@ from shared.preprocessing import Preprocessing
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 20  # torch.onnx's default when bench/precision.py measured the variant
-ARTIFACT_AGREEMENT_ATOL = 1e-3
+ARTIFACT_AGREEMENT_ATOL = RUNTIME_AGREEMENT_ATOL
 """The most the logits of an artifact's model.onnx may differ from its model.pt's (they differ by
 ~1e-5: fp32 sums in another order); the service checks the same bound at warm-up."""
 

@@ -207,7 +207,7 @@ def test_a_variant_missing_a_figure_is_refused():
     ("change", "words"),
     [
         ({"class_disagreements": 1}, "another class"),
-        ({"max_abs_mask_logit_diff": 2e-3}, "mask logits differ"),
+        ({"max_abs_mask_logit_diff": 2e-2}, "mask logits differ"),
         ({"max_abs_class_logit_diff": float("nan")}, "class logits differ"),
         ({"n_images": 0}, "not compared"),
     ],
