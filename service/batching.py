@@ -6,7 +6,7 @@ requests for the same model (a batcher per model, sharing one thread: forwards o
 share the cores, as the one inference lock made them before). Nothing waits for a batch to
 fill: a lone request starts its forward at once, with every torch thread; requests that arrive
 while a forward runs are grouped into the next one, up to MAX_BATCH_SIZE, and run with
-TORCH_THREADS_BATCHED threads, which leaves a core to the HTTP work of the requests behind them.
+TORCH_THREADS_BATCHED threads (default: all; fewer leaves cores to the HTTP work behind them).
 Only when the previous forward was already a batch (the service is under load) does the thread
 wait up to MAX_BATCH_WAIT_MS for more requests to join.
 

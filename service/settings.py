@@ -47,9 +47,10 @@ def default_torch_threads() -> int:
 
 
 def default_batched_threads() -> int:
-    """All usable CPUs but one, which is left to the event loop, decoding and preprocessing of
-    the requests queued behind a batch (measured with bench/bench_service.py; see README)."""
-    return max(1, available_cpus() - 1)
+    """All usable CPUs, as for a lone request: with the forwards in ONNX Runtime, 4 clients got
+    about 40% more throughput on 2 cores than with one core left to HTTP (bench/bench_service.py,
+    2026-11-28; see README, Speed and memory)."""
+    return available_cpus()
 
 
 class Settings(BaseSettings):
@@ -87,14 +88,15 @@ class Settings(BaseSettings):
     TORCH_THREADS: int = Field(
         default_factory=default_torch_threads,
         ge=1,
-        description="torch intra-op threads of a lone request's forward (default: usable CPUs)",
+        description="Threads of a lone request's forward (torch intra-op threads, or the ONNX "
+        "Runtime session's); default: usable CPUs",
     )
     # --- batching, backpressure, precision (service/batching.py, docs/operations.md) ---------
     TORCH_THREADS_BATCHED: int = Field(
         default_factory=default_batched_threads,
         ge=1,
-        description="torch intra-op threads of a forward of 2 or more requests, when others wait "
-        "to be decoded (default: usable CPUs - 1, at least 1)",
+        description="Threads of a forward of 2 or more requests (torch intra-op threads, or the "
+        "ONNX Runtime session's); default: usable CPUs",
     )
     MAX_BATCH_SIZE: int = Field(
         4, ge=1, le=64, description="Most requests grouped into one forward; 1 disables batching"

@@ -335,7 +335,7 @@ def test_compose_defaults_resolve_to_the_service_settings():
     assert settings.HOST == "0.0.0.0" and str(settings.MODEL_DIR) == "/models"
     cpus = int(config["services"]["api"]["cpus"])
     assert settings.TORCH_THREADS == cpus  # a lone request's forward gets every core
-    assert settings.TORCH_THREADS_BATCHED == max(1, cpus - 1)  # a batch leaves one to HTTP
+    assert settings.TORCH_THREADS_BATCHED == cpus  # so does a batch's (bench: ONNX Runtime)
     assert set(config["services"]) == {"api", "seed-models", "train", "prometheus"}
 
 
