@@ -176,3 +176,61 @@ def test_publish_refuses_an_invalid_manifest_and_writes_nothing(tmp_path, publis
         publish_tiny(tmp_path, TASK_SEGMENTATION, "v1", output={"type": "logits", "shape": [3]})
     assert list_versions(tmp_path, TASK_SEGMENTATION) == []
     assert not (tmp_path / TASK_SEGMENTATION).exists()  # refused before anything was written
+
+
+def runtime_entry(**overrides: object) -> dict:
+    entry = {
+        "runtime": "onnxruntime",
+        "file": "model.onnx",
+        "sha256": "1" * 64,
+        "precision": "fp32",
+        "validation": {
+            "reference": {"accuracy": 0.835, "macro_auc": 0.948},
+            "variant": {"accuracy": 0.833, "macro_auc": 0.947},
+        },
+    }
+    return {**entry, **overrides}
+
+
+def test_a_runtime_variant_reads_round_trips_and_holds_within_the_bar():
+    manifest = Manifest.from_dict(manifest_dict(runtimes=[runtime_entry(opset=20)]))
+    variant = manifest.runtime("onnxruntime")
+    assert variant is not None and manifest.runtime("openvino") is None
+    assert variant.deltas == pytest.approx({"accuracy": -0.002, "macro_auc": -0.001})
+    assert variant.holds
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+    assert manifest.to_dict()["runtimes"][0]["opset"] == 20  # unknown keys survive
+
+
+@pytest.mark.parametrize(
+    ("validation", "holds"),
+    [
+        ({"reference": {"accuracy": 0.835}, "variant": {"accuracy": 0.829}}, False),  # 0.6 pt
+        ({"reference": {"lesion_dice": 0.70}, "variant": {"lesion_dice": 0.706}}, False),
+        ({"reference": {"accuracy": 0.835}, "variant": {"macro_auc": 0.9}}, False),  # none shared
+        ({"reference": {"accuracy": 0.835}, "variant": {"accuracy": float("nan")}}, False),
+        ({}, False),
+        ({"reference": {"accuracy": 0.835}, "variant": {"accuracy": 0.84}}, True),
+    ],
+)
+def test_a_runtime_variant_holds_only_with_shared_figures_within_the_bar(validation, holds):
+    manifest = Manifest.from_dict(manifest_dict(runtimes=[runtime_entry(validation=validation)]))
+    assert manifest.runtimes[0].holds is holds
+
+
+@pytest.mark.parametrize(
+    ("runtimes", "problem"),
+    [
+        ({"runtime": "onnxruntime"}, "runtimes must be a list"),
+        ([runtime_entry(runtime="tensorrt")], "runtimes[0].runtime must be one of"),
+        ([runtime_entry(file="../model.onnx")], "runtimes[0].file must be 'model.onnx'"),
+        ([runtime_entry(sha256="xyz")], "runtimes[0].sha256 must be 64"),
+        ([runtime_entry(precision="int8")], "runtimes[0].precision must be 'fp32'"),
+        ([runtime_entry(validation=[])], "runtimes[0].validation must be an object"),
+        ([runtime_entry(), runtime_entry()], "listed twice"),
+    ],
+)
+def test_invalid_runtime_variants_are_refused(runtimes, problem):
+    with pytest.raises(ManifestError) as raised:
+        Manifest.from_dict(manifest_dict(runtimes=runtimes))
+    assert any(problem in p for p in raised.value.problems), raised.value.problems
