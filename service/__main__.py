@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from service.auth import AccessConfigError, check_open_access, load_keyring
 from service.connections import guarded_protocol
 from service.logs import configure_logging
+from service.metrics import ServiceMetrics
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("service")
@@ -30,6 +31,11 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _count_capacity_refusal(metrics: ServiceMetrics) -> None:
+    metrics.failures.labels("overloaded").inc()
+    metrics.inference_rejected.labels("connection_limit").inc()
+
+
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """uvicorn's settings: one worker, no access log of its own, and the slow-client guards."""
     metrics = app.state.runtime.metrics
@@ -43,10 +49,11 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         log_config=None,
         timeout_graceful_shutdown=int(settings.GRACEFUL_SHUTDOWN_S),
         # HEADER_TIMEOUT_S and the header size cap (service.connections); beyond MAX_CONNECTIONS
-        # open connections or requests in flight, uvicorn answers 503.
+        # open connections or requests in flight, 503 `overloaded` with Retry-After.
         http=guarded_protocol(
             settings.HEADER_TIMEOUT_S,
             lambda phase: metrics.slow_client_timeouts.labels(phase).inc(),
+            lambda: _count_capacity_refusal(metrics),
         ),
         limit_concurrency=settings.MAX_CONNECTIONS,
     )

@@ -12,6 +12,8 @@ has to sit in the HTTP protocol: `guarded_protocol` is uvicorn's httptools proto
 
 The body has its own timeout in the app (middleware.BodyTimeoutMiddleware), and uvicorn's
 `limit_concurrency` (MAX_CONNECTIONS) caps the connections and requests a replica holds at once.
+Beyond that cap uvicorn answers a plain-text 503 without calling the app; the protocol answers
+the service's JSON envelope instead (code `overloaded`, with Retry-After, as a full queue does).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+CAPACITY_RETRY_AFTER_S = 1
 
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -35,12 +40,35 @@ def _response(status: int, reason: str, code: str, message: str) -> bytes:
     return head.encode("ascii") + body
 
 
-def guarded_protocol(
-    header_timeout_s: float, on_refused: Callable[[str], None] = lambda phase: None
-) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with a header timeout and a header size cap.
+async def _at_capacity(scope: Any, receive: Any, send: Any) -> None:
+    """The ASGI app of a request past MAX_CONNECTIONS: 503 in the service's error envelope."""
+    body = json.dumps({
+        "error": {
+            "code": "overloaded",
+            "message": "The service holds as many connections as it may (MAX_CONNECTIONS); "
+            "retry after the time in the Retry-After header.",
+            "request_id": None,
+        }
+    }).encode()  # fmt: skip
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(CAPACITY_RETRY_AFTER_S).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    `on_refused(phase)` is called for each connection refused ("headers" or "header_size").
+
+def guarded_protocol(
+    header_timeout_s: float,
+    on_refused: Callable[[str], None] = lambda phase: None,
+    on_capacity: Callable[[], None] = lambda: None,
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with a header timeout, a header size cap and a JSON 503.
+
+    `on_refused(phase)` is called for each connection refused ("headers" or "header_size"),
+    `on_capacity()` for each request answered 503 because MAX_CONNECTIONS were held.
     """
     timed_out = _response(
         408,
@@ -90,6 +118,14 @@ def guarded_protocol(
         def on_headers_complete(self) -> None:
             self._headers_done()
             super().on_headers_complete()
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            # uvicorn hands a request past limit_concurrency to its plain-text 503 app (here,
+            # or later for a pipelined request): answer in the service's envelope instead.
+            if app is service_unavailable:
+                on_capacity()
+                app = _at_capacity
+            super()._start_asgi_task(cycle, app)
 
         def _await_headers(self) -> None:
             if self._header_timer is not None:

@@ -113,7 +113,8 @@ class ServiceMetrics:
         )
         self.inference_rejected = Counter(
             "busi_inference_rejected",
-            "Requests refused before their forward: queue_full (503) or deadline (504).",
+            "Requests refused before their forward: queue_full (503), deadline (504), or "
+            "connection_limit (503: MAX_CONNECTIONS held; the app never saw the request).",
             ["reason"],
             registry=self.registry,
         )

@@ -166,3 +166,42 @@ def test_uvicorn_runs_with_the_connection_cap_and_the_guarded_protocol(tiny_mode
     config = uvicorn_config(create_app(settings), settings)
     assert config.limit_concurrency == 123
     assert config.http.__name__ == "GuardedHttpToolsProtocol"
+
+
+def test_past_max_connections_the_answer_is_the_json_envelope_with_retry_after(
+    tmp_path, tiny_model_dir
+):
+    env = {**QUIET_ENV, "MODEL_DIR": str(tiny_model_dir), "MAX_CONNECTIONS": "3"}
+    env.update(HEADER_TIMEOUT_S="30", LOG_LEVEL="WARNING")
+    with running_service(env, tmp_path / "service.log", timeout_s=300) as service:
+        address = ("127.0.0.1", service.port)
+        held = [socket.create_connection(address, timeout=5) for _ in range(3)]
+        time.sleep(0.5)  # the server has accepted them
+        extra = socket.create_connection(address, timeout=10)
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := extra.recv(65536):
+            answer += chunk
+        extra.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), head
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        }
+        assert headers[b"content-type"] == b"application/json"
+        assert headers[b"retry-after"] == b"1"
+        assert json.loads(body)["error"]["code"] == "overloaded"
+        for sock in held:
+            sock.close()
+        time.sleep(0.5)
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            assert client.get("/healthz").status_code == 200  # the cap frees with the connections
+            metrics = client.get("/metrics").text
+        assert _metric_reason(metrics, "busi_inference_rejected_total", "connection_limit") == 1
+        assert _metric_reason(metrics, "busi_request_failures_total", "overloaded") == 1
+
+
+def _metric_reason(text: str, name: str, reason: str) -> float:
+    match = re.search(rf'^{name}\{{reason="{reason}"\}} (\S+)$', text, flags=re.MULTILINE)
+    return float(match[1]) if match else 0.0
