@@ -39,26 +39,49 @@ _UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 class AuditLog:
-    """Appends JSON lines to one file, created 0600. Thread-safe."""
+    """Appends JSON lines to one file, created 0600. Thread-safe.
+
+    The service never deletes or truncates audit records; rotation is the host's (logrotate,
+    a log shipper): when the file is renamed or removed, the next record reopens AUDIT_LOG_FILE,
+    creating a new 0600 file, so no record goes to a file nobody reads any more.
+    """
 
     def __init__(self, path: Path, metrics: ServiceMetrics | None = None) -> None:
         self.path = path
         self.metrics = metrics
         self._lock = threading.Lock()
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = self._open()
         except OSError as exc:
             raise AccessConfigError(
                 f"AUDIT_LOG_FILE {path} cannot be opened: {exc.strerror}"
             ) from None
+
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         # os.open's mode only applies to a new file (and through the umask): make an existing
         # one private too.
-        os.fchmod(self._fd, 0o600)
+        os.fchmod(fd, 0o600)
+        return fd
+
+    def _reopen_if_rotated(self) -> None:
+        """Under the lock: reopen the path when it no longer names the open file."""
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(self._fd)
+        if current is None or (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+            fd = self._open()
+            os.close(self._fd)
+            self._fd = fd
+            log.info("audit log reopened (the file was rotated)")
 
     def write(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
         try:
             with self._lock:
+                self._reopen_if_rotated()
                 os.write(self._fd, line)
         except OSError as exc:
             log.error("audit record not written: %s", exc.strerror)

@@ -120,3 +120,21 @@ def test_served_labels_and_top_probabilities_are_counted_per_model_version(clien
     text = client.get("/metrics").text
     assert f'busi_served_labels_total{{label="{label}",task="classification",version="v1"}}' in text
     assert 'busi_top_probability_count{task="classification",version="v1"}' in text
+
+
+def test_a_renamed_or_removed_audit_log_is_reopened_for_the_next_record(tmp_path):
+    from service.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    audit.write({"n": 1})
+    path.rename(tmp_path / "audit.jsonl.1")  # logrotate's default: rename, then the writer reopens
+    audit.write({"n": 2})
+    audit.write({"n": 3})
+    assert records(tmp_path / "audit.jsonl.1") == [{"n": 1}]  # nothing after the rename
+    assert records(path) == [{"n": 2}, {"n": 3}]
+    path.unlink()  # removed outright
+    audit.write({"n": 4})
+    audit.close()
+    assert records(path) == [{"n": 4}]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
