@@ -1,10 +1,12 @@
 """POST /dicomweb/studies[/{study}]: a STOW-RS entry point that analyses what a PACS sends.
 
-Each instance is diagnosed as POST /diagnose would (its first frame), and its SEG and SR, made from
-that analysis (with the source's header as the decoder read it), are sent on to RESULTS_STOW_URL
-when one is configured. Nothing is kept: "stored" in the response means
-analysed (and, with a results target, delivered); an instance that could not be analysed or whose
-results could not be delivered is listed as failed, so the sender can retry it.
+Each instance is diagnosed as POST /diagnose?frame=all would: every frame of a cine loop (at
+most MAX_CINE_FRAMES; a longer loop fails with Out of Resources, 0xA700), and its SEG and SR are
+those of the key frame (the largest lesion), made from that analysis (with the source's header as
+the decoder read it) and sent on to RESULTS_STOW_URL when one is configured. Nothing is kept:
+"stored" in the response means analysed (and, with a results target, delivered); an instance
+that could not be analysed or whose results could not be delivered is listed as failed, so the
+sender can retry it.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from service.dicom_output import DicomResults, DicomResultsDep
 from service.dicom_results import DICOM_MEDIA_TYPE, to_bytes
 from service.errors import UnsupportedMediaTypeError
 from service.metrics import ServiceMetrics
-from service.predictors import ImageRequest, Predictor
+from service.predictors import ALL_FRAMES, ImageRequest, Predictor, TooManyFramesError
 from service.schemas import error_responses
 from service.settings import Settings
 from service.stow import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH,
     DICOM_JSON_MEDIA_TYPE,
+    OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     SOP_CLASS_NOT_SUPPORTED,
     MalformedMultipartError,
@@ -60,8 +63,9 @@ _STOW_RESPONSE_SCHEMA = {
     "description": "DICOM JSON (PS3.18 F.2): Referenced SOP Sequence (00081199), the analysed "
     "instances; Failed SOP Sequence (00081198), the others, each with its Failure Reason "
     "(00081197): 0xC000 (49152) unreadable or unusable image, 0x0122 (290) not an ultrasound "
-    "image, 0xA900 (43264) not of the study in the URL, 0x0110 (272) results not delivered to "
-    "RESULTS_STOW_URL (retry later)",
+    "image, 0xA900 (43264) not of the study in the URL, 0xA700 (42752) a cine loop of more "
+    "frames than MAX_CINE_FRAMES, 0x0110 (272) results not delivered to RESULTS_STOW_URL (retry "
+    "later)",
 }
 STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -83,6 +87,7 @@ STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
 _REASON_BY_ERROR: dict[type[domain.BusiError], int] = {
     domain.NonImageDicomError: SOP_CLASS_NOT_SUPPORTED,
     domain.NotUltrasoundError: SOP_CLASS_NOT_SUPPORTED,
+    TooManyFramesError: OUT_OF_RESOURCES,
 }
 
 
@@ -175,7 +180,8 @@ def _store_one(
         return ids, CANNOT_UNDERSTAND
     if study is not None and ids[2] != study:
         return ids, DATASET_DOES_NOT_MATCH  # PS3.18 10.5.3: not of the study the URL names
-    image = ImageRequest(data=part.data, declared_format="dicom")
+    # Every frame of a cine loop: the results are the key frame's, not whichever came first.
+    image = ImageRequest(data=part.data, declared_format="dicom", frame=ALL_FRAMES)
     try:
         # One decode: the SEG and SR are made from the analysis, header included.
         objects = dicom.diagnosis(predictor.diagnose(image))

@@ -22,6 +22,7 @@ from dicom_support import (
     pacs_dicom,
     pydicom_file,
     read_parts,
+    seg_mask,
 )
 from fastapi.testclient import TestClient
 from service_inputs import uniform
@@ -201,3 +202,30 @@ def test_a_refused_delivery_is_not_retried(serve, tiny_model_dir: Path) -> None:
             response = stow(client, [pacs_dicom()])
     assert response.status_code == 409
     assert len(target.requests) == 1
+
+
+def test_stow_analyses_a_whole_cine_loop_and_sends_the_key_frames_results(
+    serve, tiny_model_dir: Path
+) -> None:
+    lesion = uniform(110, 96, 80)
+    lesion[20:60, 20:70] = 230  # the rigged segmenter outlines the bright rectangle
+    frames = [uniform(10, 96, 80), uniform(10, 96, 80), lesion]  # the lesion only in frame 3
+    source_data = pacs_dicom(frames)
+    with stow_target(200) as target, serve(tiny_model_dir, RESULTS_STOW_URL=_url(target)) as client:
+        response = stow(client, [source_data])
+        (request_headers, body) = target.requests[0]
+    assert response.status_code == 200
+    seg, sr = read_parts(request_headers["Content-Type"], body)
+    item = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    assert item.SourceImageSequence[0].ReferencedFrameNumber == 3  # not the first frame
+    assert seg_mask(seg, header(source_data), 2).any()
+
+
+def test_stow_refuses_a_loop_longer_than_the_cine_cap_as_out_of_resources(
+    serve, tiny_model_dir: Path
+) -> None:
+    source_data = pacs_dicom([uniform(110, 96, 80)] * 3)
+    with serve(tiny_model_dir, MAX_CINE_FRAMES=2) as client:
+        response = stow(client, [source_data])
+    assert response.status_code == 409
+    assert failures(response.json()) == {header(source_data).SOPInstanceUID: 0xA700}
