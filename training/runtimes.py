@@ -287,8 +287,8 @@ def eager_model(info: ArtifactInfo) -> tuple[nn.Module, Any]:
     """The artifact's network in eager PyTorch with model.pt's weights, and its recipe.
 
     Raises ValueError for a task other than diagnosis (classification and segmentation artifacts
-    are not rebuilt here yet) or an unknown preset, and RuntimeError when model.pt's weights do
-    not fit the rebuilt network.
+    are not rebuilt here yet), an unknown preset, or model.pt's weights that do not fit the
+    rebuilt network.
     """
     if info.task != TASK_DIAGNOSIS:
         raise ValueError(
@@ -297,7 +297,14 @@ def eager_model(info: ArtifactInfo) -> tuple[nn.Module, Any]:
         )
     preset = joint_preset(info.metadata.get("training") or {})
     scripted = torch.jit.load(str(info.model_path), map_location="cpu")
-    return eager_network(preset, scripted.state_dict()), preset
+    try:
+        return eager_network(preset, scripted.state_dict()), preset
+    except RuntimeError as exc:  # load_state_dict: missing, unexpected or mis-shaped weights
+        first = str(exc).strip().splitlines()[0][:300]
+        raise ValueError(
+            f"{info.task} version {info.version}: model.pt's weights do not fit the network its "
+            f"manifest's recipe builds ({first})"
+        ) from exc
 
 
 # --- validation ------------------------------------------------------------------------------
