@@ -197,13 +197,16 @@ def unwrap(net: nn.Module, into: nn.Module) -> nn.Module:
     return into
 
 
-def _to(value: Any, target: torch.device) -> Any:
+def to_device(value: Any, device: torch.device | None) -> Any:
+    """`value` (a tensor, or lists / tuples / dicts of them) on `device`; as is when None."""
+    if device is None:
+        return value
     if isinstance(value, torch.Tensor):
-        return value.to(target, non_blocking=True)
+        return value.to(device, non_blocking=True)
     if isinstance(value, list | tuple):
-        return type(value)(_to(v, target) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, target) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -219,7 +222,7 @@ class OnDevice:
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            yield _to(batch, self.target)
+            yield to_device(batch, self.target)
 
 
 def on_device(loader: Iterable) -> Iterable:

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training import distributed
+from training.distributed import to_device
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +105,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
-
-
-def to_device(value: Any, device: torch.device | None) -> Any:
-    """`value` (a tensor, or lists / tuples / dicts of them) on `device`; as is when None."""
-    if device is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, list | tuple):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
 
 
 def model_device(model: nn.Module) -> torch.device:
