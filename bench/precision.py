@@ -190,27 +190,9 @@ def _int8_static(eager: torch.nn.Module, calibration: torch.Tensor) -> Forward:
     return convert_fx(prepared)
 
 
-class OnnxSessions:
-    """An ONNX file in ONNX Runtime, one session per torch thread count: time_forward sets
-    torch's threads, which a session (intra_op_num_threads fixed when it is made) ignores."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.sessions: dict[int, OnnxRuntimeForward] = {}
-
-    def session(self) -> OnnxRuntimeForward:
-        threads = torch.get_num_threads()
-        if threads not in self.sessions:
-            self.sessions[threads] = OnnxRuntimeForward(self.data, threads)
-        return self.sessions[threads]
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.session()(x)
-
-
 def _onnxruntime(eager: torch.nn.Module, example: torch.Tensor) -> Built:
-    forward = OnnxSessions(export_onnx(eager, example))  # pip install -e ".[train]"
-    return Built(forward, f"onnxruntime {forward.session().version}, CPUExecutionProvider")
+    forward = OnnxRuntimeForward(export_onnx(eager, example))  # pip install -e ".[train]"
+    return Built(forward, f"onnxruntime {forward.version}, CPUExecutionProvider")
 
 
 def _onnxruntime_int8(
@@ -257,10 +239,10 @@ def _onnxruntime_int8(
             weight_type=QuantType.QInt8,
             nodes_to_exclude=excluded,
         )
-        forward = OnnxSessions(quantised.read_bytes())
+        forward = OnnxRuntimeForward(quantised.read_bytes())
     return Built(
         forward,
-        f"onnxruntime {forward.session().version}, CPUExecutionProvider; quantize_static QDQ, "
+        f"onnxruntime {forward.version}, CPUExecutionProvider; quantize_static QDQ, "
         f"per-channel QInt8 weights, QUInt8 activations, MinMax on {len(calibration)} training "
         f"images of the fold; left in fp32: {', '.join(excluded) or 'nothing'}",
     )

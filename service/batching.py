@@ -312,7 +312,7 @@ class Batcher:
             if self.config.freeze:
                 with self.lock:
                     candidate = torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
-            example = torch.from_numpy(_example_input(model.input_shape))
+            example = torch.from_numpy(example_input(model.input_shape))
             with self.lock, torch.inference_mode():
                 reference = module(example)
             reference = reference if isinstance(reference, tuple | list) else (reference,)
@@ -341,7 +341,8 @@ class Batcher:
         )  # fmt: skip
 
 
-def _example_input(shape: tuple[int, ...]) -> np.ndarray:
-    """A fixed scan-like input (not zeros: a broken conversion can still map zeros right)."""
+def example_input(shape: tuple[int, ...], n: int = 1) -> np.ndarray:
+    """A fixed scan-like batch of `n` (not zeros: a broken conversion can still map zeros right);
+    the check of a prepared module here and of a model.onnx at load (service.registry)."""
     rng = np.random.default_rng(0)
-    return rng.normal(0.0, 1.0, (1, *shape)).astype(np.float32)
+    return rng.normal(0.0, 1.0, (n, *shape)).astype(np.float32)

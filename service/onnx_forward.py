@@ -14,24 +14,19 @@ Before a session serves it must give model.pt's answers on two warm-up inputs (w
 shared.artifacts.RUNTIME_AGREEMENT_ATOL of the logits); if it does not, or building it fails,
 the TorchScript module serves (logged).
 
-ONNX Runtime sizes a session's thread pool when the session is made, so there is one session per
-thread count the batcher uses (a lone request's and a batch's). Spinning is off: an idle intra-op
-thread would otherwise busy-wait on the cores the HTTP work of the next requests needs.
+There is one session per thread count the batcher uses (a lone request's and a batch's;
+shared.onnx_runtime), made at load. Spinning is off: an idle intra-op thread would otherwise
+busy-wait on the cores the HTTP work of the next requests needs.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from shared.artifacts import RUNTIME_AGREEMENT_ATOL as AGREEMENT_ATOL
-
-__all__ = ["AGREEMENT_ATOL", "OnnxForward", "onnxruntime_available"]
-
-log = logging.getLogger(__name__)
+from shared.onnx_runtime import OnnxSessions
 
 
 def onnxruntime_available() -> bool:
@@ -42,39 +37,20 @@ def onnxruntime_available() -> bool:
     return True
 
 
-class OnnxForward:
-    """model.onnx in ONNX Runtime's CPU provider: one session per thread count."""
+class OnnxForward(OnnxSessions):
+    """model.onnx with a session for each of the batcher's thread counts, spinning off."""
 
     def __init__(self, path: Path, thread_counts: Iterable[int]) -> None:
-        import onnxruntime as ort
-
-        data = Path(path).read_bytes()
-        self.version = ort.__version__
-        self._sessions = {}
-        for threads in sorted(set(thread_counts)):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            options.log_severity_level = 3  # errors only: its warnings go to stderr, not our logs
-            self._sessions[threads] = ort.InferenceSession(
-                data, options, providers=["CPUExecutionProvider"]
-            )
-        first = next(iter(self._sessions.values()))
-        self._input = first.get_inputs()[0].name
+        super().__init__(Path(path).read_bytes(), threads=thread_counts, spinning=False)
 
     def __call__(self, batch: np.ndarray, threads: int) -> np.ndarray | tuple[np.ndarray, ...]:
-        """Outputs for a (N, C, H, W) float32 batch, with the session nearest `threads`."""
-        session = self._sessions.get(threads) or self._sessions[min(self._sessions)]
-        outputs = session.run(None, {self._input: np.ascontiguousarray(batch, np.float32)})
-        outputs = [np.asarray(o, dtype=np.float32) for o in outputs]
+        """Outputs for a (N, C, H, W) float32 batch, like the TorchScript module's."""
+        outputs = self.run(batch, threads)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def disagreement(self, reference: Iterable[np.ndarray], batch: np.ndarray) -> float:
         """Largest absolute difference from `reference` (model.pt's outputs for `batch`)."""
-        got = self(batch, min(self._sessions))
-        got = got if isinstance(got, tuple) else (got,)
+        got = self.run(batch, self.thread_counts[0])
         reference = tuple(reference)
         if len(got) != len(reference):
             return float("inf")

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.batching import Batcher, BatchingConfig
+from service.batching import Batcher, BatchingConfig, example_input
 from service.metrics import ServiceMetrics
-from service.onnx_forward import AGREEMENT_ATOL, OnnxForward, onnxruntime_available
+from service.onnx_forward import OnnxForward, onnxruntime_available
 from shared.artifacts import (
+    RUNTIME_AGREEMENT_ATOL,
     RUNTIME_ONNX,
     ArtifactInfo,
     list_versions,
@@ -206,8 +207,8 @@ def _onnx_forward(
     try:
         forward = OnnxForward(info.runtime_path(variant), threads)
         worst = 0.0
-        for example in (np.zeros, _scan_like):
-            batch = example((2, *manifest.input.shape)).astype(np.float32)
+        shape = manifest.input.shape
+        for batch in (np.zeros((2, *shape), np.float32), example_input(shape, 2)):
             with lock or _NO_LOCK, torch.inference_mode():
                 reference = module(torch.from_numpy(batch))
             reference = reference if isinstance(reference, tuple | list) else (reference,)
@@ -219,7 +220,7 @@ def _onnx_forward(
             info.task, info.version, extra=context,
         )  # fmt: skip
         return None
-    if not worst <= AGREEMENT_ATOL:
+    if not worst <= RUNTIME_AGREEMENT_ATOL:
         log.error(
             "%s version %s runs in TorchScript: its model.onnx disagrees with model.pt by %.3g",
             info.task, info.version, worst, extra=context,
@@ -230,11 +231,6 @@ def _onnx_forward(
         info.task, info.version, forward.version, worst, extra=context,
     )  # fmt: skip
     return forward
-
-
-def _scan_like(shape: tuple[int, ...]) -> np.ndarray:
-    """A fixed input that is not zeros (a broken export can still map zeros right)."""
-    return np.random.default_rng(0).normal(0.0, 1.0, shape)
 
 
 class _NoLock:

@@ -22,7 +22,7 @@ ONNX and validates it before publishing anything:
 It publishes a NEW version (model.pt byte for byte, the source manifest with `derived_from` and a
 `runtimes` entry for model.onnx; shared.artifacts.RuntimeVariant) only when the ONNX figures lie
 within shared.artifacts.VALIDATION_BAR of TorchScript's and the artifact's two files agree (no
-class differs, no logit by more than ARTIFACT_AGREEMENT_ATOL); otherwise it exits with status 1
+class differs, no logit by more than RUNTIME_AGREEMENT_ATOL); otherwise it exits with status 1
 and says why. It does not promote: `python -m training promote` stays the operator's step.
 """
 
@@ -60,15 +60,13 @@ from shared.calibration import Calibration
 from shared.errors import ArtifactError
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS, TASKS
 from shared.models.joint import JointFlipAverage
+from shared.onnx_runtime import OnnxSessions
 from shared.postprocessing import dice_iou, softmax
 from shared.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 20  # torch.onnx's default when bench/precision.py measured the variant
-ARTIFACT_AGREEMENT_ATOL = RUNTIME_AGREEMENT_ATOL
-"""The most the logits of an artifact's model.onnx may differ from its model.pt's (they differ by
-~1e-5: fp32 sums in another order); the service checks the same bound at warm-up."""
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -115,18 +113,15 @@ def onnx_opset(data: bytes) -> int:
 
 
 class OnnxRuntimeForward:
-    """An ONNX file in ONNX Runtime's CPU provider, called like the TorchScript module."""
+    """An ONNX file in ONNX Runtime's CPU provider, called like the TorchScript module, on as
+    many threads as torch has at the call (a session per count: shared.onnx_runtime)."""
 
-    def __init__(self, data: bytes, threads: int | None = None) -> None:
-        import onnxruntime as ort  # optional: pip install -e ".[train]"
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.version = ort.__version__
-        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    def __init__(self, data: bytes) -> None:
+        self.sessions = OnnxSessions(data)  # onnxruntime: pip install -e ".[train]"
+        self.version = self.sessions.version
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        classes, masks = self.session.run(None, {"x": x.numpy()})
+        classes, masks = self.sessions.run(x.numpy(), torch.get_num_threads())
         return torch.from_numpy(classes), torch.from_numpy(masks)
 
 
@@ -382,7 +377,7 @@ def refusals(validation: Mapping[str, Any]) -> list[str]:
 
     It must hold (shared.artifacts.RuntimeVariant.holds: every figure within VALIDATION_BAR of
     TorchScript fp32's) with all of VALIDATION_BAR's figures measured, and the artifact's own two
-    files must agree: no class differs and no logit by more than ARTIFACT_AGREEMENT_ATOL.
+    files must agree: no class differs and no logit by more than RUNTIME_AGREEMENT_ATOL.
     """
     variant = RuntimeVariant(RUNTIME_ONNX, ONNX_FILE, "", "fp32", dict(validation))
     deltas = variant.deltas
@@ -406,10 +401,10 @@ def refusals(validation: Mapping[str, Any]) -> list[str]:
         )
     for what in ("class", "mask"):
         diff = agreement.get(f"max_abs_{what}_logit_diff", 0.0)
-        if not diff <= ARTIFACT_AGREEMENT_ATOL:  # NaN fails too
+        if not diff <= RUNTIME_AGREEMENT_ATOL:  # NaN fails too
             reasons.append(
                 f"the artifact's {what} logits differ between model.pt and model.onnx by up to "
-                f"{diff:.2g} (more than {ARTIFACT_AGREEMENT_ATOL:g})"
+                f"{diff:.2g} (more than {RUNTIME_AGREEMENT_ATOL:g})"
             )
     return reasons
 

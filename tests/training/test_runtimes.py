@@ -148,7 +148,7 @@ def _own_rows(world: dict[str, Path]) -> list[dict]:
 
 
 def test_export_onnx_publishes_nothing_when_the_files_disagree(world, tmp_path, monkeypatch):
-    monkeypatch.setattr(runtimes, "ARTIFACT_AGREEMENT_ATOL", 0.0)
+    monkeypatch.setattr(runtimes, "RUNTIME_AGREEMENT_ATOL", 0.0)
     out = tmp_path / "models"
     assert _export(world, out, "refused-1", "--limit", "3") == 1
     assert list_versions(out, TASK_DIAGNOSIS) == []
