@@ -25,6 +25,20 @@ from shared.promotion import promote as promote_version
 
 REPO = Path(__file__).resolve().parents[2]
 
+
+def run_bench_service(args: list[str], cwd: Path) -> None:
+    """bench/bench_service.py with `args` in a subprocess; it must exit 0."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_service.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 pytestmark = pytest.mark.slow
 
 
@@ -39,15 +53,7 @@ def test_bench_interleaves_http_and_bare_forwards_and_the_load_test_sees_only_20
             "3", "--forwards", "2", "--warmup", "1", "--max-seconds", "5", "--load-clients", "8",
             "--load-seconds", "2", "--env", "TORCH_THREADS=1", "--env", "MAX_QUEUE=2",
             "--json", str(out), "--markdown", str(md)]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_service.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_bench_service(args, tmp_path)
     report = json.loads(out.read_text())
     rows = {(r["endpoint"], r["clients"]) for r in report["http"]}
     assert rows == {(e, c) for e in ("/classify", "/segment", "/diagnose") for c in (1, 2)}
@@ -113,15 +119,7 @@ def test_bench_times_the_bare_onnxruntime_forward_where_the_artifacts_carry_mode
             "--requests", "3", "--forwards", "2", "--warmup", "1", "--max-seconds", "5",
             "--load-seconds", "0", "--env", "TORCH_THREADS=1", "--json", str(out),
             "--markdown", str(md)]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_service.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_bench_service(args, tmp_path)
     report = json.loads(out.read_text())
     tasks = {TASK_CLASSIFICATION, TASK_SEGMENTATION}
     assert set(report["bare_forward"]) == set(report["bare_forward_onnxruntime"]) == tasks
