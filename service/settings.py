@@ -48,8 +48,8 @@ def default_torch_threads() -> int:
 
 def default_batched_threads() -> int:
     """All usable CPUs, as for a lone request: with the forwards in ONNX Runtime, 4 clients got
-    about 40% more throughput on 2 cores than with one core left to HTTP (bench/bench_service.py,
-    2026-11-28; see README, Speed and memory)."""
+    about 20% more throughput on 2 cores than with one core left to HTTP
+    (bench/reports/threads-batched-{1,2}.md; README, Speed and memory)."""
     return available_cpus()
 
 
