@@ -15,6 +15,9 @@
     python -m training ood --data-path D [--detector-out J]  evaluate and fit the OOD check
     python -m training shortcuts --cv-dir R --data-path D    predictions with marks inpainted
     python -m training export-onnx --version V --data-path D  republish with model.onnx, validated
+    python -m training sites --data-path D1 D2 --holdout site:S  train without a site/scanner/fold,
+                                                             score it there, per site
+    python -m training sites-report --runs R1 R2 ...         one table of those runs
 
 Each command's own `--help` lists its flags and their defaults. The training commands (classify,
 segment, cv, fit, oof) share one set of flags (training.cli: --preset, --data-path, --split-file,
@@ -51,6 +54,8 @@ COMMANDS = (
     "promote",
     "demote",
     "export-onnx",
+    "sites",
+    "sites-report",
 )
 
 
@@ -139,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             args = joint.parse_fit_args(rest)
             setup_logging(Path(args.output_dir) / "train.log")
             joint.fit_main(args)
+    elif command in ("sites", "sites-report"):
+        from training import sites
+
+        if command == "sites":
+            args = sites.parse_sites_args(rest)
+            setup_logging(Path(args.output_dir) / "train.log")
+            sites.sites_main(args)
+        else:
+            print(sites.report_main(sites.parse_report_args(rest)))
     elif command in ("promote", "demote"):
         from training import promote
 

@@ -67,12 +67,14 @@ def training_parser(
     threads: int = 0,
     bootstrap: int = 2000,
     aliases: Mapping[str, Sequence[str]] | None = None,
+    multi_data: bool = False,
 ) -> argparse.ArgumentParser:
     """An argparse parser holding the common flags of a training command.
 
     `split_file=False` / `model_dir=False` leave `--split-file` / `--model-dir` out (a command
     that uses every image / publishes nothing); otherwise the value is the flag's default.
     `aliases` maps a common flag to extra (older) spellings, e.g. {"--bootstrap": ["--resamples"]}.
+    `multi_data` makes `--data-path` take one or more folders, one per site (training.sites).
     """
     aliases = aliases or {}
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -90,7 +92,9 @@ def training_parser(
         "--data-path",
         type=Path,
         required=True,
-        help="folder in BUSI layout (<class>/<name>.png + <name>_mask.png); required",
+        nargs="+" if multi_data else None,
+        help="folder in BUSI layout (<class>/<name>.png + <name>_mask.png); required"
+        + ("; one or more, a folder per site" if multi_data else ""),
     )
     if split_file is not False:
         add(

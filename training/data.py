@@ -35,12 +35,18 @@ _MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
 
 @dataclass(frozen=True)
 class Sample:
-    """One image of the data set. `key` is `<class>/<file name>`, stable across machines."""
+    """One image of the data set. `key` is `<class>/<file name>` (`<site>/<class>/<file name>`
+    when several sites are read together), stable across machines."""
 
     key: str
     image_path: Path
     mask_paths: tuple[Path, ...]
     label: int
+    # training.sites fills these when several sites are read together: the site (hospital),
+    # the group a split must keep together (near-duplicate group or patient) and the scanner.
+    site: str = ""
+    group: str = ""
+    device: str = ""
 
     @property
     def class_name(self) -> str:

@@ -1,0 +1,559 @@
+"""Several sites in one data layer, folds that keep sites and patients apart, and the validation
+that measures generalisation: a recipe trained without a site (or a scanner, or a fold) and
+scored on it, with figures per site.
+
+    python -m training sites --data-path D1 D2 --holdout site:bus-bra [--preset P]
+    python -m training sites --data-path D1 D2 --holdout fold:0
+    python -m training sites --data-path D1 D2 --holdout device:"GE Logiq 5"
+        trains the joint recipe on every image not held out, scores the held-out ones and writes
+        `<output>/rows.json` (per image: site, device, group, label, probabilities, Dice, mask
+        pixels), `<output>/result.json` (figures per site and per device, with intervals over
+        groups) and `<output>/weights.pt` (the model's state dict, for publishing).
+    python -m training sites-report --runs R1 R2 ... --output training/reports/sites/report.md
+        one table of every run: held-out sites first, then the folds' per-site figures.
+
+A folder is a site. Its name is the folder's, except that a folder with BUS-BRA's
+`bus_data.csv` is the site `bus-bra`, whose patients (`Case`) are the groups and whose `Device`
+column names the scanner. Other folders (BUSI) are grouped by near-duplicate images (the committed
+`training/splits/busi.json` when it matches the folder, else computed) and have no recorded scanner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.labels import CLASS_NAMES
+from training import cli, distributed, engine
+from training.data import (
+    LoadedSplit,
+    Sample,
+    data_fingerprint,
+    group_near_duplicates,
+    groups_largest_first,
+    load_image,
+    load_split_images,
+    scan_dataset,
+)
+from training.metrics import roc_auc
+
+log = logging.getLogger(__name__)
+
+BUSBRA_SITE = "bus-bra"
+BUSBRA_TABLE = "bus_data.csv"
+UNRECORDED_DEVICE = "unrecorded"
+SPLITS_DIR = Path(__file__).parent / "splits"
+DEFAULT_SITE_FOLDS = SPLITS_DIR / "sites-5fold.json"
+NORMAL, MALIGNANT = CLASS_NAMES.index("normal"), CLASS_NAMES.index("malignant")
+
+
+# --- the data layer ------------------------------------------------------------------------------
+
+
+def site_name(root: Path) -> str:
+    """The site a folder holds: `bus-bra` for a folder with BUS-BRA's table, else its name."""
+    root = Path(root)
+    return BUSBRA_SITE if (root / BUSBRA_TABLE).is_file() else root.resolve().name.lower()
+
+
+def _busbra_table(root: Path) -> dict[str, dict[str, str]]:
+    with (Path(root) / BUSBRA_TABLE).open(newline="") as handle:
+        return {row["ID"]: row for row in csv.DictReader(handle)}
+
+
+def _short_device(name: str) -> str:
+    """`GE Logiq 7 @10-14MHz` -> `GE Logiq 7`: the scanner, without the probe's band."""
+    return name.split("@", 1)[0].strip() or UNRECORDED_DEVICE
+
+
+def scan_site(root: Path, site: str | None = None) -> list[Sample]:
+    """One site's samples with `site`, `group` and `device` filled; keys are `<site>/<key>`.
+
+    Raises ValueError when a BUS-BRA image has no row in its table or a row's label disagrees
+    with the class folder it is filed in.
+    """
+    root = Path(root)
+    site = site or site_name(root)
+    samples = scan_dataset(root)
+    if (root / BUSBRA_TABLE).is_file():
+        table = _busbra_table(root)
+        out = []
+        for s in samples:
+            row = table.get(s.image_path.stem)
+            if row is None:
+                raise ValueError(f"{s.key}: no row in {BUSBRA_TABLE}")
+            if row["Pathology"].strip().lower() != s.class_name:
+                raise ValueError(f"{s.key}: filed as {s.class_name}, table says {row['Pathology']}")
+            out.append(
+                replace(
+                    s,
+                    key=f"{site}/{s.key}",
+                    site=site,
+                    group=f"{site}:patient{int(row['Case'])}",
+                    device=_short_device(row["Device"]),
+                )
+            )
+        return out
+    groups = _committed_groups(samples) or group_near_duplicates([load_image(s) for s in samples])
+    return [
+        replace(s, key=f"{site}/{s.key}", site=site, group=f"{site}:{g}", device=UNRECORDED_DEVICE)
+        for s, g in zip(samples, groups, strict=True)
+    ]
+
+
+def _committed_groups(samples: list[Sample]) -> list[int] | None:
+    """The near-duplicate groups of training/splits/busi.json when its fingerprint is this
+    folder's (the grouping is slow and was made once), else None."""
+    path = SPLITS_DIR / "busi.json"
+    if not path.is_file():
+        return None
+    document = json.loads(path.read_text())
+    items = document["items"]
+    if set(items) != {s.key for s in samples}:
+        return None
+    if document["fingerprint"]["sha256"] != data_fingerprint(samples)["sha256"]:
+        return None
+    return [int(items[s.key]["group"]) for s in samples]
+
+
+def scan_sites(roots: list[Path]) -> list[Sample]:
+    """Every sample of every folder, sorted by key. Raises ValueError when two folders are the
+    same site."""
+    names = [site_name(r) for r in roots]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two data folders are the same site: {names}")
+    samples = [s for root, name in zip(roots, names, strict=True) for s in scan_site(root, name)]
+    return sorted(samples, key=lambda s: s.key)
+
+
+def describe(samples: list[Sample]) -> dict[str, Any]:
+    """Images, groups, classes and scanners per site: what an artifact was trained and validated
+    on (the manifest's and /models' scope)."""
+    out: dict[str, Any] = {}
+    for site in sorted({s.site for s in samples}):
+        mine = [s for s in samples if s.site == site]
+        out[site] = {
+            "images": len(mine),
+            "groups": len({s.group for s in mine}),
+            "classes": dict(sorted(Counter(s.class_name for s in mine).items())),
+            "devices": dict(sorted(Counter(s.device for s in mine).items())),
+        }
+    return out
+
+
+# --- folds ---------------------------------------------------------------------------------------
+
+
+def make_site_folds(samples: list[Sample], k: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Grouped k folds over several sites, stratified by site and class: a group (patient or
+    near-duplicate group) never straddles two folds, and every fold gets its share of each
+    site's normal, benign and malignant groups (a group counts under its most severe label).
+    Groups go largest first (ties shuffled by `seed`) to the fold furthest below its share of
+    that (site, class), then of all images."""
+    group_ids = {g: i for i, g in enumerate(dict.fromkeys(s.group for s in samples))}
+    groups = [group_ids[s.group] for s in samples]
+    members, order = groups_largest_first(groups, seed)
+    filled: list[Counter] = [Counter() for _ in range(k)]
+    sizes = [0] * k
+    fold_of: dict[int, int] = {}
+    for group in order:
+        stratum = (samples[members[group][0]].site, max(samples[i].label for i in members[group]))
+        fold = min(range(k), key=lambda f: (filled[f][stratum], sizes[f], f))
+        fold_of[group] = fold
+        filled[fold][stratum] += len(members[group])
+        sizes[fold] += len(members[group])
+    per_fold = []
+    for f in range(k):
+        per_fold.append(
+            {f"{site}/{CLASS_NAMES[label]}": n for (site, label), n in sorted(filled[f].items())}
+        )
+    return {
+        "k": k,
+        "seed": seed,
+        "items": {
+            s.key: {"fold": fold_of[g], "group": s.group, "site": s.site}
+            for s, g in zip(samples, groups, strict=True)
+        },
+        "per_fold": per_fold,
+        "sites": describe(samples),
+    }
+
+
+def load_site_folds(path: Path, samples: list[Sample]) -> dict[str, dict[str, Any]]:
+    """The fold items of a fold file. Raises ValueError when file and folders disagree."""
+    items = json.loads(Path(path).read_text())["items"]
+    keys = {s.key for s in samples}
+    if set(items) != keys:
+        raise ValueError(
+            f"fold file {path} does not match the data folders "
+            f"({len(keys - set(items))} images not in it, {len(set(items) - keys)} extra)"
+        )
+    return items
+
+
+def split_holdout(
+    samples: list[Sample], holdout: str, folds: dict[str, dict[str, Any]] | None
+) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices) for `site:<name>`, `device:<name>` or `fold:<k>`.
+
+    Raises ValueError for an unknown kind, a name no sample has, or `fold:` without folds.
+    """
+    kind, _, name = holdout.partition(":")
+    if kind == "site":
+        held = [s.site == name for s in samples]
+    elif kind == "device":
+        held = [s.device == name for s in samples]
+    elif kind == "fold":
+        if folds is None:
+            raise ValueError("fold holdout needs a fold file")
+        held = [int(folds[s.key]["fold"]) == int(name) for s in samples]
+    else:
+        raise ValueError(f"holdout must be site:<name>, device:<name> or fold:<k>, not {holdout!r}")
+    if not any(held):
+        raise ValueError(f"holdout {holdout!r} matches no image")
+    if all(held):
+        raise ValueError(f"holdout {holdout!r} leaves nothing to train on")
+    train = [i for i, h in enumerate(held) if not h]
+    test = [i for i, h in enumerate(held) if h]
+    return train, test
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def site_figures(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The figures of one set of scored images, defined whatever classes are present: accuracy,
+    malignant AUC (malignant vs the rest) and sensitivity, lesion-vs-normal AUC, lesion Dice,
+    the share of normal scans called a lesion (and drawn on by /diagnose) and of lesions called
+    normal. NaN where the images hold no case of that kind."""
+    nan = float("nan")
+    if not rows:
+        return {}
+    y = np.asarray([r["label"] for r in rows])
+    probs = np.asarray([r["probs"] for r in rows], dtype=np.float64)
+    pred = probs.argmax(axis=1)
+    malignant, normal = y == MALIGNANT, y == NORMAL
+    lesion = ~normal
+    dice = np.asarray([r["dice"] for r in rows])
+    drawn = np.asarray([r["mask_pixels"] > 0 for r in rows])
+    mixed = malignant.any() and (~malignant).any()
+    return {
+        "n": float(len(rows)),
+        "accuracy": float((pred == y).mean()),
+        "malignant_auc": roc_auc(probs[:, MALIGNANT], malignant) if mixed else nan,
+        "malignant_sensitivity": float((pred[malignant] == MALIGNANT).mean())
+        if malignant.any()
+        else nan,
+        "lesion_auc": roc_auc(1.0 - probs[:, NORMAL], lesion)
+        if lesion.any() and normal.any()
+        else nan,
+        "lesion_dice": float(dice[lesion].mean()) if lesion.any() else nan,
+        "normal_called_lesion": float((pred[normal] != NORMAL).mean()) if normal.any() else nan,
+        "normal_with_lesion_diagnose": float((drawn & (pred != NORMAL))[normal].mean())
+        if normal.any()
+        else nan,
+        "lesion_called_normal": float((pred[lesion] == NORMAL).mean()) if lesion.any() else nan,
+    }
+
+
+def predicted_mix(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many images were called each class."""
+    counts = Counter(CLASS_NAMES[int(np.argmax(r["probs"]))] for r in rows)
+    return {name: counts.get(name, 0) for name in CLASS_NAMES}
+
+
+def figures_with_intervals(
+    rows: list[dict[str, Any]], n_resamples: int, seed: int = 0
+) -> dict[str, Any]:
+    """`site_figures` with 95% intervals resampling groups (patients, near-duplicate groups)."""
+    from training.joint import group_bootstrap
+
+    return {
+        **site_figures(rows),
+        "predicted": predicted_mix(rows),
+        "ci95": group_bootstrap(rows, n_resamples, seed, figures=site_figures)
+        if n_resamples
+        else {},
+    }
+
+
+def breakdown(rows: list[dict[str, Any]], n_resamples: int) -> dict[str, Any]:
+    """Figures of `rows` per site and per (site, scanner)."""
+    by_site: dict[str, Any] = {}
+    for site in sorted({r["site"] for r in rows}):
+        mine = [r for r in rows if r["site"] == site]
+        by_site[site] = {
+            **figures_with_intervals(mine, n_resamples),
+            "devices": {
+                device: {**site_figures(sub), "predicted": predicted_mix(sub)}
+                for device in sorted({r["device"] for r in mine})
+                for sub in [[r for r in mine if r["device"] == device]]
+            },
+        }
+    return by_site
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+def score(model: torch.nn.Module, preset: Any, data: LoadedSplit) -> list[dict[str, Any]]:
+    """Per-image rows of the held-out images, as the service would answer them."""
+    from training.joint import evaluate_images
+
+    rows = evaluate_images(model, preset, data, None)
+    return [
+        {**row, "site": s.site, "device": s.device, "group": s.group}
+        for row, s in zip(rows, data.samples, strict=True)
+    ]
+
+
+def sites_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the recipe on every image not held out, score the held-out ones, write the run."""
+    from training.joint import cpu_state, resolve_preset, train
+
+    preset = resolve_preset(args)
+    samples = scan_sites(args.data_path)
+    folds = None
+    if args.holdout.startswith("fold:"):
+        folds_file = Path(args.split_file)
+        if not folds_file.is_file() and distributed.is_main():
+            log.warning("no fold file: making the site-stratified grouped folds at %s", folds_file)
+            write_site_folds(samples, folds_file)
+        distributed.barrier()
+        folds = load_site_folds(folds_file, samples)
+    if args.max_per_class or args.smoke:
+        samples = _subset(samples, args.max_per_class or 3)
+    train_idx, test_idx = split_holdout(samples, args.holdout, folds)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    threads = engine.configure_threads(args.threads)
+    device = engine.resolve_device(args.device)
+    data = load_split_images(samples)
+    trained_on = data.pick(train_idx)
+    log.info(
+        "holdout %s: training on %d images (%s), scoring %d",
+        args.holdout,
+        len(train_idx),
+        json.dumps(describe(trained_on.samples)),
+        len(test_idx),
+    )
+    model, history, seconds = train(
+        preset,
+        trained_on,
+        seed=args.seed,
+        pretrained=not args.no_pretrained,
+        checkpoint=output / engine.CHECKPOINT_NAME,
+        progress=not args.no_progress,
+        device=device,
+    )
+    if not distributed.is_main():
+        return {"rank": distributed.rank()}
+    started = time.perf_counter()
+    rows = score(model, preset, data.pick(test_idx))
+    result = {
+        "holdout": args.holdout,
+        "preset": args.preset,
+        "recipe": asdict(preset),
+        "command": args.command_line,
+        "seed": args.seed,
+        "threads": threads,
+        "device": str(device),
+        "train_seconds": round(seconds, 1),
+        "score_seconds": round(time.perf_counter() - started, 1),
+        "history": history.to_dict(),
+        "trained_on": describe(trained_on.samples),
+        "scored": describe(data.pick(test_idx).samples),
+        "figures": breakdown(rows, args.bootstrap),
+        "bootstrap": {"resamples": args.bootstrap, "unit": "patient or near-duplicate group"},
+    }
+    _write_json(output / "rows.json", {"holdout": args.holdout, "rows": rows})
+    _write_json(output / "result.json", result)
+    torch.save(cpu_state(model), output / "weights.pt")
+    (output / engine.CHECKPOINT_NAME).unlink(missing_ok=True)
+    for site, fig in result["figures"].items():
+        log.info("held out %s, site %s: %s", args.holdout, site, _brief(fig))
+    return result
+
+
+def _brief(fig: dict[str, Any]) -> str:
+    keys = ("accuracy", "malignant_auc", "malignant_sensitivity", "lesion_dice")
+    return ", ".join(f"{k} {fig[k]:.3f}" for k in keys if not math.isnan(fig[k]))
+
+
+def _subset(samples: list[Sample], n: int) -> list[Sample]:
+    """The first `n` samples of each (site, class): a tiny data set with every site in it."""
+    seen: Counter = Counter()
+    out = []
+    for s in samples:
+        if seen[(s.site, s.label)] < n:
+            seen[(s.site, s.label)] += 1
+            out.append(s)
+    return out
+
+
+def write_site_folds(samples: list[Sample], path: Path, k: int = 5) -> dict[str, Any]:
+    document = make_site_folds(samples, k)
+    document["fingerprint"] = data_fingerprint(samples)
+    _write_json(Path(path), document, indent=1)
+    return document
+
+
+def _write_json(path: Path, document: Any, indent: int | None = None) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(document, indent=indent, sort_keys=indent is not None) + "\n")
+    tmp.replace(path)
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+REPORT_ROWS = (
+    ("accuracy", "accuracy"),
+    ("malignant_auc", "malignant AUC"),
+    ("malignant_sensitivity", "malignant sensitivity"),
+    ("lesion_auc", "lesion-vs-normal AUC"),
+    ("lesion_dice", "lesion Dice"),
+    ("normal_called_lesion", "normals called a lesion"),
+    ("normal_with_lesion_diagnose", "normals with a lesion drawn (/diagnose)"),
+    ("lesion_called_normal", "lesions called normal"),
+)
+
+
+def _cell(fig: dict[str, Any], key: str) -> str:
+    value = fig.get(key, float("nan"))
+    if value is None or math.isnan(value):
+        return "–"
+    lo, hi = fig.get("ci95", {}).get(key, [float("nan"), float("nan")])
+    if math.isnan(lo):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def render_sites_report(results: list[dict[str, Any]]) -> str:
+    """Markdown: held-out sites first, then scanners, then folds; per site scored."""
+    order = {"site": 0, "device": 1, "fold": 2}
+    results = sorted(
+        results, key=lambda r: (order.get(r["holdout"].split(":")[0], 9), r["holdout"])
+    )
+    columns = [(r, site) for r in results for site in r["figures"]]
+    lines = [
+        "# Generalisation across sites",
+        "",
+        "Each column is one run of `python -m training sites`: the recipe trained on every image "
+        "except those held out (a site, a scanner or a fold), scored on the held-out images of "
+        "the site named. 95% percentile intervals resample patients (BUS-BRA) or near-duplicate "
+        "groups (BUSI). Class decisions are the argmax of the flip-averaged probabilities, the "
+        "operating point the service answers with.",
+        "",
+        "| figure | " + " | ".join(f"{r['holdout']} → {site}" for r, site in columns) + " |",
+        "|---|" + "---|" * len(columns),
+        "| images scored | "
+        + " | ".join(str(int(r["figures"][s]["n"])) for r, s in columns)
+        + " |",
+    ]
+    for key, label in REPORT_ROWS:
+        lines.append(
+            f"| {label} | " + " | ".join(_cell(r["figures"][s], key) for r, s in columns) + " |"
+        )
+    lines.append(
+        "| called normal / benign / malignant | "
+        + " | ".join(
+            " / ".join(str(r["figures"][s]["predicted"][c]) for c in CLASS_NAMES)
+            for r, s in columns
+        )
+        + " |"
+    )
+    lines += ["", "Per scanner (no intervals):", ""]
+    lines += [
+        "| run → site, scanner | images | accuracy | malignant sensitivity | Dice | called n/b/m |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r, site in columns:
+        for device, fig in r["figures"][site]["devices"].items():
+            lines.append(
+                f"| {r['holdout']} → {site}, {device} | {int(fig['n'])} | "
+                f"{_cell(fig, 'accuracy')} | {_cell(fig, 'malignant_sensitivity')} | "
+                f"{_cell(fig, 'lesion_dice')} | "
+                + " / ".join(str(fig["predicted"][c]) for c in CLASS_NAMES)
+                + " |"
+            )
+    lines += ["", "Runs:", ""]
+    for r in results:
+        trained = ", ".join(f"{site} {d['images']}" for site, d in r["trained_on"].items())
+        lines.append(
+            f"- `{r['holdout']}`: preset `{r['preset']}`, trained on {trained} images in "
+            f"{r['train_seconds'] / 60:.0f} min ({r['threads']} threads, {r['device']}); "
+            f"`{r['command']}`"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def report_main(args: argparse.Namespace) -> Path:
+    results = [json.loads((Path(run) / "result.json").read_text()) for run in args.runs]
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render_sites_report(results))
+    _write_json(output.with_suffix(".json"), results, indent=1)
+    return output
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def parse_sites_args(argv: list[str]) -> argparse.Namespace:
+    from training.joint import PRESETS
+
+    parser = cli.training_parser(
+        "python -m training sites",
+        "Train the joint recipe without a site, scanner or fold and score it on what was held out",
+        presets=PRESETS,
+        default_preset="joint-sites-lite0",
+        default_output="training/reports/sites/<preset>/<holdout>",
+        split_file=DEFAULT_SITE_FOLDS,
+        split_help="the site-stratified grouped fold file (default: "
+        "training/splits/sites-5fold.json; made there when absent)",
+        model_dir=False,
+        bootstrap=1000,
+        multi_data=True,
+    )
+    parser.add_argument(
+        "--holdout",
+        required=True,
+        help="what to hold out: site:<name> (e.g. site:bus-bra), device:<scanner> "
+        "(e.g. 'device:GE Logiq 5') or fold:<k>; required",
+    )
+    parser.add_argument("--no-flip-tta", action="store_true", help="score without flip averaging")
+    args = cli.parse(parser, argv, "sites")
+    if args.output_dir is None:
+        safe = args.holdout.replace(":", "-").replace(" ", "-").lower()
+        args.output_dir = Path("training/reports/sites") / args.preset / safe
+    return args
+
+
+def parse_report_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m training sites-report",
+        description="One markdown table of several `python -m training sites` runs",
+    )
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("training/reports/sites/report.md"),
+        help="report to write, with its .json beside it "
+        "(default: training/reports/sites/report.md)",
+    )
+    return parser.parse_args(argv)
