@@ -1,0 +1,161 @@
+"""Several sites in one data layer, the site-stratified folds, the holdout driver and the site
+augmentation, on synthetic folders (no real data needed)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic_busi import write_busi_folder
+from synthetic_sites import write_busbra_folder
+
+from shared.labels import CLASS_NAMES
+from training import augment, joint, sites
+from training.__main__ import main as training_main
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    base = tmp_path_factory.mktemp("sites")
+    busi = write_busi_folder(base / "busi", per_class=6)
+    busbra = write_busbra_folder(base / "bus-bra-copy", patients=12)
+    return [busi, busbra]
+
+
+def test_every_sample_carries_its_site_group_and_scanner(two_sites):
+    samples = sites.scan_sites(two_sites)
+    by_site = Counter(s.site for s in samples)
+    assert by_site == {"busi": 18, "bus-bra": 18}  # 12 patients, 6 with two views
+    busbra = [s for s in samples if s.site == "bus-bra"]
+    # patients are the groups: the two views of patient 1 share one
+    views = [s for s in busbra if s.image_path.stem.startswith("bus_0001-")]
+    assert len(views) == 2 and views[0].group == views[1].group == "bus-bra:patient1"
+    assert {s.device for s in busbra} == {"GE Logiq 5", "GE Logiq 7", "Toshiba Aplio 300"}
+    assert all(s.key.startswith(f"{s.site}/{s.class_name}/") for s in samples)
+    assert {s.device for s in samples if s.site == "busi"} == {sites.UNRECORDED_DEVICE}
+    assert len({s.key for s in samples}) == len(samples)
+
+
+def test_a_bus_bra_image_filed_under_the_wrong_class_is_refused(tmp_path):
+    root = write_busbra_folder(tmp_path / "bb", patients=3)
+    moved = next((root / "benign").glob("*_mask.png")).name.replace("_mask", "")
+    (root / "benign" / moved).rename(root / "malignant" / moved)
+    with pytest.raises(ValueError, match="table says"):
+        sites.scan_site(root)
+
+
+def test_two_folders_of_the_same_site_are_refused(two_sites, tmp_path):
+    other = write_busbra_folder(tmp_path / "another", patients=3)
+    with pytest.raises(ValueError, match="same site"):
+        sites.scan_sites([two_sites[1], other])
+
+
+def test_folds_keep_patients_together_and_stratify_by_site_and_class(two_sites):
+    samples = sites.scan_sites(two_sites)
+    document = sites.make_site_folds(samples, k=3)
+    items = document["items"]
+    folds_of_group: dict[str, set[int]] = {}
+    for s in samples:
+        folds_of_group.setdefault(s.group, set()).add(items[s.key]["fold"])
+    assert all(len(f) == 1 for f in folds_of_group.values())
+    for site in ("busi", "bus-bra"):
+        for label in range(len(CLASS_NAMES)):
+            per_fold = Counter(
+                items[s.key]["fold"] for s in samples if s.site == site and s.label == label
+            )
+            if per_fold:  # every (site, class) is spread over the folds, not piled in one
+                assert max(per_fold.values()) - min(per_fold.get(f, 0) for f in range(3)) <= 2
+
+
+def test_holdout_splits_by_site_device_and_fold(two_sites):
+    samples = sites.scan_sites(two_sites)
+    folds = sites.make_site_folds(samples, k=3)["items"]
+    train, test = sites.split_holdout(samples, "site:bus-bra", None)
+    assert {samples[i].site for i in test} == {"bus-bra"}
+    assert {samples[i].site for i in train} == {"busi"}
+    train, test = sites.split_holdout(samples, "device:GE Logiq 5", None)
+    assert {samples[i].device for i in test} == {"GE Logiq 5"}
+    assert "GE Logiq 5" not in {samples[i].device for i in train}
+    train, test = sites.split_holdout(samples, "fold:1", folds)
+    assert {folds[samples[i].key]["fold"] for i in test} == {1}
+    assert not {samples[i].group for i in train} & {samples[i].group for i in test}
+    for bad in ("site:nowhere", "scanner:x", "fold:0"):
+        with pytest.raises(ValueError):
+            sites.split_holdout(samples, bad, None)
+
+
+def test_site_figures_are_defined_for_a_site_without_normals():
+    rows = [
+        {"label": 2, "probs": [0.1, 0.2, 0.7], "dice": 0.8, "mask_pixels": 9},
+        {"label": 2, "probs": [0.6, 0.3, 0.1], "dice": 0.0, "mask_pixels": 0},
+        {"label": 1, "probs": [0.1, 0.8, 0.1], "dice": 0.6, "mask_pixels": 4},
+    ]
+    fig = sites.site_figures(rows)
+    assert fig["accuracy"] == pytest.approx(2 / 3)
+    assert fig["malignant_sensitivity"] == pytest.approx(0.5)
+    assert fig["malignant_auc"] == pytest.approx(0.75)  # (0.7 > 0.1: 1, 0.1 = 0.1: 0.5) / 2
+    assert fig["lesion_called_normal"] == pytest.approx(1 / 3)
+    assert np.isnan(fig["normal_called_lesion"]) and np.isnan(fig["lesion_auc"])
+    assert sites.predicted_mix(rows) == {"normal": 1, "benign": 1, "malignant": 1}
+
+
+def test_lesion_free_band_stays_away_from_the_lesion():
+    image = np.arange(100 * 80, dtype=np.uint32).reshape(100, 80).astype(np.uint8)
+    mask = np.zeros_like(image)
+    mask[70:90, 20:60] = 255  # a lesion low in the frame: the band above it is the largest
+    band = augment.lesion_free_band(image, mask)
+    assert band is not None and band.shape[1] == 80 and 50 <= band.shape[0] < 70
+    np.testing.assert_array_equal(band, image[: band.shape[0]])
+    whole = np.full_like(mask, 255)
+    assert augment.lesion_free_band(image, whole) is None  # nothing free of the lesion
+    assert augment.lesion_free_band(image, np.zeros_like(mask)) is None  # no lesion to avoid
+
+
+def test_appearance_changes_the_image_not_its_shape_and_is_off_at_p0():
+    rng_image = np.random.default_rng(0).integers(30, 200, size=(64, 48)).astype(np.uint8)
+    changed = augment.appearance(rng_image, augment.Appearance(p=1.0), random.Random(3))
+    assert changed.shape == rng_image.shape and changed.dtype == np.uint8
+    assert not np.array_equal(changed, rng_image)
+    same = augment.appearance(rng_image, augment.Appearance(p=0.0), random.Random(3))
+    assert same is rng_image
+
+
+def test_a_site_without_normals_lends_lesion_free_bands_as_normals(two_sites):
+    samples = sites.scan_sites(two_sites)
+    assert joint.sites_without_normals(samples) == {"bus-bra"}
+    preset = joint.replace(joint.get_preset("joint-smoke"), normal_patch_p=1.0, appearance_p=1.0)
+    from training.data import load_split_images
+
+    data = load_split_images([s for s in samples if s.site == "bus-bra"] + samples[:3])
+    dataset = joint.JointDataset(data, joint.preprocessing_for(preset), preset, seed=0)
+    dataset.set_epoch(0)
+    normal = CLASS_NAMES.index("normal")
+    converted = [dataset[i][1] for i in range(18)]
+    as_normal = [(label, mask) for label, mask in converted if int(label) == normal]
+    assert as_normal, "no lesion scan of the site without normals became normal tissue"
+    assert all(float(mask.sum()) == 0.0 for _, mask in as_normal)  # no lesion in the target
+    labels = joint.expected_labels(data.samples, preset)
+    assert labels.count(normal) >= 18  # every BUS-BRA scan counted as normal at p=1
+
+
+@pytest.mark.slow
+def test_sites_command_trains_without_a_site_and_reports_per_site(two_sites, tmp_path):
+    out = tmp_path / "run"
+    argv = ["sites", "--data-path", *map(str, two_sites), "--holdout", "site:bus-bra"]
+    argv += ["--smoke", "--max-per-class", "4", "--output-dir", str(out), "--no-progress"]
+    assert training_main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["trained_on"]) == {"busi"} and set(result["figures"]) == {"bus-bra"}
+    figure = result["figures"]["bus-bra"]
+    assert figure["n"] == 8.0 and set(figure["devices"]) <= {"GE Logiq 5", "GE Logiq 7", "Toshiba Aplio 300"}
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    assert all(r["site"] == "bus-bra" and r["group"].startswith("bus-bra:") for r in rows)
+    assert (out / "weights.pt").is_file() and not (out / "checkpoint.pt").exists()
+    report = tmp_path / "report.md"
+    assert training_main(["sites-report", "--runs", str(out), "--output", str(report)]) == 0
+    text = report.read_text()
+    assert "site:bus-bra → bus-bra" in text and "malignant sensitivity" in text
