@@ -151,7 +151,8 @@ def test_sites_command_trains_without_a_site_and_reports_per_site(two_sites, tmp
     result = json.loads((out / "result.json").read_text())
     assert set(result["trained_on"]) == {"busi"} and set(result["figures"]) == {"bus-bra"}
     figure = result["figures"]["bus-bra"]
-    assert figure["n"] == 8.0 and set(figure["devices"]) <= {"GE Logiq 5", "GE Logiq 7", "Toshiba Aplio 300"}
+    assert figure["n"] == 8.0
+    assert set(figure["devices"]) <= {"GE Logiq 5", "GE Logiq 7", "Toshiba Aplio 300"}
     rows = json.loads((out / "rows.json").read_text())["rows"]
     assert all(r["site"] == "bus-bra" and r["group"].startswith("bus-bra:") for r in rows)
     assert (out / "weights.pt").is_file() and not (out / "checkpoint.pt").exists()
