@@ -18,6 +18,7 @@
     python -m training sites --data-path D1 D2 --holdout site:S  train without a site/scanner/fold,
                                                              score it there, per site
     python -m training sites-report --runs R1 R2 ...         one table of those runs
+    python -m training sites-publish --run R --data-path D1 D2 publish a sites run's model
 
 Each command's own `--help` lists its flags and their defaults. The training commands (classify,
 segment, cv, fit, oof) share one set of flags (training.cli: --preset, --data-path, --split-file,
@@ -56,6 +57,7 @@ COMMANDS = (
     "export-onnx",
     "sites",
     "sites-report",
+    "sites-publish",
 )
 
 
@@ -144,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
             args = joint.parse_fit_args(rest)
             setup_logging(Path(args.output_dir) / "train.log")
             joint.fit_main(args)
-    elif command in ("sites", "sites-report"):
+    elif command in ("sites", "sites-report", "sites-publish"):
         from training import sites
 
         if command == "sites":
             args = sites.parse_sites_args(rest)
             setup_logging(Path(args.output_dir) / "train.log")
             sites.sites_main(args)
+        elif command == "sites-publish":
+            print(json.dumps(sites.publish_main(sites.parse_publish_args(rest)), indent=1))
         else:
             print(sites.report_main(sites.parse_report_args(rest)))
     elif command in ("promote", "demote"):

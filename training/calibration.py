@@ -4,7 +4,9 @@
         --output-dir training/reports/calibration/joint-lite0
 
 `--oof` is {"rows": [{"key", "label", "fold", "group", "logits": [K floats, as served]}, ...]},
-each image scored by the fold model that did not train on it.
+each image scored by the fold model that did not train on it. Rows without "fold" (the held-out
+images of one model, training.sites' rows.json) are cross-fitted over CROSSFIT_PARTS parts made
+of whole groups (patients, near-duplicate groups): `crossfit_part`.
 
 Cross-fitting keeps the reported "after" figures honest: for each fold f the calibration (and the
 abstain threshold) is fitted on the other folds' rows and applied to fold f, so no row is scored
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -176,11 +179,21 @@ def coverage_table(probs: np.ndarray, labels: np.ndarray) -> list[dict[str, floa
     return rows
 
 
+CROSSFIT_PARTS = 5
+
+
+def crossfit_part(row: dict[str, Any]) -> int:
+    """The cross-fitting part of a row: its fold, else a stable hash of its group."""
+    if "fold" in row:
+        return int(row["fold"])
+    return zlib.crc32(str(row["group"]).encode()) % CROSSFIT_PARTS
+
+
 def calibrate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The whole analysis on OOF rows; returns the report (figures, choice, manifest fields)."""
     logits = np.asarray([r["logits"] for r in rows], dtype=np.float64)
     labels = np.asarray([int(r["label"]) for r in rows])
-    folds = np.asarray([int(r["fold"]) for r in rows])
+    folds = np.asarray([crossfit_part(r) for r in rows])
     raw = softmax(logits)
     before = calibration_figures(raw, labels)
     crossfitted = {}

@@ -884,7 +884,7 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
     export with the flip averaging baked in, publish as `diagnosis`, metrics.json, report.md."""
     preset = resolve_preset(args)
     samples = _samples(args)
-    threads = engine.configure_threads(args.threads)
+    engine.configure_threads(args.threads)
     device = engine.resolve_device(args.device)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -915,6 +915,38 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
         log.warning("no cross-validation report at %s: publishing without it", args.cv_report)
         args.cv_report = None
     cv = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
+    metrics = {
+        "kind": "cross-validated" if cv else "none",
+        "note": (
+            "pooled out-of-fold figures of this recipe (grouped 5-fold cross-validation); "
+            "the artifact itself was refit on every image"
+            if cv
+            else "no cross-validation report was given"
+        ),
+        **({"cross_validation": cv["pooled"], "k": cv["k"]} if cv else {}),
+    }
+    extra = {"cross_validation": {"k": cv["k"], "pooled": cv["pooled"]} if cv else None}
+    document = publish(args, preset, model, history, seconds, samples, metrics, extra)
+    checkpoint.unlink(missing_ok=True)  # finished: the same command trains afresh
+    (output / "fit.ckpt").unlink(missing_ok=True)
+    artifact = document["artifact"]
+    return {"version": artifact["version"], "path": artifact["path"], "seconds": seconds}
+
+
+def publish(
+    args: argparse.Namespace,
+    preset: JointPreset,
+    model: nn.Module,
+    history: engine.History,
+    seconds: float,
+    samples: list[Sample],
+    metrics: dict[str, Any],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The engine's finishing step for trained joint weights: export with the flip averaging
+    baked in (and the calibration of --calibration), publish as `diagnosis` with `metrics` in
+    the manifest, write metrics.json and report.md. Returns the metrics.json document."""
+    output = Path(args.output_dir)
     calibration: dict[str, Any] = {}
     if args.calibration:
         from training.calibration import manifest_fields
@@ -925,8 +957,8 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
         args,
         preset,
         output,
-        device,
-        threads,
+        engine.resolve_device(args.device),
+        torch.get_num_threads(),
         preprocessing_for(preset),
         data={"train": LoadedSplit(samples, [], [])},
         fit=engine.FitResult(history, epochs_run, None, seconds),
@@ -945,24 +977,11 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
                 "threshold": preset.threshold,
             },
         },
-        metrics={
-            "kind": "cross-validated" if cv else "none",
-            "note": (
-                "pooled out-of-fold figures of this recipe (grouped 5-fold cross-validation); "
-                "the artifact itself was refit on every image"
-                if cv
-                else "no cross-validation report was given"
-            ),
-            **({"cross_validation": cv["pooled"], "k": cv["k"]} if cv else {}),
-        },
-        extra={"cross_validation": {"k": cv["k"], "pooled": cv["pooled"]} if cv else None},
+        metrics=metrics,
+        extra=extra,
         training={"flip_tta": preset.flip_tta, "n_images": len(samples)},
     )
-    document = finish_run(JOINT, run, evaluation)
-    checkpoint.unlink(missing_ok=True)  # finished: the same command trains afresh
-    (output / "fit.ckpt").unlink(missing_ok=True)
-    artifact = document["artifact"]
-    return {"version": artifact["version"], "path": artifact["path"], "seconds": seconds}
+    return finish_run(JOINT, run, evaluation)
 
 
 def load_weights(path: Path, model: nn.Module) -> tuple[engine.History, float]:

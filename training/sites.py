@@ -367,6 +367,8 @@ def sites_main(args: argparse.Namespace) -> dict[str, Any]:
         "recipe": asdict(preset),
         "command": args.command_line,
         "seed": args.seed,
+        "smoke": bool(args.smoke),
+        "max_per_class": args.max_per_class or (3 if args.smoke else None),
         "threads": threads,
         "device": str(device),
         "train_seconds": round(seconds, 1),
@@ -510,6 +512,120 @@ def report_main(args: argparse.Namespace) -> Path:
     return output
 
 
+# --- publishing a run's model ---------------------------------------------------------------------
+
+HEADLINE = ("accuracy", "malignant_auc", "malignant_sensitivity", "lesion_dice")
+
+
+def _public(fig: dict[str, Any]) -> dict[str, Any]:
+    """A site's figures for the manifest: the scalars and their intervals (no per-scanner)."""
+    return _defined({k: v for k, v in fig.items() if k != "devices"})
+
+
+def _defined(value: Any) -> Any:
+    """`value` without the figures that are undefined (NaN) for its images: a manifest holds
+    valid JSON, and a missing figure reads as "not measured here", which is what NaN meant."""
+    if isinstance(value, dict):
+        return {k: _defined(v) for k, v in value.items() if not _undefined(v)}
+    if isinstance(value, list):
+        return [_defined(v) for v in value]
+    return value
+
+
+def _undefined(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, list) and value and all(isinstance(v, float) for v in value):
+        return any(math.isnan(v) for v in value)
+    return False
+
+
+def manifest_metrics(run: Path, results: list[dict[str, Any]], n_resamples: int) -> dict[str, Any]:
+    """The manifest's `metrics` for the model of run folder `run` (a fold holdout): the held-out
+    site and scanner figures of the recipe first (other runs of the same recipe), then this very
+    model's figures per site on the fold it did not train on, and, as the gate's headline
+    (`cross_validation.plain`), that fold pooled over the sites."""
+    from training.joint import summarise
+
+    shipped = json.loads((Path(run) / "result.json").read_text())
+    rows = json.loads((Path(run) / "rows.json").read_text())["rows"]
+    same_recipe = [r for r in results if r["recipe"] == shipped["recipe"]]
+    held_sites = {
+        r["holdout"].split(":", 1)[1]: {site: _public(f) for site, f in r["figures"].items()}
+        for r in same_recipe
+        if r["holdout"].startswith("site:")
+    }
+    held_devices = {
+        r["holdout"].split(":", 1)[1]: {site: _public(f) for site, f in r["figures"].items()}
+        for r in same_recipe
+        if r["holdout"].startswith("device:")
+    }
+    return {
+        "kind": "site-held-out",
+        "note": (
+            "held_out_sites: the recipe trained without a site, scored on it (read these "
+            "first: they are what a new hospital can expect); sites: this model scored on the "
+            f"images of {shipped['holdout']} that it did not train on, per site; "
+            "cross_validation.plain: the same images pooled. 95% intervals resample patients "
+            "or near-duplicate groups."
+        ),
+        "held_out_sites": held_sites,
+        "held_out_scanners": held_devices,
+        "sites": {site: _public(f) for site, f in shipped["figures"].items()},
+        "scope": {
+            "trained_on": shipped["trained_on"],
+            "validated_on": shipped["scored"],
+            "not_validated": (
+                "sites, scanners, populations and image kinds other than those listed; "
+                "no prospective validation"
+            ),
+        },
+        "cross_validation": _defined(summarise({"plain": rows}, n_resamples)),
+        "holdout": shipped["holdout"],
+    }
+
+
+def publish_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Publish the model of a `sites` run (its weights.pt) as a `diagnosis` candidate whose
+    manifest carries the site-held-out figures of `--report` and its own per-site figures."""
+    from training.joint import build_model, publish, resolve_preset
+
+    run = Path(args.run)
+    shipped = json.loads((run / "result.json").read_text())
+    args.preset, args.smoke = shipped["preset"], bool(shipped.get("smoke"))
+    args.seed = shipped["seed"]
+    preset = resolve_preset(args)
+    if asdict(preset) != shipped["recipe"]:
+        raise ValueError("the run's recipe differs from its preset's: publish with the same code")
+    samples = scan_sites(args.data_path)
+    holdout = shipped["holdout"]
+    folds = load_site_folds(args.split_file, samples) if holdout.startswith("fold:") else None
+    if shipped.get("max_per_class"):
+        samples = _subset(samples, int(shipped["max_per_class"]))
+    train_idx, _ = split_holdout(samples, holdout, folds)
+    trained_on = [samples[i] for i in train_idx]
+    if describe(trained_on) != shipped["trained_on"]:
+        raise ValueError("the data folders are not the ones the run trained on")
+    engine.configure_threads(args.threads)
+    model = build_model(preset, pretrained=False)
+    model.load_state_dict(torch.load(run / "weights.pt", map_location="cpu", weights_only=True))
+    model.eval()
+    history = engine.History.from_dict(shipped["history"])
+    results = json.loads(Path(args.report).read_text()) if args.report else [shipped]
+    metrics = manifest_metrics(run, results, args.bootstrap)
+    document = publish(
+        args,
+        preset,
+        model,
+        history,
+        float(shipped["train_seconds"]),
+        trained_on,
+        metrics,
+        {"sites": metrics, "source_run": str(run)},
+    )
+    return document["artifact"]
+
+
 # --- command line --------------------------------------------------------------------------------
 
 
@@ -540,6 +656,51 @@ def parse_sites_args(argv: list[str]) -> argparse.Namespace:
     if args.output_dir is None:
         safe = args.holdout.replace(":", "-").replace(" ", "-").lower()
         args.output_dir = Path("training/reports/sites") / args.preset / safe
+    return args
+
+
+def parse_publish_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m training sites-publish",
+        description="Publish the model of a `sites` run as a diagnosis candidate, its manifest "
+        "carrying the held-out-site figures of a sites report and its own per-site figures",
+    )
+    parser.add_argument("--run", type=Path, required=True, help="the `sites` run folder")
+    parser.add_argument(
+        "--data-path", type=Path, nargs="+", required=True, help="the folders it trained on"
+    )
+    parser.add_argument(
+        "--split-file",
+        type=Path,
+        default=DEFAULT_SITE_FOLDS,
+        help="the fold file of a fold:<k> run (default: training/splits/sites-5fold.json)",
+    )
+    parser.add_argument(
+        "--report", type=Path, default=None, help="report.json of `sites-report` (default: none)"
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path("runs/candidate-models"),
+        help="publish into this model directory (default: runs/candidate-models)",
+    )
+    parser.add_argument("--version", default=None, help="artifact version (default: UTC time)")
+    parser.add_argument("--name", default=None, help="artifact name (default: the preset)")
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="manifest.json of `python -m training calibrate` (default: uncalibrated)",
+    )
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: <run>/publish")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (default: 1000)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 0)")
+    parser.add_argument("--device", default="cpu", help="export device (default: cpu)")
+    args = parser.parse_args(argv)
+    args.command, args.command_line = "sites-publish", cli.command_line("sites-publish", argv)
+    args.output_dir = args.output_dir or args.run / "publish"
+    args.no_flip_tta, args.smoke, args.no_progress = False, False, True
+    args.epochs = args.batch_size = args.lr = args.image_size = None
     return args
 
 

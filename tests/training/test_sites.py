@@ -160,3 +160,33 @@ def test_sites_command_trains_without_a_site_and_reports_per_site(two_sites, tmp
     assert training_main(["sites-report", "--runs", str(out), "--output", str(report)]) == 0
     text = report.read_text()
     assert "site:bus-bra → bus-bra" in text and "malignant sensitivity" in text
+
+
+@pytest.mark.slow
+def test_a_fold_run_publishes_with_per_site_and_held_out_site_figures(two_sites, tmp_path):
+    from shared.artifacts import verify_artifact
+
+    out = tmp_path / "fold"
+    folds = tmp_path / "folds.json"
+    argv = ["sites", "--data-path", *map(str, two_sites), "--holdout", "fold:0"]
+    argv += ["--split-file", str(folds), "--smoke", "--output-dir", str(out), "--no-progress"]
+    assert training_main(argv) == 0
+    assert json.loads(folds.read_text())["k"] == 5  # made there, then used
+    report = tmp_path / "report.md"
+    assert training_main(["sites-report", "--runs", str(out), "--output", str(report)]) == 0
+    models = tmp_path / "models"
+    argv = ["sites-publish", "--run", str(out), "--data-path", *map(str, two_sites)]
+    argv += ["--split-file", str(folds), "--report", str(report.with_suffix(".json"))]
+    argv += ["--model-dir", str(models), "--version", "v1", "--bootstrap", "20"]
+    assert training_main(argv) == 0
+    manifest = verify_artifact(models, "diagnosis", "v1").metadata
+    metrics = manifest["metrics"]
+    assert metrics["kind"] == "site-held-out" and set(metrics["sites"]) == {"busi", "bus-bra"}
+    assert set(metrics["scope"]["trained_on"]) == {"busi", "bus-bra"}
+    assert metrics["cross_validation"]["plain"]["n"] == sum(
+        int(f["n"]) for f in metrics["sites"].values()
+    )
+    # trained on a fold's complement: the manifest's data fingerprint counts those images only
+    assert manifest["data_fingerprint"]["n_images"] == sum(
+        d["images"] for d in metrics["scope"]["trained_on"].values()
+    )
