@@ -189,8 +189,10 @@ def crossfit_part(row: dict[str, Any]) -> int:
     return zlib.crc32(str(row["group"]).encode()) % CROSSFIT_PARTS
 
 
-def calibrate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The whole analysis on OOF rows; returns the report (figures, choice, manifest fields)."""
+def calibrate(rows: list[dict[str, Any]], only: str | None = None) -> dict[str, Any]:
+    """The whole analysis on OOF rows; returns the report (figures, choice, manifest fields).
+    `only` ("temperature" or "vector") skips the choice; temperature scaling never changes the
+    argmax, so the class decisions stay those the figures were measured on."""
     logits = np.asarray([r["logits"] for r in rows], dtype=np.float64)
     labels = np.asarray([int(r["label"]) for r in rows])
     folds = np.asarray([crossfit_part(r) for r in rows])
@@ -202,7 +204,7 @@ def calibrate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         crossfitted[method] = (probs, thresholds, params, calibration_figures(probs, labels))
     t_fig, v_fig = crossfitted["temperature"][3], crossfitted["vector"][3]
     use_vector = t_fig["nll"] - v_fig["nll"] >= VECTOR_MIN_NLL_GAIN and v_fig["ece"] <= t_fig["ece"]
-    method = "vector" if use_vector else "temperature"
+    method = only or ("vector" if use_vector else "temperature")
     probs, thresholds, params, after = crossfitted[method]
 
     answered = probs.max(axis=1) >= thresholds
@@ -221,7 +223,9 @@ def calibrate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "n_bins": N_BINS,
         "method": method,
         "choice": {
-            "rule": f"vector scaling only if its cross-fitted NLL is >= {VECTOR_MIN_NLL_GAIN} "
+            "rule": f"{only} scaling, as asked (--method)"
+            if only
+            else f"vector scaling only if its cross-fitted NLL is >= {VECTOR_MIN_NLL_GAIN} "
             "nats lower than temperature scaling's and its cross-fitted ECE is not higher",
             "temperature_crossfitted": {k: t_fig[k] for k in ("nll", "ece", "brier")},
             "vector_crossfitted": {k: v_fig[k] for k in ("nll", "ece", "brier")},
@@ -391,7 +395,7 @@ def manifest_fields(path: Path) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     rows = json.loads(Path(args.oof).read_text())["rows"]
-    report = calibrate(rows)
+    report = calibrate(rows, None if args.method == "auto" else args.method)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     command = "python -m training calibrate " + " ".join(args.argv)
@@ -427,6 +431,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("training/reports/calibration"),
         help="report folder (default: training/reports/calibration)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("auto", "temperature", "vector"),
+        default="auto",
+        help="auto: vector scaling only when it clearly beats temperature scaling; temperature "
+        "keeps every class decision as measured (default: auto)",
     )
     return parser
 
