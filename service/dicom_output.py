@@ -1,30 +1,47 @@
-"""DICOM results of an analysis: the SEG and the SR, built from the predictor's raw results.
+"""DICOM and FHIR results of an analysis, built from the predictor's raw results.
 
 The response layer (service/presentation.py) picks them by `Accept` on /segment and /diagnose, and
 the STOW-RS entry point (service/routes/dicomweb.py) sends them on; both go through `DicomResults`,
 from the same `Analysis` the JSON answer is made of. Only a DICOM input has a study to reference.
+/diagnose's DICOM answer is the SEG (when there is a lesion), the TID 1500 SR and the
+presentation state that draws the finding on the source frame.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydicom import Dataset
 
+from service.dicom.fhir import FHIR_MEDIA_TYPE, diagnostic_report
+from service.dicom.header import ResultSource, result_source
+from service.dicom.outline import findings
+from service.dicom.presentation_state import build_presentation_state
 from service.dicom_results import (
     DICOM_MEDIA_TYPE,
+    MANUFACTURER,
+    RESEARCH_STATEMENT,
+    DicomResultsError,
     build_report,
     build_segmentation,
+    generate_result_uid,
+    lesion_label,
     source_image,
 )
 from service.predictors import Analysis
 from service.schemas import ErrorResponse
 from service.settings import Settings
+from shared.errors import BusiError
+
+log = logging.getLogger(__name__)
 
 _BINARY = {"type": "string", "format": "binary"}
 MULTIPART_DICOM = f'multipart/related; type="{DICOM_MEDIA_TYPE}"'
+PR_SERIES_NUMBER = 9903
 NOT_ACCEPTABLE_RESPONSE: dict[int | str, dict[str, Any]] = {
     406: {
         "model": ErrorResponse,
@@ -33,46 +50,129 @@ NOT_ACCEPTABLE_RESPONSE: dict[int | str, dict[str, Any]] = {
     }
 }
 SEG_CONTENT = {DICOM_MEDIA_TYPE: {"schema": _BINARY}}
+FHIR_CONTENT = {
+    FHIR_MEDIA_TYPE: {
+        "schema": {
+            "type": "object",
+            "description": "A FHIR R4 DiagnosticReport with its Devices and Observations contained",
+        }
+    }
+}
 SEG_AND_SR_CONTENT = {
     DICOM_MEDIA_TYPE: {"schema": _BINARY},
     MULTIPART_DICOM: {"schema": _BINARY},
+    **FHIR_CONTENT,
 }
+
+T = TypeVar("T")
+
+
+def _guarded(build: Callable[[], T]) -> T:
+    """`build()`, with a failure of highdicom on a header the sanitiser let through answered as
+    a 422 (DicomResultsError) rather than a 500; only the exception's type is logged."""
+    try:
+        return build()
+    except BusiError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        log.warning("DICOM results could not be built: %s", type(exc).__name__)
+        raise DicomResultsError(
+            "DICOM results could not be made from this source's header (JSON results still can)"
+        ) from None
 
 
 @dataclass(frozen=True)
 class DicomResults:
-    """Builds the SEG and SR of an analysed frame with this deployment's UID root."""
+    """Builds the SEG, SR, presentation state and FHIR report of an analysed frame with this
+    deployment's UID root."""
 
     uid_root: str
     software_version: str
 
+    def _source(self, analysis: Analysis) -> ResultSource:
+        facts = analysis.image
+        return source_image(facts.dicom, facts.frame, facts.n_frames)
+
     def segmentation(self, analysis: Analysis) -> Dataset:
         """The SEG of the analysed frame. Raises DicomOutputNeedsDicomInputError for a PNG or
-        JPEG input and UnreferenceableDicomError for a DICOM without the UIDs to cite."""
-        source = source_image(analysis.image.dicom, analysis.image.frame)
+        JPEG input, UnreferenceableDicomError for a DICOM without the UIDs to cite and
+        NotUltrasoundError for one that does not say Modality US."""
+        source = self._source(analysis)
         if analysis.segmentation is None:
             raise ValueError("the analysis has no segmentation")
-        return build_segmentation(
-            source, analysis.segmentation, self.uid_root, self.software_version
+        segmentation = analysis.segmentation
+        return _guarded(
+            lambda: build_segmentation(source, segmentation, self.uid_root, self.software_version)
         )
 
     def diagnosis(self, analysis: Analysis) -> list[Dataset]:
-        """[SEG, SR] when the finding is a lesion, else [SR]; raises as `segmentation`."""
-        source = source_image(analysis.image.dicom, analysis.image.frame)
-        if analysis.classification is None:
+        """[SEG, SR, presentation state] when the finding is a lesion, else [SR, presentation
+        state]; raises as `segmentation`."""
+        source = self._source(analysis)
+        classification = analysis.classification
+        if classification is None:
             raise ValueError("the analysis has no classification")
-        seg = None
-        if analysis.segmentation is not None:
-            seg = self.segmentation(analysis)
-        report = build_report(
-            source,
-            analysis.classification,
-            analysis.segmentation,
-            seg,
-            self.uid_root,
-            self.software_version,
+        segmentation = analysis.segmentation
+        seg = self.segmentation(analysis) if segmentation is not None else None
+        regions = findings(segmentation.mask) if segmentation is not None else []
+        tracking_uids = [generate_result_uid(self.uid_root) for _ in regions]
+        report = _guarded(
+            lambda: build_report(
+                source,
+                classification,
+                segmentation,
+                seg,
+                self.uid_root,
+                self.software_version,
+                tracking_uids,
+            )
         )
-        return [seg, report] if seg is not None else [report]
+        label = lesion_label(
+            classification.label, classification.probabilities[classification.label]
+        )
+        state = _guarded(
+            lambda: build_presentation_state(
+                source,
+                segmentation,
+                label=label,
+                tracking_uids=tracking_uids,
+                series_instance_uid=generate_result_uid(self.uid_root),
+                sop_instance_uid=generate_result_uid(self.uid_root),
+                series_number=PR_SERIES_NUMBER,
+                manufacturer=MANUFACTURER,
+                model_name=(segmentation or classification).model.name,
+                software_version=self.software_version,
+            )
+        )
+        return [seg, report, state] if seg is not None else [report, state]
+
+    def fhir_report(self, analysis: Analysis) -> dict[str, Any]:
+        """The FHIR R4 DiagnosticReport (as JSON) of the analysis; any input, DICOM or not.
+        For a DICOM input it cites the study and patient when the header has valid ones."""
+        classification = analysis.classification
+        if classification is None:
+            raise ValueError("the analysis has no classification")
+        facts = analysis.image
+        study = patient = spacing = None
+        if facts.dicom is not None:
+            try:
+                source = result_source(facts.dicom, facts.frame, facts.n_frames)
+            except BusiError:  # not referenceable or not US: the report stands without
+                source = None
+            if source is not None:
+                study = str(source.view.StudyInstanceUID)
+                patient = str(source.view.PatientID) or None
+                spacing = source.pixel_spacing_mm
+        report = diagnostic_report(
+            classification,
+            analysis.segmentation,
+            study_instance_uid=study,
+            patient_id=patient,
+            pixel_spacing_mm=spacing,
+            manufacturer=MANUFACTURER,
+            statement=RESEARCH_STATEMENT,
+        )
+        return report.model_dump(mode="json", exclude_none=True)
 
 
 def get_dicom_results(request: Request) -> DicomResults:

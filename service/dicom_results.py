@@ -19,15 +19,20 @@ import io
 import secrets
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
-from highdicom._standard_utils import is_multiframe_image
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from service.dicom.header import (
+    ResultSource,
+    UnreferenceableDicomError,
+    restore_references,
+    result_source,
+)
+from service.dicom.outline import findings
 from service.predictors import Classification, Segmentation
 from shared.errors import InputError
 from shared.labels import CLASS_NAMES
@@ -43,7 +48,6 @@ def silence_highdicom_warnings() -> None:
 silence_highdicom_warnings()
 
 DICOM_MEDIA_TYPE = "application/dicom"
-SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 RESEARCH_STATEMENT = (
     "Research use only; not for diagnosis. Produced automatically by a machine-learning model "
     "that has not been validated for clinical use."
@@ -87,12 +91,6 @@ class DicomOutputNeedsDicomInputError(InputError):
     code = "dicom_output_needs_dicom_input"
 
 
-class UnreferenceableDicomError(InputError):
-    """The source DICOM lacks the identifiers (study, series, instance UIDs) a result must cite."""
-
-    code = "dicom_not_referenceable"
-
-
 def generate_result_uid(root: str) -> str:
     """A new UID: `<root>.<random digits>` when a root is configured, else a UUID-derived `2.25.`
     UID (PS3.5 B.2), which needs no registered root. Never the same twice."""
@@ -106,79 +104,25 @@ def generate_result_uid(root: str) -> str:
     return f"{root}.{secrets.randbelow(9 * 10 ** (digits - 1)) + 10 ** (digits - 1)}"
 
 
-@dataclass(frozen=True)
-class SourceImage:
-    """The source DICOM's header (no pixels) and which of its frames was analysed (0-based)."""
+class DicomResultsError(UnreferenceableDicomError):
+    """highdicom could not build a result from a source header the sanitiser let through: a
+    case `service.dicom.header` does not handle yet (a 422 rather than a 500; the corpus test
+    keeps it from happening on every header we know of)."""
 
-    header: Dataset
-    frame: int
-
-    @property
-    def multiframe(self) -> bool:
-        """Whether the source's IOD is a multi-frame one, whose frames are referenced by number
-        (a single-frame IOD's object is referenced whole, even with a Number of Frames)."""
-        return is_multiframe_image(self.header)
-
-    @property
-    def frame_numbers(self) -> list[int] | None:
-        """The 1-based Referenced Frame Number list of the analysed frame; None when the source
-        is a single-frame object (which is then referenced whole)."""
-        return [self.frame + 1] if self.multiframe else None
-
-    @property
-    def pixel_spacing_mm(self) -> tuple[float, float] | None:
-        """(row, column) spacing from Pixel Spacing, when the source has a usable one."""
-        spacing = self.header.get("PixelSpacing")
-        if spacing is None or len(spacing) != 2:
-            return None
-        row, column = float(spacing[0]), float(spacing[1])
-        if not (row > 0 and column > 0 and np.isfinite(row) and np.isfinite(column)):
-            return None
-        return row, column
+    code = "dicom_results_failed"
 
 
-_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+def source_image(header: Dataset | None, frame: int, n_frames: int = 1) -> ResultSource:
+    """The source of results: the decoded DICOM's header, sanitised, and the analysed frame
+    (0-based) of its `n_frames`.
 
-
-def source_image(header: Dataset | None, frame: int) -> SourceImage:
-    """The source of results: the decoded DICOM's header and the analysed frame (0-based),
-    checked to be one that results can reference.
-
-    Raises DicomOutputNeedsDicomInputError when there is no header (a PNG or JPEG input) and
-    UnreferenceableDicomError when a UID or the image size is missing.
+    Raises DicomOutputNeedsDicomInputError when there is no header (a PNG or JPEG input),
+    UnreferenceableDicomError when a UID or the image size is missing or invalid, and
+    NotUltrasoundError when the header does not say Modality US.
     """
     if header is None:
         raise DicomOutputNeedsDicomInputError(NEEDS_DICOM_MESSAGE)
-    try:
-        missing = [name for name in (*_REQUIRED_UIDS, "Rows", "Columns") if not header.get(name)]
-    except Exception:  # an element pydicom cannot convert; its message may quote values
-        raise UnreferenceableDicomError("the DICOM header cannot be read") from None
-    if missing:
-        raise UnreferenceableDicomError(
-            "DICOM results must reference the source, which lacks " + ", ".join(missing)
-        )
-    charsets = _character_sets(header)
-    if charsets - _RESULT_CHARSETS:
-        # Results copy the source's patient and study text, so they are written in its
-        # character set; highdicom knows DICOM's defined terms only.
-        raise UnreferenceableDicomError(
-            "the source's Specific Character Set is not a DICOM defined term; DICOM results "
-            "cannot be written in it (JSON results still can)"
-        )
-    return SourceImage(header, frame)
-
-
-_RESULT_CHARSETS = {value.value for value in hd.SpecificCharacterSetValues} | {""}
-
-
-def _character_sets(header: Dataset) -> set[str]:
-    """The source's Specific Character Set values (one or more; empty when absent)."""
-    try:
-        value = header.get("SpecificCharacterSet", "")
-    except Exception:  # a value pydicom cannot convert; its message may quote it
-        return {"<unreadable>"}
-    values = [value] if isinstance(value, str) else list(value or [])
-    return {str(v).strip() for v in values}
+    return result_source(header, frame, n_frames)
 
 
 def _algorithm(model_name: str, model_version: str) -> hd.AlgorithmIdentificationSequence:
@@ -190,49 +134,16 @@ def _algorithm(model_name: str, model_version: str) -> hd.AlgorithmIdentificatio
     )
 
 
-def _single_frame_view(source: SourceImage) -> Dataset:
-    """The header as highdicom's single-frame path takes it.
-
-    highdicom (0.28) derives a SEG from a multi-frame image only through its Frame of Reference,
-    which ultrasound cine loops do not have; from a single-frame image without one it aligns the
-    mask pixel for pixel, which is what a segmented frame is. So a multi-frame source is shown to
-    it as a single-frame Secondary Capture image, and `_restore_references` then puts the real SOP
-    class and the analysed frame's number (PS3.3 C.7.6.16.2.6) back into the references.
-    """
-    view = Dataset()
-    view.update(source.header)  # its own element dict, the same elements: never edit them
-    if "NumberOfFrames" in view:
-        del view.NumberOfFrames
-    if source.multiframe:
-        del view.SOPClassUID  # replaced, not edited: the element is the real header's
-        view.SOPClassUID = SECONDARY_CAPTURE_IMAGE_STORAGE
-    return view
-
-
-def _restore_references(seg: hd.seg.Segmentation, source: SourceImage) -> None:
-    if not source.multiframe:
-        return
-    sop_class = source.header.SOPClassUID
-    for series in seg.ReferencedSeriesSequence:
-        for item in series.ReferencedInstanceSequence:
-            item.ReferencedSOPClassUID = sop_class
-    for group in seg.PerFrameFunctionalGroupsSequence:
-        for derivation in group.DerivationImageSequence:
-            for item in derivation.SourceImageSequence:
-                item.ReferencedSOPClassUID = sop_class
-                item.ReferencedFrameNumber = source.frame + 1
-
-
 def build_segmentation(
-    source: SourceImage,
+    source: ResultSource,
     segmentation: Segmentation,
     uid_root: str,
     software_version: str,
 ) -> hd.seg.Segmentation:
     """A binary SEG of the analysed frame: one "Lesion" segment, the source's geometry."""
-    header = source.header
+    view = source.view
     mask = segmentation.mask > 0
-    if mask.shape != (int(header.Rows), int(header.Columns)):
+    if mask.shape != (int(view.Rows), int(view.Columns)):
         raise ValueError("the mask does not have the source's rows and columns")
     model = segmentation.model
     description = hd.seg.SegmentDescription(
@@ -247,7 +158,7 @@ def build_segmentation(
         tracking_uid=generate_result_uid(uid_root),
     )
     seg = hd.seg.Segmentation(
-        source_images=[_single_frame_view(source)],
+        source_images=[view],
         pixel_array=mask.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
@@ -264,10 +175,10 @@ def build_segmentation(
         series_description="AI lesion segmentation (research use, not for diagnosis)",
         omit_empty_frames=False,  # an empty outline is a result too: one frame, always
     )
-    _restore_references(seg, source)
-    # PS3.3 C.7.6.1: Type 2C when the image has no Frame of Reference, as these sources do not.
-    if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
-        seg.PatientOrientation = source.header.get("PatientOrientation", "")
+    restore_references(seg, source)
+    # PS3.3 C.7.6.1: Type 2C when the image has no Frame of Reference, as the view has not.
+    if "PatientOrientation" not in seg:
+        seg.PatientOrientation = view.PatientOrientation
     return seg
 
 
@@ -275,14 +186,8 @@ def _classification(label: str) -> hd.sr.QualitativeEvaluation:
     return hd.sr.QualitativeEvaluation(name=codes.SCT.Classification, value=FINDING_CODES[label])
 
 
-def _region_source(source: SourceImage) -> hd.sr.SourceImageForRegion:
-    return hd.sr.SourceImageForRegion(
-        source.header.SOPClassUID, source.header.SOPInstanceUID, source.frame_numbers
-    )
-
-
 def _segment_reference(
-    seg: hd.seg.Segmentation, source: SourceImage
+    seg: hd.seg.Segmentation, source: ResultSource
 ) -> hd.sr.ReferencedSegmentationFrame:
     """The SEG's segment 1 and the frame it outlines.
 
@@ -297,7 +202,7 @@ def _segment_reference(
         frame_number=1,
         segment_number=1,
         source_image=hd.sr.SourceImageForSegmentation(
-            source.header.SOPClassUID, source.header.SOPInstanceUID, source.frame_numbers
+            source.sop_class_uid, source.sop_instance_uid, source.frame_numbers
         ),
     )
     for item in reference:
@@ -311,23 +216,34 @@ def _length_and_unit(pixels: float, spacing: float | None) -> tuple[float, hd.sr
     return (pixels * spacing, _MM) if spacing else (float(pixels), _PIXELS)
 
 
+def _area_and_unit(
+    pixels: float, spacing: tuple[float, float] | None
+) -> tuple[float, hd.sr.CodedConcept]:
+    if spacing:
+        return pixels * spacing[0] * spacing[1], _MM2
+    return float(pixels), _PIXELS  # a count of pixels
+
+
+def lesion_label(finding: str, probability: float) -> str:
+    """The short text a viewer shows beside an outline: the finding and its probability."""
+    return f"{finding.capitalize()} {probability:.0%} (AI, research use)"
+
+
 def _lesion_groups(
-    source: SourceImage,
+    source: ResultSource,
     label: str,
     segmentation: Segmentation,
-    mask: np.ndarray,
     seg: hd.seg.Segmentation,
     uid_root: str,
+    tracking_uids: Sequence[str],
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """TID 1410 groups: the lesion as the SEG's segment with its area, and its bounding box."""
+    """TID 1410 groups: the lesion as the SEG's segment with its area, then each region of
+    the mask as a finding of its own, with its outline (a SCOORD polyline on the source frame
+    that viewers draw), its area and the size of its bounding box."""
     model = segmentation.model
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
     spacing = source.pixel_spacing_mm
-    area_pixels = float(np.count_nonzero(mask))
-    if spacing:
-        area, area_unit = area_pixels * spacing[0] * spacing[1], _MM2
-    else:
-        area, area_unit = area_pixels, _PIXELS  # a count of pixels
+    area, area_unit = _area_and_unit(np.count_nonzero(segmentation.mask), spacing)
     groups = [
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
@@ -341,55 +257,60 @@ def _lesion_groups(
             qualitative_evaluations=[_classification(label)],
         )
     ]
-    if segmentation.bbox is not None:
-        x, y, width, height = segmentation.bbox
-        # PS3.3 C.18.6.1.1: (column, row) image coordinates, the top-left pixel's top-left corner
-        # at (0, 0), so the box's edges run along pixel borders; a closed POLYLINE repeats the
-        # first point.
-        corners = np.array(
-            [[x, y], [x + width, y], [x + width, y + height], [x, y + height], [x, y]],
-            dtype=float,
-        )
+    regions = findings(segmentation.mask)
+    for number, (finding, tracking_uid) in enumerate(
+        zip(regions, tracking_uids, strict=True), start=1
+    ):
+        area, area_unit = _area_and_unit(finding.pixels, spacing)
+        _, _, width, height = finding.bbox
         box_width, width_unit = _length_and_unit(width, spacing[1] if spacing else None)
         box_height, height_unit = _length_and_unit(height, spacing[0] if spacing else None)
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=generate_result_uid(uid_root), identifier="Lesion bounding box"
+                    uid=tracking_uid, identifier=f"Lesion {number}"
                 ),
                 referenced_region=hd.sr.ImageRegion(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                    graphic_data=corners,
-                    source_image=_region_source(source),
+                    graphic_data=finding.outline,
+                    source_image=hd.sr.SourceImageForRegion(
+                        source.sop_class_uid, source.sop_instance_uid, source.frame_numbers
+                    ),
                 ),
                 finding_type=codes.SCT.Lesion,
+                finding_sites=[hd.sr.FindingSite(codes.SCT.Breast)],
                 algorithm_id=algorithm,
                 measurements=[
+                    hd.sr.Measurement(name=codes.SCT.Area, value=area, unit=area_unit),
                     hd.sr.Measurement(name=codes.SCT.Width, value=box_width, unit=width_unit),
                     hd.sr.Measurement(name=codes.DCM.Height, value=box_height, unit=height_unit),
                 ],
+                qualitative_evaluations=[_classification(label)],
             )
         )
     return groups
 
 
 def build_report(
-    source: SourceImage,
+    source: ResultSource,
     classification: Classification,
     segmentation: Segmentation | None,
     seg: hd.seg.Segmentation | None,
     uid_root: str,
     software_version: str,
+    tracking_uids: Sequence[str] = (),
 ) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR with the TID 1500 measurement report of one analysed frame.
 
+    The observer is the device (TID 1004: our name as manufacturer, the classifier as model).
     One image-level group (TID 1501) holds the coded finding and the probability of each class,
-    with the classifier's name and version; when there is an outline (`segmentation` and `seg`),
-    TID 1410 groups add the lesion (the SEG's segment, its area) and its bounding box, with the
-    segmenter's name and version. The research-use statement is a text comment under the
-    report's qualitative evaluations.
+    with the classifier's name and version (TID 4019); when there is an outline (`segmentation`
+    and `seg`), TID 1410 groups add the lesion (the SEG's segment, its area) and each region of
+    it as a finding with a tracking identifier and UID, its SCOORD outline, area and size, with
+    the segmenter's name and version; `tracking_uids` are the regions' Tracking UIDs (new ones
+    when not given), so that a presentation state can share them. The research-use statement
+    is a text comment under the report's qualitative evaluations.
     """
-    header = source.header
     label = classification.label
     model = classification.model
     device = hd.sr.ObserverContext(
@@ -397,6 +318,7 @@ def build_report(
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=generate_uid(prefix=None, entropy_srcs=[MANUFACTURER]),
             name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
             model_name=f"{model.name} {model.version}",
         ),
     )
@@ -414,21 +336,23 @@ def build_report(
         ],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
-                header.SOPClassUID, header.SOPInstanceUID, source.frame_numbers
+                source.sop_class_uid, source.sop_instance_uid, source.frame_numbers
             )
         ],
     )
     groups: list = [image_group]
     if segmentation is not None and seg is not None:
-        mask = segmentation.mask > 0
-        groups.extend(_lesion_groups(source, label, segmentation, mask, seg, uid_root))
+        uids = list(tracking_uids) or [
+            generate_result_uid(uid_root) for _ in findings(segmentation.mask)
+        ]
+        groups.extend(_lesion_groups(source, label, segmentation, seg, uid_root, uids))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.SCT.UltrasonographyOfBreast,
         imaging_measurements=groups,
     )
     _add_statement(report, RESEARCH_STATEMENT)
-    evidence: list[Dataset] = [header] + ([seg] if seg is not None else [])
+    evidence: list[Dataset] = [source.view] + ([seg] if seg is not None else [])
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=report,
@@ -443,6 +367,7 @@ def build_report(
         series_description="AI findings (research use, not for diagnosis)",
         software_versions=software_version,
     )
+    restore_references(sr, source)
     # PS3.3 C.12.1.1.2.1: a local coding scheme is named in the Coding Scheme Identification.
     scheme = Dataset()
     scheme.CodingSchemeDesignator = PRIVATE_SCHEME

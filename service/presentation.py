@@ -1,4 +1,5 @@
-"""The one response layer: raw results (`Analysis`) -> JSON, a PNG mask, a SEG, or a SEG + SR.
+"""The one response layer: raw results (`Analysis`) -> JSON, a PNG mask, a SEG, a SEG + SR +
+presentation state, or a FHIR DiagnosticReport.
 
 Each endpoint offers a list of representations, its default (JSON) first; the request's `Accept`
 header picks one (RFC 9110 12.5.1, q-values honoured) before any model runs, so a DICOM answer
@@ -13,7 +14,8 @@ Negotiation rules:
   `multipart/related` range with `type="application/dicom+xml"` does not match).
 - The highest q wins; among equal q, the range the client listed first, then the endpoint's
   order (JSON first, so `*/*` and `application/*` get JSON).
-- DICOM offers are left out for a PNG or JPEG input; when that leaves nothing acceptable but a
+- DICOM offers are left out for a PNG or JPEG input (bytes of no known format are left to the
+  decoder, which answers 415); when that leaves nothing acceptable but a
   DICOM offer was, the answer is 406 (`dicom_output_needs_dicom_input`).
 - When nothing offered is acceptable (`Accept: text/html`), the answer is the default JSON, as
   RFC 9110 allows, rather than a 406.
@@ -33,6 +35,7 @@ from fastapi import Depends, Request, Response
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from service.dicom.fhir import FHIR_MEDIA_TYPE
 from service.dicom_output import MULTIPART_DICOM, DicomResults, get_dicom_results
 from service.dicom_results import (
     DICOM_MEDIA_TYPE,
@@ -330,10 +333,18 @@ def dicom_seg(analysis: Analysis, context: Context) -> Response:
 
 
 def dicom_seg_and_sr(analysis: Analysis, context: Context) -> Response:
-    """multipart/related: the SEG (when the finding is a lesion), then the SR."""
+    """multipart/related: the SEG (when the finding is a lesion), the SR, then the
+    presentation state that draws the finding on the source frame."""
     objects = context.dicom.diagnosis(analysis)
     body, content_type = multipart_related([to_bytes(ds) for ds in objects])
     return Response(body, headers={**_VARY, "Content-Type": content_type})
+
+
+def fhir_report(analysis: Analysis, context: Context) -> Response:
+    """The FHIR R4 DiagnosticReport, its Devices and Observations contained."""
+    return JSONResponse(
+        context.dicom.fhir_report(analysis), media_type=FHIR_MEDIA_TYPE, headers=_VARY
+    )
 
 
 # --- offers per endpoint ---------------------------------------------------------------------
@@ -362,6 +373,7 @@ DIAGNOSE_OFFERS = (
     Offer(JSON_MEDIA_TYPE, diagnose_json),
     Offer(DICOM_MEDIA_TYPE, dicom_seg_and_sr, needs_dicom_input=True),
     Offer(MULTIPART_DICOM, dicom_seg_and_sr, needs_dicom_input=True),
+    Offer(FHIR_MEDIA_TYPE, fhir_report),
 )
 
 
@@ -406,7 +418,10 @@ class Presentation:
         self, offers: Sequence[Offer], image: ImageRequest, *, include_image: bool = False
     ) -> Callable[[Analysis], Response]:
         """The encoder for this request, chosen before any model runs (raises the 406)."""
-        offer = choose(self.accept, offers, input_is_dicom=sniff_format(image.data) == "dicom")
+        # Only a PNG or JPEG is known to have no study: bytes of no known format may still be
+        # declared DICOM, and the decoder then answers 415 for them, which says what is wrong.
+        input_format = sniff_format(image.data)
+        offer = choose(self.accept, offers, input_is_dicom=input_format not in ("png", "jpeg"))
         context = Context(self.request_id, self.dicom, include_image)
         return partial(_encode, offer.encode, context)
 

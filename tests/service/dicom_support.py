@@ -25,6 +25,15 @@ from service.stow import media_type_params, split_multipart
 US_MULTIFRAME_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
+GSPS_STORAGE = "1.2.840.10008.5.1.4.1.1.11.1"
+CSPS_STORAGE = "1.2.840.10008.5.1.4.1.1.11.2"
+# What dciodvfy names the IOD of each of our results, by SOP class.
+IOD_OF_CLASS = {
+    SEG_STORAGE: "Segmentation",
+    COMPREHENSIVE_SR_STORAGE: "ComprehensiveSR",
+    GSPS_STORAGE: "GrayscaleSoftcopyPresentationState",
+    CSPS_STORAGE: "ColorSoftcopyPresentationState",
+}
 DCIODVFY = Path(sys.executable).parent / "dciodvfy"
 
 # pydicom's own ultrasound test files: single-frame colour, JPEG-2000, cine loop in JPEG baseline

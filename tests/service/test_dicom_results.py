@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from dicom_support import (
     COMPREHENSIVE_SR_STORAGE,
+    GSPS_STORAGE,
+    IOD_OF_CLASS,
     PYDICOM_US_FILES,
     SEG_STORAGE,
     dciodvfy_errors,
@@ -129,8 +131,9 @@ def test_diagnose_returns_seg_and_tid1500_report_for_a_lesion(
     expected = client.post("/diagnose", content=data, headers=DICOM).json()
     assert expected["classification"]["label"] == "benign"
 
-    seg, sr = diagnose_objects(client, data, accept)
+    seg, sr, pr = diagnose_objects(client, data, accept)
     assert seg.SOPClassUID == SEG_STORAGE
+    assert pr.SOPClassUID == GSPS_STORAGE
     assert sr.SOPClassUID == COMPREHENSIVE_SR_STORAGE
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
@@ -154,17 +157,26 @@ def test_diagnose_returns_seg_and_tid1500_report_for_a_lesion(
     for name, p in expected["classification"]["probabilities"].items():
         assert probabilities[f"Probability of {name}"] == pytest.approx(p, abs=1e-6)
 
-    (area,) = _named(items, "Area")
     mask = json_mask(client, data)
-    assert float(area.MeasuredValueSequence[0].NumericValue) == pytest.approx(mask.sum() * 0.25)
-    assert area.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm2"
+    areas = _named(items, "Area")  # the SEG's segment, then the one region of the mask
+    assert len(areas) == 2
+    for area in areas:
+        assert float(area.MeasuredValueSequence[0].NumericValue) == pytest.approx(mask.sum() * 0.25)
+        assert area.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm2"
     bbox = expected["segmentation"]["bbox"]
     x, y, w = bbox["x"], bbox["y"], bbox["width"]
     (width,) = _named(items, "Width")
     assert float(width.MeasuredValueSequence[0].NumericValue) == pytest.approx(w * 0.5)
-    (box,) = [i for i in items if i.ValueType == "SCOORD"]
-    assert box.GraphicType == "POLYLINE"
-    assert [float(v) for v in box.GraphicData[:4]] == [x, y, x + w, y]
+    (outline,) = [i for i in items if i.ValueType == "SCOORD"]
+    assert outline.GraphicType == "POLYLINE"
+    points = np.array(outline.GraphicData, dtype=float).reshape(-1, 2)
+    assert (points[0] == points[-1]).all()  # closed
+    assert points[:, 0].min() == x and points[:, 0].max() == x + w  # the mask's extent
+    assert points[:, 1].min() == y
+    (image_ref,) = outline.ContentSequence
+    assert image_ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    trackers = {i.TextValue for i in _named(items, "Tracking Identifier")}
+    assert trackers == {"Image classification", "Lesion", "Lesion 1"}
 
     versions = {
         (i.TextValue if "TextValue" in i else None) for i in _named(items, "Algorithm Version")
@@ -196,7 +208,11 @@ def _bytes(ds: Dataset) -> bytes:
 
 
 def test_diagnose_of_a_normal_scan_gives_the_report_without_a_seg(client: TestClient) -> None:
-    (sr,) = diagnose_objects(client, pacs_dicom(uniform(10, 96, 80)), "application/dicom")
+    sr, pr = diagnose_objects(client, pacs_dicom(uniform(10, 96, 80)), "application/dicom")
+    assert pr.SOPClassUID == GSPS_STORAGE
+    (layer,) = pr.GraphicAnnotationSequence
+    assert "GraphicObjectSequence" not in layer  # no outline, only the label
+    assert layer.TextObjectSequence[0].UnformattedTextValue.startswith("Normal")
     assert sr.SOPClassUID == COMPREHENSIVE_SR_STORAGE
     items = _content(sr)
     assert {i.ConceptCodeSequence[0].CodeMeaning for i in _named(items, "Finding")} == {"Normal"}
@@ -239,6 +255,7 @@ def test_uids_are_new_on_every_call_and_under_the_configured_root(
     with serve(tiny_model_dir, DICOM_UID_ROOT=root) as client:
         first, second = seg_of(client, data), seg_of(client, data)
         sr = diagnose_objects(client, data, "application/dicom")[1]
+        assert sr.SOPClassUID == COMPREHENSIVE_SR_STORAGE
     uids = [
         ds.get(name)
         for ds in (first, second, sr)
@@ -270,7 +287,7 @@ def test_every_seg_and_sr_passes_dciodvfy(client: TestClient, tmp_path: Path) ->
             (
                 f"diagnose-{i}",
                 _bytes(ds),
-                "Segmentation" if ds.Modality == "SEG" else "ComprehensiveSR",
+                IOD_OF_CLASS[ds.SOPClassUID],
             )
             for i, ds in enumerate(objects)
         ]
