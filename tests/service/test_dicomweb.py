@@ -170,8 +170,9 @@ def test_results_are_sent_to_the_stow_target_with_basic_auth(serve, tiny_model_d
     assert delivered == 1
     expected = "Basic " + base64.b64encode(b"router:s3cret").decode()
     assert request_headers["Authorization"] == expected
-    seg, sr = read_parts(request_headers["Content-Type"], body)
+    seg, sr, presentation_state = read_parts(request_headers["Content-Type"], body)
     assert (seg.SOPClassUID, sr.SOPClassUID) == (SEG_STORAGE, COMPREHENSIVE_SR_STORAGE)
+    assert presentation_state.Modality == "PR"  # the overlay is delivered with them
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == source.StudyInstanceUID
 
 
@@ -215,7 +216,7 @@ def test_stow_analyses_a_whole_cine_loop_and_sends_the_key_frames_results(
         response = stow(client, [source_data])
         (request_headers, body) = target.requests[0]
     assert response.status_code == 200
-    seg, sr = read_parts(request_headers["Content-Type"], body)
+    seg, _, _ = read_parts(request_headers["Content-Type"], body)
     item = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
     assert item.SourceImageSequence[0].ReferencedFrameNumber == 3  # not the first frame
     assert seg_mask(seg, header(source_data), 2).any()

@@ -1,5 +1,7 @@
-"""A round trip through a real PACS: Orthanc sends a study to our STOW-RS entry point, we send the
-SEG and SR back to Orthanc by STOW-RS, and Orthanc holds them beside the source images.
+"""A round trip through a real PACS: Orthanc sends studies to our STOW-RS entry point, we send the
+SEG, SR and presentation state back to Orthanc by STOW-RS, and Orthanc holds them beside the
+source images: a synthetic scan, pydicom's ultrasound files and every ultrasound file of
+pydicom-data (the retired Ultrasound Image Storage class of color-px.dcm among them).
 
 Needs Debian's `orthanc` and `orthanc-dicomweb` (.ci/install-orthanc.sh, run by scripts/test.sh as
 root); skips with the reason without them. Orthanc and the service run as real processes on
@@ -114,12 +116,38 @@ def _cites(result: Dataset, sop_instance_uid: str) -> bool:
     return sop_instance_uid in found
 
 
-def test_orthanc_sends_a_study_and_stores_our_seg_and_sr(tmp_path: Path, tiny_model_dir) -> None:
+def pydicom_data_ultrasound() -> dict[str, bytes]:
+    """Every ultrasound file of pydicom-data (Modality US), the retired SOP classes included."""
+    try:
+        import data_store
+    except ImportError:  # the dev extra installs it
+        return {}
+    found = {}
+    for path in sorted((Path(data_store.__file__).parent / "data").glob("*.dcm")):
+        data = path.read_bytes()
+        try:
+            ds = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["Modality"])
+        except Exception:
+            continue
+        if ds.get("Modality") == "US":
+            found[path.name] = data
+    return found
+
+
+RESULT_MODALITIES = ("SEG", "SR", "PR")
+
+
+def test_orthanc_sends_a_study_and_stores_our_seg_sr_and_presentation_state(
+    tmp_path: Path, tiny_model_dir
+) -> None:
     orthanc_port = free_port()
     originals = {
         "synthetic-monochrome": pacs_dicom(pixel_spacing=(0.1, 0.1)),
         **{name: pydicom_file(name) for name in PYDICOM_US_FILES},
+        **pydicom_data_ultrasound(),
     }
+    assert "color-px.dcm" in originals  # the retired Ultrasound Image Storage class (and
+    # color-pl.dcm, the same instance stored planar: Orthanc keeps one of the two)
     env = {
         **QUIET_ENV,
         "MODEL_DIR": str(tiny_model_dir),
@@ -131,39 +159,45 @@ def test_orthanc_sends_a_study_and_stores_our_seg_and_sr(tmp_path: Path, tiny_mo
     with running_service(env, tmp_path / "service.log") as service:
         process = _start_orthanc(tmp_path, orthanc_port, service.url)
         try:
-            rest = httpx.Client(base_url=f"http://127.0.0.1:{orthanc_port}", auth=AUTH, timeout=120)
+            rest = httpx.Client(base_url=f"http://127.0.0.1:{orthanc_port}", auth=AUTH, timeout=300)
             studies = set()
-            for data in originals.values():
-                stored = rest.post("/instances", content=data)
-                assert stored.status_code == 200, stored.text
-                studies.add(stored.json()["ParentStudy"])
+            stored = {}  # files of pydicom-data share instance UIDs: Orthanc keeps the first
+            for name, data in originals.items():
+                answer = rest.post("/instances", content=data)
+                assert answer.status_code == 200, answer.text
+                studies.add(answer.json()["ParentStudy"])
+                if answer.json()["Status"] == "Success":
+                    stored[name] = data
             # Orthanc, as a PACS would, sends the studies to our STOW-RS entry point
             sent = rest.post("/dicom-web/servers/busi/stow", json={"Resources": sorted(studies)})
             assert sent.status_code == 200, sent.text + service.log_tail()
 
             compared = []
-            for name, data in originals.items():
+            for name, data in stored.items():
                 source = header(data)
-                expected_mask = _json_mask(service.url, data)
-                # two of pydicom's files share a study: each result is matched by what it cites
+                # several files share a study: each result is matched by what it cites
                 results = [
                     ds
                     for ds in _instances_of_study(rest, source.StudyInstanceUID)
-                    if ds.Modality in ("SEG", "SR") and _cites(ds, source.SOPInstanceUID)
+                    if ds.Modality in RESULT_MODALITIES and _cites(ds, source.SOPInstanceUID)
                 ]
-                segs = [ds for ds in results if ds.Modality == "SEG"]
-                reports = [ds for ds in results if ds.Modality == "SR"]
-                assert len(reports) == 1, name
-                assert reports[0].SOPInstanceUID.startswith("1.2.826.0.1.3680043.10.543.")
-                if expected_mask is None:  # a normal finding: the report alone, as in the JSON
-                    assert segs == [], name
+                found = {m: [ds for ds in results if ds.Modality == m] for m in RESULT_MODALITIES}
+                assert len(found["SR"]) == 1, name
+                assert len(found["PR"]) == 1, name  # the overlay any viewer shows
+                (report,) = found["SR"]
+                assert report.SOPInstanceUID.startswith("1.2.826.0.1.3680043.10.543.")
+                if not found["SEG"]:  # a normal finding: no outline, as in the JSON
                     continue
-                assert len(segs) == 1, name
-                (seg,) = segs
-                assert _cites(reports[0], seg.SOPInstanceUID), name
-                np.testing.assert_array_equal(seg_mask(seg, source, 0), expected_mask)
-                compared.append(name)
+                assert len(found["SEG"]) == 1, name
+                (seg,) = found["SEG"]
+                assert _cites(report, seg.SOPInstanceUID), name
+                if int(source.get("NumberOfFrames") or 1) == 1:  # the key frame is frame 0
+                    expected_mask = _json_mask(service.url, data)
+                    np.testing.assert_array_equal(seg_mask(seg, source, 0), expected_mask)
+                    compared.append(name)
             assert "synthetic-monochrome" in compared  # the tiny models outline its lesion
+            retired = "1.2.840.10008.5.1.4.1.1.6"  # Ultrasound Image Storage (retired)
+            assert retired in {header(data).SOPClassUID for data in stored.values()}
             statistics = rest.get("/statistics").json()
             assert statistics["CountStudies"] == len(studies)
         finally:
