@@ -114,14 +114,17 @@ async def segment(
             "description": "The diagnosis; with `Accept: application/dicom` or "
             '`multipart/related; type="application/dicom"` (DICOM inputs only), a '
             "multipart/related body: the DICOM Segmentation (when the finding is a lesion), "
-            "then the TID 1500 Structured Report",
+            "the TID 1500 Structured Report, then a Softcopy Presentation State that draws "
+            "the lesion outline and the finding on the source frame; with `Accept: "
+            "application/fhir+json`, a FHIR R4 DiagnosticReport (any input)",
             "content": SEG_AND_SR_CONTENT,
         },
         **NOT_ACCEPTABLE_RESPONSE,
     },
     openapi_extra=IMAGE_REQUEST_BODY,
     description="Classify, then segment when the finding is benign or malignant (else "
-    "segmentation null)." + _NEGOTIATION,
+    "segmentation null). DICOM results (a DICOM input with Modality US) and a FHIR R4 "
+    "DiagnosticReport by `Accept`." + _NEGOTIATION,
 )
 async def diagnose(
     image: ImageDep,

@@ -29,6 +29,7 @@ from dicom_support import (
     seg_mask,
 )
 from fastapi.testclient import TestClient
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from PIL import Image
 from pydicom import Dataset, dcmread
 from service_inputs import LESION, jpeg, png, scan, uniform
@@ -313,3 +314,94 @@ def test_no_tag_value_reaches_warnings_or_logs(
     assert objects[-1].PatientID == "PID-TAG-VALUE-42"  # the results do carry it, by design
     said = caplog.text + "".join(str(w.message) for w in caught)
     assert "PLAINNAME" not in said and "PID-TAG-VALUE-42" not in said
+
+
+def test_diagnose_returns_a_presentation_state_drawing_the_srs_outline(client: TestClient) -> None:
+    data = pacs_dicom(pixel_spacing=(0.5, 0.5))
+    source = header(data)
+    seg, sr, pr = diagnose_objects(client, data, "application/dicom")
+    assert pr.SOPClassUID == GSPS_STORAGE  # a grey source: a Grayscale Softcopy PS
+    assert pr.StudyInstanceUID == source.StudyInstanceUID
+    assert pr.SeriesInstanceUID not in (seg.SeriesInstanceUID, sr.SeriesInstanceUID)
+    assert "research use" in pr.SeriesDescription.lower()
+    (referenced,) = pr.ReferencedSeriesSequence[0].ReferencedImageSequence
+    assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert referenced.ReferencedSOPClassUID == source.SOPClassUID
+    (annotation,) = pr.GraphicAnnotationSequence
+    assert annotation.GraphicLayer == "AI"
+    (outline,) = annotation.GraphicObjectSequence
+    assert (outline.GraphicType, outline.GraphicAnnotationUnits) == ("POLYLINE", "PIXEL")
+    (scoord,) = [i for i in _content(sr) if i.ValueType == "SCOORD"]
+    np.testing.assert_array_equal(
+        np.asarray(outline.GraphicData, dtype=float), np.asarray(scoord.GraphicData, dtype=float)
+    )
+    # the SR's finding and the drawn outline share their Tracking UID
+    sr_uids = {i.UID for i in _named(_content(sr), "Tracking Unique Identifier")}
+    assert outline.TrackingUID in sr_uids
+    (text,) = annotation.TextObjectSequence
+    probability = client.post("/diagnose", content=data, headers=DICOM).json()["classification"]
+    expected = f"{probability['probabilities']['benign']:.0%}"
+    assert text.UnformattedTextValue == f"Benign {expected} (AI, research use)"
+
+
+def test_a_cine_frames_presentation_state_and_report_name_the_frame(client: TestClient) -> None:
+    data = pacs_dicom([uniform(100, 96, 80), scan()])
+    response = client.post("/diagnose?frame=1", content=data, headers=WANT_DICOM)
+    assert response.status_code == 200, response.text
+    _, sr, pr = read_parts(response.headers["content-type"], response.content)
+    (referenced,) = pr.ReferencedSeriesSequence[0].ReferencedImageSequence
+    assert referenced.ReferencedFrameNumber == 2
+    frames = {
+        int(ref.ReferencedFrameNumber)
+        for i in _content(sr)
+        if i.ValueType == "IMAGE"
+        for ref in i.ReferencedSOPSequence
+        if "ReferencedFrameNumber" in ref
+    }
+    assert frames == {2}
+
+
+FHIR = {**DICOM, "Accept": "application/fhir+json"}
+
+
+def test_diagnose_answers_a_fhir_diagnostic_report(client: TestClient) -> None:
+    data = pacs_dicom(pixel_spacing=(0.5, 0.5))
+    source = header(data)
+    expected = client.post("/diagnose", content=data, headers=DICOM).json()
+    response = client.post("/diagnose", content=data, headers=FHIR)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/fhir+json"
+    report = DiagnosticReport.model_validate(response.json())  # valid FHIR, or this raises
+    assert report.status == "preliminary"
+    assert RESEARCH_STATEMENT in report.conclusion
+    (study,) = report.imagingStudy
+    assert study.identifier.system == "urn:dicom:uid"
+    assert study.identifier.value == f"urn:oid:{source.StudyInstanceUID}"
+    assert report.subject.identifier.value == source.PatientID
+    contained = {r.id: r for r in report.contained}
+    devices = {
+        r.deviceName[0].name: r.version[0].value
+        for r in contained.values()
+        if r.__resource_type__ == "Device"
+    }
+    assert devices == {"tiny-classification": "v1", "tiny-segmentation": "v1"}
+    assert [ref.reference for ref in report.result] == ["#finding", "#lesion-1"]
+    finding = contained["finding"]
+    assert finding.valueCodeableConcept.coding[0].display == "Benign"
+    probabilities = {c.code.text: c.valueQuantity.value for c in finding.component}
+    for name, p in expected["classification"]["probabilities"].items():
+        assert float(probabilities[f"Probability of {name}"]) == pytest.approx(p, abs=1e-6)
+    lesion = contained["lesion-1"]
+    area = {c.code.text: c.valueQuantity for c in lesion.component}["Area"]
+    assert area.unit == "mm2"
+    assert float(area.value) == pytest.approx(json_mask(client, data).sum() * 0.25)
+
+
+def test_a_fhir_report_of_a_png_has_no_study_to_cite(client: TestClient) -> None:
+    response = client.post(
+        "/diagnose", content=png(uniform(10, 96, 80)), headers={"Accept": "application/fhir+json"}
+    )
+    assert response.status_code == 200, response.text
+    report = DiagnosticReport.model_validate(response.json())
+    assert report.imagingStudy is None and report.subject is None
+    assert [ref.reference for ref in report.result] == ["#finding"]  # normal: no lesion
