@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from pydicom.sr.codedict import codes
 
 from service.dicom.outline import findings
 from service.predictors import Classification, Segmentation
@@ -25,11 +26,10 @@ SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
-# PS3.16 / SNOMED CT concepts, the same as the SR's.
+# SNOMED CT concepts, the same as the SR's (pydicom's PS3.16 code dictionary).
 FINDINGS = {
-    "normal": ("17621005", "Normal"),
-    "benign": ("30807003", "Benign"),
-    "malignant": ("363346000", "Malignant"),
+    name: (getattr(codes.SCT, name.capitalize()).value, name.capitalize())
+    for name in ("normal", "benign", "malignant")
 }
 _LESION = {"system": SNOMED, "code": "52988006", "display": "Lesion"}
 _BREAST = {"system": SNOMED, "code": "76752008", "display": "Breast"}
