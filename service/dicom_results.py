@@ -3,11 +3,12 @@
 A PACS shows DICOM, not JSON, so for a DICOM input the service can answer with objects a viewer
 lays over the source: a binary SEG with one SNOMED-coded "Lesion" segment on the source's pixel
 grid, and a Comprehensive SR holding the TID 1500 measurement report (the coded finding, the class
-probabilities, the lesion's area and bounding box, the models that made them, and the statement
-that this is research software). Both reference the source study, series, instance and frame and
-carry fresh UIDs under the configured root; both are built with highdicom from the source's header
-as the decoder read it (shared.decoding keeps it, without the pixel data, beside the frame) and
-from the predictor's raw results (the mask as an array).
+probabilities, each lesion region with its outline, area and size, the models that made them, and
+the statement that this is research software). Both reference the source study, series, instance
+and frame and carry fresh UIDs under the configured root; both are built with highdicom from the
+source's header as `service.dicom.header` sanitised it (shared.decoding keeps the header, without
+the pixel data, beside the frame) and from the predictor's raw results (the mask as an array).
+The presentation state that draws the outline is `service.dicom.presentation_state`'s.
 
 Nothing from the header is ever logged: these objects carry patient data by design (they belong to
 the patient's study), so they go to the client or to the configured STOW-RS target only.

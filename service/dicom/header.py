@@ -59,7 +59,8 @@ _CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f\\]")
 _DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 _TIME = re.compile(r"^([01]\d|2[0-3])(?:([0-5]\d)(?:([0-5]\d|60)(?:\.\d{1,6})?)?)?$")
 _ORIENTATION = re.compile(r"^[APLRHF]+$")
-_SEXES = {"M", "F", "O"}  # PS3.3 C.7.1.1: the defined terms
+_SEXES = {"M", "F", "O"}
+_GREY = ("MONOCHROME1", "MONOCHROME2")  # PS3.3 C.7.1.1: the defined terms
 
 # (keyword, VR, Type): the patient and study attributes results copy (PS3.3 C.7.1.1, C.7.2.1).
 # Type 2 ones are always written, empty when the source has none or an invalid one.
@@ -139,9 +140,15 @@ def result_source(header: Dataset, frame: int, n_frames: int) -> ResultSource:
     view.SOPClassUID = SECONDARY_CAPTURE_IMAGE_STORAGE
     view.Modality = ULTRASOUND
     view.Rows, view.Columns = rows, columns
+    # How the source is displayed, which is what a presentation state applies to (PS3.4 N.2):
+    # grey (MONOCHROME1 keeps its inversion), else colour, PALETTE COLOR included.
+    photometric = (_text(header, "PhotometricInterpretation") or "").strip().upper()
     samples = _positive_int(header, "SamplesPerPixel")
-    view.SamplesPerPixel = samples if samples in (1, 3) else 1
-    view.PhotometricInterpretation = "MONOCHROME2" if view.SamplesPerPixel == 1 else "RGB"
+    grey = photometric in _GREY or (not photometric and samples in (None, 1))
+    view.SamplesPerPixel = 1 if grey else 3
+    view.PhotometricInterpretation = (
+        (photometric if photometric in _GREY else "MONOCHROME2") if grey else "RGB"
+    )
     view.BitsAllocated = 8
     encodings = _encodings(header)
     for name, vr, kind in _TEXT_ATTRIBUTES:

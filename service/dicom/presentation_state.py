@@ -4,9 +4,9 @@ Viewers that show no DICOM SEG on ultrasound (OHIF among them) still apply a Sof
 Presentation State (PS3.3 A.33): this one holds a graphic layer "AI" with each lesion region's
 outline (a closed polyline in image pixels, the SR's SCOORD) and a text label with the finding and
 its probability, on the analysed frame. A grayscale source gets a Grayscale Softcopy Presentation
-State, which keeps the source's VOI window; a colour one (most ultrasound) a Color Softcopy
-Presentation State with an sRGB profile, since PS3.4 N.2 applies grayscale states to grayscale
-images only.
+State, which keeps the source's VOI window (and MONOCHROME1's inversion); a colour one (most
+ultrasound, PALETTE COLOR included) a Color Softcopy Presentation State with an sRGB profile,
+since PS3.4 N.2 applies grayscale states to grayscale images only.
 """
 
 from __future__ import annotations
@@ -105,7 +105,19 @@ def build_presentation_state(
         concept_name=None,
     )
     if source.grayscale:
-        state = hd.pr.GrayscaleSoftcopyPresentationState(**common)
+        # PS3.3 C.11.6.1: MONOCHROME1 shows its lowest value as white, so its state's
+        # Presentation LUT is INVERSE, or a viewer applying the state shows it inverted.
+        shape = (
+            hd.PresentationLUTShapeValues.INVERSE
+            if view.PhotometricInterpretation == "MONOCHROME1"
+            else hd.PresentationLUTShapeValues.IDENTITY
+        )
+        state = hd.pr.GrayscaleSoftcopyPresentationState(
+            **common,
+            presentation_lut_transformation=hd.PresentationLUTTransformation(
+                presentation_lut_shape=shape
+            ),
+        )
     else:
         state = hd.pr.ColorSoftcopyPresentationState(**common, icc_profile=srgb_profile())
     state.SeriesDescription = "AI findings overlay (research use, not for diagnosis)"

@@ -20,11 +20,13 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import pydicom
 import pytest
 from dicom_support import (
+    CSPS_STORAGE,
     GSPS_STORAGE,
     IOD_OF_CLASS,
     dciodvfy_errors,
@@ -62,6 +64,7 @@ STOW_BATCH_BYTES = 8 * 1024 * 1024
 EXPECTED_DICOM_REFUSALS = {"not_ultrasound", "non_image_dicom", "dicom_not_referenceable"}
 
 
+@cache
 def corpus_files() -> dict[str, bytes]:
     """Every file of pydicom's and pydicom-data's test data, once each (by content)."""
     roots = [Path(pydicom.__file__).parent / "data"]
@@ -213,6 +216,7 @@ CHARSET_NAMES: dict[str, tuple[str | list[str] | None, bytes, str | None]] = {
 }
 
 
+@cache
 def variants() -> dict[str, bytes]:
     """One-field header variants of pydicom's ultrasound example, by name."""
     base = dcmread(io.BytesIO(pydicom_file(BASE_FILE)))
@@ -438,7 +442,7 @@ def test_a_representative_subset_gives_no_5xx_and_only_valid_results(
 def test_the_whole_corpus_and_every_variant_give_no_5xx_and_only_valid_results(
     client: TestClient, tmp_path: Path
 ) -> None:
-    inputs = corpus_files()
+    inputs = dict(corpus_files())
     assert PYDICOM_DATA is not None, "pydicom-data (the dev extra) is not installed"
     all_variants = variants()
     inputs.update({f"variant/{name}": data for name, data in all_variants.items()})
@@ -543,19 +547,26 @@ def test_frame_1_of_two_frames_in_a_single_frame_class_names_the_frame(
         assert frames == {2}, ds.Modality
 
 
-def test_a_grey_ultrasound_gets_a_grayscale_presentation_state_with_its_window(
-    client: TestClient,
+@pytest.mark.parametrize(
+    ("name", "state_class"),
+    [
+        ("data/JPGLosslessP14SV1_1s_1f_8b.dcm", GSPS_STORAGE),  # MONOCHROME2
+        ("data/OBXXXX1A.dcm", CSPS_STORAGE),  # PALETTE COLOR: shown in colour
+        ("data/test_files/examples_ybr_color.dcm", CSPS_STORAGE),
+    ],
+)
+def test_grey_ultrasound_gets_a_grayscale_presentation_state_and_colour_a_colour_one(
+    client: TestClient, name: str, state_class: str
 ) -> None:
-    files = corpus_files()
-    data = files.get("data/JPGLosslessP14SV1_1s_1f_8b.dcm")
+    data = corpus_files().get(name)
     if data is None:
-        pytest.skip("pydicom-data's grey ultrasound file is not installed")
+        pytest.skip(f"{name} is not installed (pydicom-data)")
     response = client.post(
         "/diagnose", content=data, headers={"Content-Type": DICOM, "Accept": DICOM}
     )
     assert response.status_code == 200, response.text
     state = read_parts(response.headers["content-type"], response.content)[-1]
-    assert state.SOPClassUID == GSPS_STORAGE
+    assert state.SOPClassUID == state_class
 
 
 def test_a_text_file_declared_dicom_asking_for_dicom_gets_415(client: TestClient) -> None:

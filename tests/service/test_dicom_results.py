@@ -405,3 +405,14 @@ def test_a_fhir_report_of_a_png_has_no_study_to_cite(client: TestClient) -> None
     report = DiagnosticReport.model_validate(response.json())
     assert report.imagingStudy is None and report.subject is None
     assert [ref.reference for ref in report.result] == ["#finding"]  # normal: no lesion
+
+
+def test_a_monochrome1_sources_presentation_state_keeps_its_inversion(
+    client: TestClient, tmp_path: Path
+) -> None:
+    ds = dcmread(io.BytesIO(pacs_dicom()))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    *_, pr = diagnose_objects(client, _bytes(ds), "application/dicom")
+    assert pr.SOPClassUID == GSPS_STORAGE
+    assert pr.PresentationLUTShape == "INVERSE"
+    assert dciodvfy_errors(_bytes(pr), tmp_path, "monochrome1-pr", IOD_OF_CLASS[GSPS_STORAGE]) == []
