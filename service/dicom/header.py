@@ -22,6 +22,7 @@ Nothing here logs a value: these are patient data.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -181,28 +182,54 @@ def result_source(header: Dataset, frame: int, n_frames: int) -> ResultSource:
     )
 
 
+# Sequences whose items use the SOP Instance Reference Macro (PS3.3 10.8), which has no frame
+# number: the instance lists of the Common Instance Reference module and of the SR's evidence.
+_WHOLE_INSTANCE_SEQUENCES = {
+    "ReferencedInstanceSequence",
+    "CurrentRequestedProcedureEvidenceSequence",
+    "PertinentOtherEvidenceSequence",
+}
+
+
 def restore_references(result: Dataset, source: ResultSource) -> None:
     """Give every reference to the source, anywhere in `result`, the source's real SOP class
-    and, for a multi-frame source, the analysed frame's number (PS3.3 C.10.3)."""
-    for item in _items(result):
+    and, for a multi-frame source, the analysed frame's number where the reference is an Image
+    SOP Instance Reference (PS3.3 C.10.3; not in the instance lists of 10.8)."""
+    _unshare_instance_lists(result)
+    for item, whole_instance in _items(result, False):
         if item.get("ReferencedSOPInstanceUID") != source.sop_instance_uid:
             continue
         if "ReferencedSOPClassUID" in item:
             item.ReferencedSOPClassUID = source.sop_class_uid
         if (
             source.multiframe
+            and not whole_instance
             and "ReferencedSegmentNumber" not in item
             and "ReferencedFrameNumber" not in item
         ):
             item.ReferencedFrameNumber = source.frame + 1
 
 
-def _items(ds: Dataset) -> Iterator[Dataset]:
+def _unshare_instance_lists(ds: Dataset) -> None:
+    """Give the instance lists items of their own: highdicom puts one item object both there
+    and in the SEG's Source Image Sequence, where the frame number belongs."""
+    for element in ds:
+        if element.VR != "SQ":
+            continue
+        if element.keyword in _WHOLE_INSTANCE_SEQUENCES:
+            element.value = [copy.deepcopy(item) for item in element.value or []]
+        for item in element.value or []:
+            _unshare_instance_lists(item)
+
+
+def _items(ds: Dataset, whole_instance: bool) -> Iterator[tuple[Dataset, bool]]:
+    """Every item of every sequence below `ds`, and whether it lies in an instance list."""
     for element in ds:
         if element.VR == "SQ":
+            inside = whole_instance or element.keyword in _WHOLE_INSTANCE_SEQUENCES
             for item in element.value or []:
-                yield item
-                yield from _items(item)
+                yield item, inside
+                yield from _items(item, inside)
 
 
 # --- reading one attribute ---------------------------------------------------------------------

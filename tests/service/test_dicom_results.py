@@ -104,6 +104,10 @@ def test_segment_of_a_cine_frame_references_that_frame(client: TestClient) -> No
     assert item.ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert item.ReferencedSOPClassUID == source.SOPClassUID
     assert item.ReferencedFrameNumber == 2  # 1-based
+    # the instance list (PS3.3 10.8) names the instance only, with its own class
+    (instance,) = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert instance.ReferencedSOPClassUID == source.SOPClassUID
+    assert "ReferencedFrameNumber" not in instance
     assert "PixelMeasuresSequence" not in seg.SharedFunctionalGroupsSequence[0]  # none to keep
     np.testing.assert_array_equal(seg_mask(seg, source, 1), json_mask(client, data, frame=1))
 
