@@ -19,7 +19,6 @@ from pydicom import Dataset
 
 from service.dicom.fhir import FHIR_MEDIA_TYPE, diagnostic_report
 from service.dicom.header import ResultSource, result_source
-from service.dicom.outline import findings
 from service.dicom.presentation_state import build_presentation_state
 from service.dicom_results import (
     DICOM_MEDIA_TYPE,
@@ -31,6 +30,7 @@ from service.dicom_results import (
     generate_result_uid,
     lesion_label,
     source_image,
+    tracked_findings,
 )
 from service.predictors import Analysis
 from service.schemas import ErrorResponse
@@ -114,8 +114,7 @@ class DicomResults:
             raise ValueError("the analysis has no classification")
         segmentation = analysis.segmentation
         seg = self.segmentation(analysis) if segmentation is not None else None
-        regions = findings(segmentation.mask) if segmentation is not None else []
-        tracking_uids = [generate_result_uid(self.uid_root) for _ in regions]
+        regions = tracked_findings(segmentation, self.uid_root)
         report = _guarded(
             lambda: build_report(
                 source,
@@ -124,7 +123,7 @@ class DicomResults:
                 seg,
                 self.uid_root,
                 self.software_version,
-                tracking_uids,
+                regions,
             )
         )
         label = lesion_label(
@@ -133,9 +132,8 @@ class DicomResults:
         state = _guarded(
             lambda: build_presentation_state(
                 source,
-                segmentation,
+                regions,
                 label=label,
-                tracking_uids=tracking_uids,
                 series_instance_uid=generate_result_uid(self.uid_root),
                 sop_instance_uid=generate_result_uid(self.uid_root),
                 series_number=PR_SERIES_NUMBER,

@@ -33,7 +33,7 @@ from service.dicom.header import (
     restore_references,
     result_source,
 )
-from service.dicom.outline import findings
+from service.dicom.outline import TrackedFinding, findings
 from service.predictors import Classification, Segmentation
 from shared.errors import InputError
 from shared.labels import CLASS_NAMES
@@ -225,6 +225,13 @@ def _area_and_unit(
     return float(pixels), _PIXELS  # a count of pixels
 
 
+def tracked_findings(segmentation: Segmentation | None, uid_root: str) -> list[TrackedFinding]:
+    """The mask's findings, each with a new Tracking UID; none without a segmentation."""
+    if segmentation is None:
+        return []
+    return [TrackedFinding(f, generate_result_uid(uid_root)) for f in findings(segmentation.mask)]
+
+
 def lesion_label(finding: str, probability: float) -> str:
     """The short text a viewer shows beside an outline: the finding and its probability."""
     return f"{finding.capitalize()} {probability:.0%} (AI, research use)"
@@ -236,7 +243,7 @@ def _lesion_groups(
     segmentation: Segmentation,
     seg: hd.seg.Segmentation,
     uid_root: str,
-    tracking_uids: Sequence[str],
+    regions: Sequence[TrackedFinding],
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """TID 1410 groups: the lesion as the SEG's segment with its area, then each region of
     the mask as a finding of its own, with its outline (a SCOORD polyline on the source frame
@@ -258,10 +265,8 @@ def _lesion_groups(
             qualitative_evaluations=[_classification(label)],
         )
     ]
-    regions = findings(segmentation.mask)
-    for number, (finding, tracking_uid) in enumerate(
-        zip(regions, tracking_uids, strict=True), start=1
-    ):
+    for number, tracked in enumerate(regions, start=1):
+        finding = tracked.finding
         area, area_unit = _area_and_unit(finding.pixels, spacing)
         _, _, width, height = finding.bbox
         box_width, width_unit = _length_and_unit(width, spacing[1] if spacing else None)
@@ -269,7 +274,7 @@ def _lesion_groups(
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=tracking_uid, identifier=f"Lesion {number}"
+                    uid=tracked.uid, identifier=f"Lesion {number}"
                 ),
                 referenced_region=hd.sr.ImageRegion(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -299,7 +304,7 @@ def build_report(
     seg: hd.seg.Segmentation | None,
     uid_root: str,
     software_version: str,
-    tracking_uids: Sequence[str] = (),
+    regions: Sequence[TrackedFinding] | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR with the TID 1500 measurement report of one analysed frame.
 
@@ -308,9 +313,9 @@ def build_report(
     with the classifier's name and version (TID 4019); when there is an outline (`segmentation`
     and `seg`), TID 1410 groups add the lesion (the SEG's segment, its area) and each region of
     it as a finding with a tracking identifier and UID, its SCOORD outline, area and size, with
-    the segmenter's name and version; `tracking_uids` are the regions' Tracking UIDs (new ones
-    when not given), so that a presentation state can share them. The research-use statement
-    is a text comment under the report's qualitative evaluations.
+    the segmenter's name and version; `regions` are the mask's findings with their Tracking UIDs
+    (found, with new UIDs, when not given), which a presentation state shares. The research-use
+    statement is a text comment under the report's qualitative evaluations.
     """
     label = classification.label
     model = classification.model
@@ -343,10 +348,9 @@ def build_report(
     )
     groups: list = [image_group]
     if segmentation is not None and seg is not None:
-        uids = list(tracking_uids) or [
-            generate_result_uid(uid_root) for _ in findings(segmentation.mask)
-        ]
-        groups.extend(_lesion_groups(source, label, segmentation, seg, uid_root, uids))
+        if regions is None:
+            regions = tracked_findings(segmentation, uid_root)
+        groups.extend(_lesion_groups(source, label, segmentation, seg, uid_root, regions))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.SCT.UltrasonographyOfBreast,

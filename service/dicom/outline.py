@@ -27,15 +27,25 @@ class Finding:
     bbox: tuple[int, int, int, int]  # x, y, width, height
 
 
+@dataclass(frozen=True)
+class TrackedFinding:
+    """A finding and its Tracking UID, which the SR's measurement group and the presentation
+    state's outline share, so that a reader can tell they are the same finding."""
+
+    finding: Finding
+    uid: str
+
+
 def findings(mask: np.ndarray) -> list[Finding]:
     """The regions of a (H, W) mask (nonzero: lesion), the largest first, at most MAX_FINDINGS
     of at least MIN_FINDING_PIXELS pixels."""
     mask = np.asarray(mask) > 0
+    regions = [(sum(end - start for _, start, end in runs), runs) for runs in _components(mask)]
+    regions = [(pixels, runs) for pixels, runs in regions if pixels >= MIN_FINDING_PIXELS]
+    # the largest first; among equals the topmost, then the leftmost
+    regions.sort(key=lambda region: (-region[0], region[1][0][0], region[1][0][1]))
     found = []
-    for runs in _components(mask):
-        pixels = sum(end - start for _, start, end in runs)
-        if pixels < MIN_FINDING_PIXELS:
-            continue
+    for pixels, runs in regions[:MAX_FINDINGS]:
         rows = [r for r, _, _ in runs]
         top, bottom = min(rows), max(rows) + 1
         left, right = min(s for _, s, _ in runs), max(e for _, _, e in runs)
@@ -44,22 +54,17 @@ def findings(mask: np.ndarray) -> list[Finding]:
             region[r - top, start - left : end - left] = True
         outline = _trace(region) + np.array([left, top], dtype=float)
         found.append(Finding(pixels, outline, (left, top, right - left, bottom - top)))
-    found.sort(key=lambda f: (-f.pixels, f.bbox[1], f.bbox[0]))
-    return found[:MAX_FINDINGS]
+    return found
 
 
 def _components(mask: np.ndarray) -> list[list[tuple[int, int, int]]]:
-    """8-connected regions as lists of (row, start column, end column) runs (union-find on runs)."""
-    runs: list[tuple[int, int, int]] = []
-    row_runs: list[list[int]] = []
-    for r in range(mask.shape[0]):
-        line = np.concatenate(([0], mask[r].view(np.int8), [0]))
-        edges = np.flatnonzero(np.diff(line))
-        indices = []
-        for start, end in zip(edges[::2], edges[1::2], strict=True):
-            indices.append(len(runs))
-            runs.append((r, int(start), int(end)))
-        row_runs.append(indices)
+    """8-connected regions as lists of (row, start column, end column) runs, each list in
+    raster order: union-find on the runs, each row's runs merged with the row above's in one
+    pass (both are sorted by column)."""
+    padded = np.pad(mask.view(np.int8), ((0, 0), (1, 1)))
+    rows, columns = np.nonzero(np.diff(padded, axis=1))
+    # per row, edges alternate: start of a run, its end (the padding closes every run)
+    runs = list(zip(rows[::2].tolist(), columns[::2].tolist(), columns[1::2].tolist(), strict=True))
     parent = list(range(len(runs)))
 
     def root(i: int) -> int:
@@ -68,14 +73,23 @@ def _components(mask: np.ndarray) -> list[list[tuple[int, int, int]]]:
             i = parent[i]
         return i
 
-    for r in range(1, len(row_runs)):
-        above = row_runs[r - 1]
-        for i in row_runs[r]:
+    first_of_row: dict[int, int] = {}
+    for i, (r, _, _) in enumerate(runs):
+        first_of_row.setdefault(r, i)
+    for r, first in first_of_row.items():
+        if r - 1 not in first_of_row:
+            continue
+        j, i = first_of_row[r - 1], first
+        while i < len(runs) and runs[i][0] == r and j < first:
             _, start, end = runs[i]
-            for j in above:
-                _, s, e = runs[j]
-                if s <= end and e >= start:  # overlapping or touching diagonally
-                    parent[root(i)] = root(j)
+            _, above_start, above_end = runs[j]
+            # 8-connected: overlapping columns, or touching at a corner
+            if above_start <= end and above_end >= start:
+                parent[root(i)] = root(j)
+            if above_end < end:
+                j += 1
+            else:
+                i += 1
     groups: dict[int, list[tuple[int, int, int]]] = {}
     for i, run in enumerate(runs):
         groups.setdefault(root(i), []).append(run)

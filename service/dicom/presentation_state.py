@@ -18,8 +18,7 @@ import highdicom as hd
 from PIL import ImageCms
 
 from service.dicom.header import ResultSource, restore_references
-from service.dicom.outline import findings
-from service.predictors import Segmentation
+from service.dicom.outline import TrackedFinding
 
 LAYER = "AI"
 # CIELab of a saturated yellow: visible on grey and on colour-Doppler images alike.
@@ -44,10 +43,9 @@ def srgb_profile() -> bytes:
 
 def build_presentation_state(
     source: ResultSource,
-    segmentation: Segmentation | None,
+    regions: Sequence[TrackedFinding],
     *,
     label: str,
-    tracking_uids: Sequence[str],
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int,
@@ -56,28 +54,25 @@ def build_presentation_state(
     software_version: str,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState | hd.pr.ColorSoftcopyPresentationState:
     """The presentation state of one analysed frame: each region's outline (with its Tracking
-    UID of `tracking_uids`, the SR's) and `label`."""
+    UID, the SR's) and `label`."""
     view = source.view
     rows, columns = int(view.Rows), int(view.Columns)
-    outlines = findings(segmentation.mask) if segmentation is not None else []
     graphics = [
         hd.pr.GraphicObject(
             graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
             # PS3.3 C.10.5.1.2: in PIXEL units the top-left pixel's top-left corner is 0\0, as
             # in the SR's SCOORD; the outline runs along pixel borders, so at most Columns\Rows.
-            graphic_data=finding.outline,
+            graphic_data=tracked.finding.outline,
             units=hd.pr.AnnotationUnitsValues.PIXEL,
             tracking_id=f"Lesion {number}",
-            tracking_uid=tracking_uid,
+            tracking_uid=tracked.uid,
         )
-        for number, (finding, tracking_uid) in enumerate(
-            zip(outlines, tracking_uids, strict=True), start=1
-        )
+        for number, tracked in enumerate(regions, start=1)
     ]
     text = hd.pr.TextObject(
         text_value=label,
         units=hd.pr.AnnotationUnitsValues.PIXEL,
-        bounding_box=_label_box(outlines[0].bbox if outlines else None, rows, columns),
+        bounding_box=_label_box(regions[0].finding.bbox if regions else None, rows, columns),
     )
     layer = hd.pr.GraphicLayer(
         layer_name=LAYER, order=1, description="AI findings", display_color=_YELLOW

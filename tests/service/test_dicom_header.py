@@ -142,3 +142,20 @@ def test_a_hole_is_inside_the_outline_and_specks_are_not_findings() -> None:
     (finding,) = findings(mask)
     assert finding.pixels == 24
     assert finding.outline.tolist() == [[1, 1], [6, 1], [6, 6], [1, 6], [1, 1]]
+
+
+def test_findings_are_the_8_connected_regions_and_outlines_span_each_one() -> None:
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        mask = rng.random((12, 15)) < rng.uniform(0.1, 0.7)
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        sizes = sorted((int(n) for n in np.bincount(labels.ravel())[1:] if n >= 4), reverse=True)
+        found = findings(mask)
+        assert [f.pixels for f in found] == sizes[:10]
+        for finding in found:
+            x, y, width, height = finding.bbox
+            outline = finding.outline
+            assert (outline[0] == outline[-1]).all()
+            assert (outline[:, 0].min(), outline[:, 0].max()) == (x, x + width)
+            assert (outline[:, 1].min(), outline[:, 1].max()) == (y, y + height)
