@@ -88,10 +88,17 @@ class DicomResults:
 
     uid_root: str
     software_version: str
+    # ALLOW_NON_ULTRASOUND_DICOM: the operator asked for other modalities to be analysed
+    allow_non_ultrasound: bool = False
 
     def _source(self, analysis: Analysis) -> ResultSource:
         facts = analysis.image
-        return source_image(facts.dicom, facts.frame, facts.n_frames)
+        return source_image(
+            facts.dicom,
+            facts.frame,
+            facts.n_frames,
+            require_ultrasound=not self.allow_non_ultrasound,
+        )
 
     def segmentation(self, analysis: Analysis) -> Dataset:
         """The SEG of the analysed frame. Raises DicomOutputNeedsDicomInputError for a PNG or
@@ -154,7 +161,12 @@ class DicomResults:
         study = patient = spacing = None
         if facts.dicom is not None:
             try:
-                source = result_source(facts.dicom, facts.frame, facts.n_frames)
+                source = result_source(
+                    facts.dicom,
+                    facts.frame,
+                    facts.n_frames,
+                    require_ultrasound=not self.allow_non_ultrasound,
+                )
             except BusiError:  # not referenceable or not US: the report stands without
                 source = None
             if source is not None:
@@ -175,7 +187,9 @@ class DicomResults:
 
 def get_dicom_results(request: Request) -> DicomResults:
     settings: Settings = request.app.state.runtime.settings
-    return DicomResults(settings.DICOM_UID_ROOT, request.app.version)
+    return DicomResults(
+        settings.DICOM_UID_ROOT, request.app.version, settings.ALLOW_NON_ULTRASOUND_DICOM
+    )
 
 
 DicomResultsDep = Annotated[DicomResults, Depends(get_dicom_results)]

@@ -113,17 +113,19 @@ class DicomResultsError(UnreferenceableDicomError):
     code = "dicom_results_failed"
 
 
-def source_image(header: Dataset | None, frame: int, n_frames: int = 1) -> ResultSource:
+def source_image(
+    header: Dataset | None, frame: int, n_frames: int = 1, *, require_ultrasound: bool = True
+) -> ResultSource:
     """The source of results: the decoded DICOM's header, sanitised, and the analysed frame
     (0-based) of its `n_frames`.
 
     Raises DicomOutputNeedsDicomInputError when there is no header (a PNG or JPEG input),
     UnreferenceableDicomError when a UID or the image size is missing or invalid, and
-    NotUltrasoundError when the header does not say Modality US.
+    NotUltrasoundError when the header does not say Modality US (with `require_ultrasound`).
     """
     if header is None:
         raise DicomOutputNeedsDicomInputError(NEEDS_DICOM_MESSAGE)
-    return result_source(header, frame, n_frames)
+    return result_source(header, frame, n_frames, require_ultrasound=require_ultrasound)
 
 
 def _algorithm(model_name: str, model_version: str) -> hd.AlgorithmIdentificationSequence:

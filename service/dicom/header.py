@@ -112,12 +112,15 @@ class ResultSource:
         return int(self.view.SamplesPerPixel) == 1
 
 
-def result_source(header: Dataset, frame: int, n_frames: int) -> ResultSource:
+def result_source(
+    header: Dataset, frame: int, n_frames: int, *, require_ultrasound: bool = True
+) -> ResultSource:
     """The sanitised source of results for `frame` (0-based) of a decoded DICOM's header.
 
     Raises UnreferenceableDicomError when a UID every reference needs (study, series, SOP
-    instance, SOP class), Rows or Columns is missing or invalid, and NotUltrasoundError when the
-    header does not say it is ultrasound (Modality US).
+    instance, SOP class), Rows or Columns is missing or invalid, and, with `require_ultrasound`
+    (unless the operator allows other modalities), NotUltrasoundError when the header does not
+    say it is ultrasound (Modality US).
     """
     uids = {name: _uid(header, name) for name in _REFERENCED_UIDS}
     missing = [name for name, value in uids.items() if value is None]
@@ -128,7 +131,7 @@ def result_source(header: Dataset, frame: int, n_frames: int) -> ResultSource:
             "DICOM results must reference the source, which lacks a valid " + ", ".join(missing)
         )
     modality = _text(header, "Modality")
-    if (modality or "").strip().upper() != ULTRASOUND:
+    if require_ultrasound and (modality or "").strip().upper() != ULTRASOUND:
         # The JSON answer may still be asked for; a result filed in the study would claim an
         # ultrasound analysis of an object that does not say it is one.
         raise NotUltrasoundError(
@@ -139,7 +142,7 @@ def result_source(header: Dataset, frame: int, n_frames: int) -> ResultSource:
     for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         setattr(view, name, uids[name])
     view.SOPClassUID = SECONDARY_CAPTURE_IMAGE_STORAGE
-    view.Modality = ULTRASOUND
+    view.Modality = ULTRASOUND  # highdicom reads it; our results have their own
     view.Rows, view.Columns = rows, columns
     # How the source is displayed, which is what a presentation state applies to (PS3.4 N.2):
     # grey (MONOCHROME1 keeps its inversion), else colour, PALETTE COLOR included.

@@ -583,3 +583,15 @@ def _items(ds: Dataset):
             for item in element.value or []:
                 yield item
                 yield from _items(item)
+
+
+def test_an_operator_who_allows_other_modalities_gets_their_results(
+    serve, tiny_model_dir: Path
+) -> None:
+    data = variants()["Modality-missing"]
+    with serve(tiny_model_dir, ALLOW_NON_ULTRASOUND_DICOM=True) as client:
+        response = client.post(
+            "/diagnose", content=data, headers={"Content-Type": DICOM, "Accept": DICOM}
+        )
+    assert response.status_code == 200, response.text
+    assert read_parts(response.headers["content-type"], response.content)
