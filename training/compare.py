@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from service.registry import load_model
 from shared.artifacts import ArtifactInfo, verify_artifact
+from shared.inference import load_module
 from shared.labels import CLASS_NAMES
 from shared.postprocessing import class_probabilities, dice_iou, sigmoid
 from training.data import load_image, load_mask, scan_dataset
@@ -40,34 +40,21 @@ def _artifact(path: Path) -> ArtifactInfo:
 def score_pair(
     classifier_dir: Path, segmenter_dir: Path, images: list, masks: list, samples: list
 ) -> list[dict[str, Any]]:
-    classifier, segmenter = (
-        load_model(_artifact(classifier_dir)),
-        load_model(_artifact(segmenter_dir)),
-    )
-    import torch
-
+    cls_info, seg_info = _artifact(classifier_dir), _artifact(segmenter_dir)
+    cls_mod, seg_mod = load_module(cls_info), load_module(seg_info)
     rows = []
-    with torch.inference_mode():
-        for sample, image, truth in zip(samples, images, masks, strict=True):
-            x = torch.from_numpy(classifier.preprocessing(image)[None])
-            logits = classifier.module(x)[0].numpy()
-            probs = class_probabilities(logits, classifier.class_names)
-            layout = segmenter.preprocessing.layout(image)
-            y = segmenter.preprocessing.normalise(
-                segmenter.preprocessing.resize_image(image, layout)
-            )
-            prob = sigmoid(segmenter.module(torch.from_numpy(y[None]))[0, 0].numpy())
-            frame = segmenter.preprocessing.frame_map(prob.astype(np.float32), layout)
-            pred = frame > segmenter.threshold
-            rows.append(
-                {
-                    "key": sample.key,
-                    "label": sample.label,
-                    "probs": [probs[name] for name in ("normal", "benign", "malignant")],
-                    "dice": dice_iou(pred, truth > 127)[0],
-                    "mask_pixels": int(pred.sum()),
-                }
-            )
+    for sample, image, truth in zip(samples, images, masks, strict=True):
+        probs = dict(zip(CLASS_NAMES, _class_probs(cls_info, cls_mod, image, None), strict=True))
+        pred = _predict_mask(seg_info, seg_mod, image)
+        rows.append(
+            {
+                "key": sample.key,
+                "label": sample.label,
+                "probs": [probs[name] for name in ("normal", "benign", "malignant")],
+                "dice": dice_iou(pred, truth > 127)[0],
+                "mask_pixels": int(pred.sum()),
+            }
+        )
     return rows
 
 
@@ -232,7 +219,6 @@ def score_recipe(
     name: str, classifier: str | None, segmenter: str | None, folds: dict, data: dict
 ) -> list[dict[str, Any]]:
     """Rows (one per held-out image of every fold where the recipe has artifacts)."""
-    import torch
 
     rows = []
     for fold in sorted(set(folds.values())):
@@ -240,8 +226,8 @@ def score_recipe(
         seg_info = _newest(segmenter, fold, "segmentation")
         if cls_info is None and seg_info is None:
             continue
-        cls_mod = torch.jit.load(str(cls_info.model_path)).eval() if cls_info else None
-        seg_mod = torch.jit.load(str(seg_info.model_path)).eval() if seg_info else None
+        cls_mod = load_module(cls_info) if cls_info else None
+        seg_mod = load_module(seg_info) if seg_info else None
         keys = [k for k, f in folds.items() if f == fold]
         log.info("%s, fold %d: %d held-out images", name, fold, len(keys))
         for key in keys:
