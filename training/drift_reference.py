@@ -25,7 +25,7 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -116,9 +116,15 @@ def model_forward(info: ArtifactInfo, threads: int) -> tuple[Forward, str]:
 
 
 def site_values(
-    info: ArtifactInfo, forward: Forward, images: list[np.ndarray], batch_size: int, detector: Any
+    info: ArtifactInfo,
+    forward: Forward,
+    images: Sequence[Any],
+    batch_size: int,
+    detector: Any,
+    load: Callable[[Any], np.ndarray] = lambda image: image,
 ) -> dict[str, list[float]]:
-    """{quantity: values} of `images` answered as the service answers them."""
+    """{quantity: values} of `images` answered as the service answers them; `load` turns an item
+    of `images` into its (H, W) uint8 frame, a batch at a time (a site is never held decoded)."""
     manifest = info.manifest
     pre = manifest.preprocessing
     classes = manifest.output.classes
@@ -128,7 +134,7 @@ def site_values(
     for name in names:
         values[probability_quantity(name)] = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
+        chunk = [load(image) for image in images[start : start + batch_size]]
         layouts = [pre.layout(im) for im in chunk]
         x = np.stack([
             pre.normalise(pre.resize_image(im, lay)) for im, lay in zip(chunk, layouts, strict=True)
@@ -198,8 +204,9 @@ def drift_reference_main(args: argparse.Namespace, command: str) -> dict[str, An
             raise ValueError(f"two data folders are the site {site}")
         samples = scan_dataset(root)
         picked = [samples[i] for i in spread(len(samples), args.limit)]
-        images = [load_image(s) for s in picked]
-        per_site[site] = site_values(info, forward, images, args.batch_size, detector)
+        per_site[site] = site_values(
+            info, forward, picked, args.batch_size, detector, load=load_image
+        )
         fingerprints[site] = {**data_fingerprint(samples), "scored": len(picked)}
         n_images += len(picked)
         log.info("site %s: %d images scored (%.0f s so far)", site, len(picked),
