@@ -60,9 +60,8 @@ def _sites(meta: Mapping[str, Any]) -> list[str] | None:
         return sorted(str(s) for s in sites)
     if isinstance(sites, list):
         return [str(s.get("name", s)) if isinstance(s, Mapping) else str(s) for s in sites]
-    reference = meta.get(MANIFEST_FIELD)
-    if isinstance(reference, Mapping) and isinstance(reference.get("sites"), Mapping):
-        return sorted(str(s) for s in reference["sites"])
+    # Not the drift reference's sites: they are the folders its command was given, which need
+    # not be the ones the model was trained on.
     return None
 
 

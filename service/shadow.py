@@ -12,8 +12,9 @@ forward, calibration and mask code as the served answer (service.predictors), it
 under the same lock as the served ones, and counts:
 
 - `busi_shadow_label_agreement_total{agree}`: the candidate's label equals the served one;
-- `busi_shadow_mask_dice`: Dice of the two lesion masks (1 when both are empty), where both the
-  served answer and the candidate segment.
+- `busi_shadow_mask_dice`: Dice of the two lesion masks (1 when both are empty) where the served
+  answer has a mask (/segment, or /diagnose of a lesion); the candidate's mask is empty when it
+  labels the frame normal, as /diagnose would answer.
 
 `python -m training promote --shadow-metrics URL` reads these figures back from /metrics.
 """
@@ -199,9 +200,9 @@ class ShadowScorer:
         image = analysis.image
         frame = DecodedImage(image.pixels, image.format, image.frame, image.n_frames)
         label = analysis.classification.label if analysis.classification else None
+        # Masks are compared where the served answer has one (/segment, or /diagnose of a
+        # lesion); /classify and a /diagnose answered normal compare labels only.
         mask = analysis.segmentation.mask if analysis.segmentation else None
-        if self.task == TASK_DIAGNOSIS and label is not None and mask is None:
-            mask = np.zeros_like(image.pixels)  # /diagnose answered normal: no lesion served
         try:
             self._queue.put_nowait(_Job(pair, frame, label, mask))
         except queue.Full:

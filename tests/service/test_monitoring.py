@@ -166,15 +166,18 @@ def test_a_shadow_candidate_scores_sampled_requests_and_counts_agreement(serve, 
             answer = client.post("/diagnose", content=png(frame(grey, lesion=grey)), headers=PNG)
             assert answer.status_code == 200
             assert answer.json()["classification"]["model"]["version"] == "j1"  # j1 answers
-        wait_scored(scorer, 3)
+        lesion = png(frame(110, lesion=250))  # /classify: labels compared, no mask served
+        assert client.post("/classify", content=lesion, headers=PNG).status_code == 200
+        wait_scored(scorer, 4)
         pair = {"task": TASK_DIAGNOSIS, "serving": "j1", "candidate": "cand"}
         assert metric(client, "busi_shadow_label_agreement_total", **pair, agree="true") == 1
-        assert metric(client, "busi_shadow_label_agreement_total", **pair, agree="false") == 2
-        assert metric(client, "busi_shadow_requests_total", **pair, outcome="scored") == 3
+        assert metric(client, "busi_shadow_label_agreement_total", **pair, agree="false") == 3
+        assert metric(client, "busi_shadow_requests_total", **pair, outcome="scored") == 4
         assert metric(client, "busi_shadow_requests_total", **pair, outcome="dropped") == 0
-        assert metric(client, "busi_shadow_mask_dice_count", **pair) == 3
-        # serving normal (no mask) vs a malignant candidate whose mask is empty: Dice 1 each
-        assert metric(client, "busi_shadow_mask_dice_sum", **pair) == pytest.approx(3.0)
+        # masks only where the served answer has one: the two benign /diagnose answers (empty,
+        # as the candidate's are): Dice 1 each; not the normal one, not /classify
+        assert metric(client, "busi_shadow_mask_dice_count", **pair) == 2
+        assert metric(client, "busi_shadow_mask_dice_sum", **pair) == pytest.approx(2.0)
 
 
 def test_a_full_shadow_queue_drops_rather_than_waits(tmp_path, serve):
