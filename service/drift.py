@@ -135,21 +135,6 @@ class DriftMonitor:
         self.metrics.drift_window.labels(model.task, model.version).set(0)
         return watched
 
-    def forget(self, task: str, version: str) -> None:
-        """Drop a version's gauges (it no longer serves)."""
-        with self._lock:
-            for key in [k for k in self._watched if k[:2] == (task, version)]:
-                watched = self._watched.pop(key)
-                for quantity in watched.windows:
-                    try:
-                        self.metrics.drift.remove(task, version, quantity)
-                    except KeyError:
-                        pass
-                try:
-                    self.metrics.drift_window.remove(task, version)
-                except KeyError:
-                    pass
-
     # --- one answer --------------------------------------------------------------------------
 
     def observe(self, analysis: Any) -> None:

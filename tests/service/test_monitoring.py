@@ -335,3 +335,10 @@ def test_every_labelled_counter_an_alert_reads_is_exported_at_zero():
         'busi_inference_rejected_total{reason="queue_full"} 0.0',
     ):
         assert sample in text
+
+
+def test_the_card_of_a_task_no_model_serves_is_a_404(client):
+    response = client.get("/models/diagnosis/card")  # separate models answer /diagnose here
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert "no diagnosis model is served here" in response.json()["error"]["message"]
