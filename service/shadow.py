@@ -3,13 +3,15 @@ the side, and how often it agrees with the serving version is counted per pair o
 
 SHADOW_VERSION names the candidate as `<task>/<version>` (a version published in MODEL_DIR,
 promoted or not). It is verified, loaded and warmed up like any served version
-(service.registry.load_model), beside the serving one. When a request has been answered by a
-model of the candidate's task, a SHADOW_SAMPLE share of them is queued with the analysed frame
-(its pixels, nothing else) on a bounded queue of SHADOW_QUEUE entries: a full queue drops the new
-entry (counted) rather than wait, so the request it shadows is never delayed. One background
-thread takes them one at a time and runs the candidate through the same preprocessing,
-forward, calibration and mask code as the served answer (service.predictors), its forwards
-under the same lock as the served ones, and counts:
+(service.registry.load_model), beside the serving one. When the analysis of a request by a
+model of the candidate's task is done (its response is then encoded and sent), a SHADOW_SAMPLE
+share of them is queued with the analysed frame (its pixels, nothing else) on a bounded queue of
+SHADOW_QUEUE entries: a full queue drops the new entry (counted) rather than wait, so queueing
+never delays the request it shadows. One background thread takes them one at a time and runs the
+candidate through the same preprocessing, forward, calibration and mask code as the served
+answer (service.predictors). Its forwards take the lock of the served ones, one image at a time,
+so a served forward waits at most for one shadow forward: the cost of shadowing is that share of
+the replica's CPU, which SHADOW_SAMPLE sets. It counts:
 
 - `busi_shadow_label_agreement_total{agree}`: the candidate's label equals the served one;
 - `busi_shadow_mask_dice`: Dice of the two lesion masks (1 when both are empty) where the served
