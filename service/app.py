@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyTimeoutMiddleware, timeout_s=settings.BODY_TIMEOUT_S, metrics=runtime.metrics
     )
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.MAX_BODY_BYTES)
+    # outermost, but for the tracing one
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics, audit=audit)
     if configure_tracing():  # off unless an OpenTelemetry exporter is configured
         app.add_middleware(TracingMiddleware)  # outermost: the request log line is in its span

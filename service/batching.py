@@ -48,12 +48,12 @@ Precision = Literal["fp32", "bf16"]
 
 # perf_counter() at which the predictor began a request (its body received); the deadline counts
 # from there. Unset (a forward outside a request): from the forward's submission.
-# (seconds queued, rows in its forward) of the calling thread's last forward, for its trace span
-last_forward: contextvars.ContextVar[tuple[float, int]] = contextvars.ContextVar(
-    "last_forward", default=(0.0, 0)
-)
 request_started: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "request_started", default=None
+)
+# (seconds queued, rows in its forward) of the calling context's last forward, for its trace span
+last_forward: contextvars.ContextVar[tuple[float, int]] = contextvars.ContextVar(
+    "last_forward", default=(0.0, 0)
 )
 
 # A prepared module must give the plain module's answers: exact up to float reassociation for

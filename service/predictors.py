@@ -195,11 +195,12 @@ class Predictor:
         self.observers: list[Callable[[Analysis], None]] = []
 
     def _observe(
-        self, stage: str, task: str, started: float, **attributes: float | int | str
+        self, stage: str, task: str, started: float, attributes: dict[str, Any] | None = None
     ) -> float:
+        """Time `stage` into its histogram and, when tracing, a span with `attributes`."""
         now = time.perf_counter()
         self._stage.labels(stage, task).observe(now - started)
-        tracing.record_stage(stage, started, now, {"busi.task": task, **attributes})
+        tracing.record_stage(stage, started, now, {"busi.task": task, **(attributes or {})})
         return now
 
     # --- stages ------------------------------------------------------------------------------
@@ -271,11 +272,10 @@ class Predictor:
         """(class logits (N, K), mask maps (N, S, S)); None for what the model does not give."""
         started = time.perf_counter()
         output = self.registry.forward(model, batch)
-        queue_wait, batch_size = last_forward.get()
-        self._observe(
-            "inference", model.task, started, **{"busi.model_version": model.version,
-            "busi.queue_wait_s": queue_wait, "busi.batch_size": batch_size},
-        )  # fmt: skip
+        queue_wait, rows = last_forward.get()
+        forward = {"busi.model_version": model.version, "busi.queue_wait_s": queue_wait,
+                   "busi.batch_size": rows}  # fmt: skip
+        self._observe("inference", model.task, started, forward)
         if isinstance(output, tuple):  # a joint model: (class logits, mask logits)
             return output[0], output[1][:, 0]
         if model.task == TASK_SEGMENTATION:
