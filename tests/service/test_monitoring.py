@@ -56,7 +56,7 @@ def metric(client: Any, name: str, **labels: str) -> float | None:
     for line in client.get("/metrics").text.splitlines():
         if not line.startswith(name + "{") and not line.startswith(name + " "):
             continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.rsplit(" ", 1)[0]))
         if all(found.get(k) == v for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return None
@@ -342,3 +342,30 @@ def test_the_card_of_a_task_no_model_serves_is_a_404(client):
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
     assert "no diagnosis model is served here" in response.json()["error"]["message"]
+
+
+def _dicom_from(manufacturer: str, model: str) -> bytes:
+    import io
+
+    from pydicom import dcmread
+    from service_inputs import dicom
+
+    ds = dcmread(io.BytesIO(dicom(frame(110))))
+    ds.Manufacturer, ds.ManufacturerModelName = manufacturer, model
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_scanners_are_counted_by_manufacturer_and_model_in_a_bounded_set(serve, tmp_path):
+    models = tmp_path / "models"
+    publish_joint(models, "j1")
+    promote(models, TASK_DIAGNOSIS, "j1", GateFloors())
+    dicom_type = {"Content-Type": "application/dicom"}
+    with serve(models, DRIFT_MAX_SCANNERS=1) as client:
+        for data in (_dicom_from("GE", "Logiq 7\x00"), _dicom_from("Acme", "X1")):
+            assert client.post("/diagnose", content=data, headers=dicom_type).status_code == 200
+        text = client.get("/metrics").text
+        assert metric(client, "busi_drift_scanner_total", manufacturer="GE", model="Logiq 7") == 1
+        assert metric(client, "busi_drift_scanner_total", manufacturer="other") == 1  # past the cap
+        assert "Acme" not in text and "Doe^Jane" not in text  # no other header value is exported
