@@ -101,7 +101,9 @@ def model_forward(info: ArtifactInfo, threads: int) -> tuple[Forward, str]:
         try:
             from shared.onnx_runtime import OnnxSessions
 
-            sessions = OnnxSessions(info.runtime_path(variant).read_bytes(), (threads,))
+            # no spinning: a batch job on a shared host should not busy-wait between forwards
+            data = info.runtime_path(variant).read_bytes()
+            sessions = OnnxSessions(data, (threads,), spinning=False)
             return (lambda x: sessions.run(x, threads)), RUNTIME_ONNX
         except ImportError:
             log.warning("onnxruntime is not installed: scoring with model.pt")
