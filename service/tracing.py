@@ -54,9 +54,11 @@ def configure_tracing(environ: Mapping[str, str] = os.environ, exporter: Any = N
     """Install a tracer provider when an exporter is configured (or `exporter`, a SpanExporter,
     is given: tests pass the SDK's in-memory one). True when spans are now recorded."""
     global _configured
+    if _configured and exporter is None:
+        return True  # one provider per process, however many apps it builds
     kind = "given" if exporter is not None else exporter_from_env(environ)
     if kind is None:
-        return _configured  # on when a test (or an earlier call) installed an exporter
+        return False
 
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
