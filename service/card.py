@@ -41,46 +41,57 @@ GENERAL_LIMITATIONS = (
     "marked uncertain is not to be relied on.",
 )
 
-_HELD_OUT_KEYS = ("held_out_sites", "held_out_site", "holdout_sites", "holdout", "held_out")
+_HELD_OUT_KEYS = ("held_out_sites", "held_out_site", "holdout_sites")
 _SITE_KEYS = ("sites", "per_site")
 
 
 def _first(mapping: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
     for key in keys:
         value = mapping.get(key)
-        if value:
+        if value and isinstance(value, Mapping | list):
             return value
     return None
 
 
-def _sites(meta: Mapping[str, Any]) -> list[str] | None:
-    scope = meta.get("scope") or {}
-    sites = scope.get("sites") if isinstance(scope, Mapping) else None
-    if isinstance(sites, Mapping):
-        return sorted(str(s) for s in sites)
-    if isinstance(sites, list):
-        return [str(s.get("name", s)) if isinstance(s, Mapping) else str(s) for s in sites]
-    # Not the drift reference's sites: they are the folders its command was given, which need
-    # not be the ones the model was trained on.
+def _scope(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The manifest's scope block: top-level `scope`, or `metrics.scope` (training.sites)."""
+    for scope in (meta.get("scope"), (meta.get("metrics") or {}).get("scope")):
+        if isinstance(scope, Mapping) and scope:
+            return scope
+    return {}
+
+
+def _trained_on(scope: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """{site: {images, groups, classes, devices}} when the scope lists the sites so."""
+    for key in ("trained_on", "sites"):
+        value = scope.get(key)
+        if isinstance(value, Mapping) and value:
+            return value
     return None
 
 
-def _scanners(meta: Mapping[str, Any]) -> Any:
-    scope = meta.get("scope") or {}
-    if not isinstance(scope, Mapping):
-        return None
+def _sites(scope: Mapping[str, Any]) -> list[str] | None:
+    # Not the drift reference's sites: they are the folders its command was given, which need
+    # not be the ones the model was trained on.
+    per_site = _trained_on(scope)
+    if per_site is not None:
+        return sorted(str(s) for s in per_site)
+    sites = scope.get("sites")
+    if isinstance(sites, list) and sites:
+        return [str(s.get("name", s)) if isinstance(s, Mapping) else str(s) for s in sites]
+    return None
+
+
+def _scanners(scope: Mapping[str, Any]) -> Any:
     scanners = scope.get("scanners") or scope.get("devices")
     if scanners:
         return scanners
-    sites = scope.get("sites")
-    if isinstance(sites, Mapping):  # {site: {"scanners": [...]}}
-        found = {
-            str(name): body.get("scanners") or body.get("devices")
-            for name, body in sites.items()
-            if isinstance(body, Mapping) and (body.get("scanners") or body.get("devices"))
-        }
-        return found or None
-    return None
+    found = {}
+    for site, body in (_trained_on(scope) or {}).items():
+        devices = body.get("scanners") or body.get("devices") if isinstance(body, Mapping) else None
+        if devices:  # a list of names, or {name: images}
+            found[str(site)] = sorted(devices) if isinstance(devices, Mapping) else devices
+    return found or None
 
 
 def _headline(metrics: Mapping[str, Any]) -> Any:
@@ -118,7 +129,9 @@ def model_card(model: Any, calibration: Mapping[str, Any] | None) -> dict[str, A
     """The card of a service.registry.LoadedModel (see the module docstring)."""
     meta: Mapping[str, Any] = model.info.metadata
     metrics = meta.get("metrics") or {}
-    sites = _sites(meta)
+    scope = _scope(meta)
+    sites = _sites(scope)
+    not_validated = scope.get("not_validated")
     fingerprint = meta.get("data_fingerprint") or {}
     card: dict[str, Any] = {
         "task": model.task,
@@ -131,17 +144,25 @@ def model_card(model: Any, calibration: Mapping[str, Any] | None) -> dict[str, A
         "intended_use": meta.get("intended_use"),
         "training": {
             "sites": sites,
-            "scanners": _scanners(meta),
+            "scanners": _scanners(scope),
+            "per_site": _trained_on(scope),
+            "validated_on": scope.get("validated_on"),
             "n_images": fingerprint.get("n_images"),
             "per_class": fingerprint.get("per_class"),
         },
         "performance": {
             "headline": _headline(metrics),
+            "note": metrics.get("note"),
             "per_site": _first(metrics, _SITE_KEYS),
             "held_out_sites": _first(metrics, _HELD_OUT_KEYS),
+            "held_out_scanners": _first(metrics, ("held_out_scanners",)),
         },
         "calibration": dict(calibration) if calibration is not None else None,
-        "limitations": [*(meta.get("limitations") or ()), *GENERAL_LIMITATIONS],
+        "limitations": [
+            *(meta.get("limitations") or ()),
+            *([f"Not validated on: {not_validated}."] if isinstance(not_validated, str) else []),
+            *GENERAL_LIMITATIONS,
+        ],
         "data": _data(meta, sites),
         "drift_reference": bool(meta.get(MANIFEST_FIELD)),
         "derived_from": meta.get("derived_from"),

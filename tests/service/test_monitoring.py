@@ -369,3 +369,44 @@ def test_scanners_are_counted_by_manufacturer_and_model_in_a_bounded_set(serve, 
         assert metric(client, "busi_drift_scanner_total", manufacturer="GE", model="Logiq 7") == 1
         assert metric(client, "busi_drift_scanner_total", manufacturer="other") == 1  # past the cap
         assert "Acme" not in text and "Doe^Jane" not in text  # no other header value is exported
+
+
+def test_the_card_reads_the_scope_and_figures_training_sites_publishes(serve, tmp_path):
+    """The layout of training.sites.manifest_metrics: scope and held-out figures in `metrics`."""
+    models = tmp_path / "models"
+    trained_on = {
+        "bus-bra": {"images": 1500, "groups": 800, "classes": {"benign": 1000},
+                    "devices": {"GE Logiq 7": 900, "Toshiba Aplio 300": 600}},
+        "busi": {"images": 500, "groups": 400, "classes": {"normal": 100},
+                 "devices": {"unrecorded": 500}},
+    }  # fmt: skip
+    metrics = {
+        **joint_metadata()["metrics"],
+        "kind": "site-held-out",
+        "note": "held_out_sites first",
+        "held_out_sites": {"bus-bra": {"bus-bra": {"accuracy": 0.7}}},
+        "held_out_scanners": {"GE Logiq 7": {"bus-bra": {"accuracy": 0.72}}},
+        "sites": {"busi": {"accuracy": 0.85}, "bus-bra": {"accuracy": 0.8}},
+        "scope": {
+            "trained_on": trained_on,
+            "validated_on": {"busi": {"images": 120}},
+            "not_validated": "sites, scanners and populations other than those listed",
+        },
+        "holdout": "fold:0",
+    }
+    publish_joint(models, "j1", metrics=metrics)
+    promote(models, TASK_DIAGNOSIS, "j1", GateFloors())
+    with serve(models) as client:
+        card = client.get("/models/diagnosis/card").json()
+    assert card["training"]["sites"] == ["bus-bra", "busi"]
+    assert card["training"]["scanners"] == {
+        "bus-bra": ["GE Logiq 7", "Toshiba Aplio 300"], "busi": ["unrecorded"],
+    }  # fmt: skip
+    assert card["training"]["per_site"] == trained_on
+    assert card["training"]["validated_on"] == {"busi": {"images": 120}}
+    assert card["performance"]["held_out_sites"] == metrics["held_out_sites"]
+    assert card["performance"]["held_out_scanners"] == metrics["held_out_scanners"]
+    assert card["performance"]["per_site"] == metrics["sites"]
+    assert "Not validated on: sites, scanners" in card["limitations"][0]
+    assert card["missing"] == []  # BUS-BRA's licence is known; BUSI's stays null
+    assert {d["site"] for d in card["data"]} == {"bus-bra", "busi"}
