@@ -57,7 +57,17 @@ def world(tmp_path: Path) -> dict[str, Path]:
     return {"models": tmp_path / "models", "a": site_a, "b": site_b}
 
 
-def test_drift_reference_publishes_a_new_version_with_the_sites_reference(world, capsys):
+@pytest.fixture
+def denormals_restored():
+    """The command sets torch's flush-denormal mode on the calling thread (training.engine),
+    which would leak into later tests of this process (hypothesis refuses to run with it)."""
+    yield
+    torch.set_flush_denormal(False)
+
+
+def test_drift_reference_publishes_a_new_version_with_the_sites_reference(
+    world, capsys, denormals_restored
+):
     status = drift_reference.main([
         "--model-dir", str(world["models"]), "--version", "src",
         "--data-path", str(world["a"]), str(world["b"]), "--new-version", "src-drift",
