@@ -283,14 +283,15 @@ def test_a_request_is_one_trace_with_a_span_per_stage_and_the_trace_id_in_the_lo
     promote(models, TASK_DIAGNOSIS, "j1", GateFloors())
     exporter = InMemorySpanExporter()
     assert tracing.configure_tracing(environ={}, exporter=exporter)
+    root = logging.getLogger()
     try:
         with caplog.at_level(logging.INFO), serve(models) as client:
-            logging.getLogger().addHandler(caplog.handler)
+            root.addHandler(caplog.handler)  # install_trace_ids filters the root's handlers
             tracing.install_trace_ids()
-            data = png(frame(110))
-            response = client.post("/diagnose", content=data, headers=PNG)
+            response = client.post("/diagnose", content=png(frame(110)), headers=PNG)
             assert response.status_code == 200
     finally:
+        root.removeHandler(caplog.handler)
         tracing.disable_tracing()
     spans = exporter.get_finished_spans()
     by_name = {s.name: s for s in spans}
