@@ -20,10 +20,11 @@ from service.middleware import (
     RequestContextMiddleware,
 )
 from service.registry import ReloadPoller, configure_torch
-from service.routes import dicomweb, inference, ops, page
+from service.routes import dicomweb, inference, models, ops, page
 from service.runtime import Runtime
 from service.schemas import error_responses
 from service.settings import Settings, get_settings
+from service.tracing import TracingMiddleware, configure_tracing, install_trace_ids
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_torch(settings.TORCH_THREADS)
+        install_trace_ids()  # the trace id in each log line written inside a span
         runtime.registry.check_pins()  # a pin to a missing version stops the start-up here
         await anyio.to_thread.run_sync(runtime.registry.refresh)
         # freeze / check the loaded models now, so the first requests get the prepared ones
         await anyio.to_thread.run_sync(runtime.batcher.prepare_served_models)
+        if runtime.shadow is not None and await anyio.to_thread.run_sync(runtime.shadow.load):
+            runtime.shadow.start()
         if runtime.registry.ready:
             log.info("ready: every model is loaded and warmed up")
         else:
@@ -83,6 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             runtime.draining.set()
             runtime.batcher.stop()  # after the last request: uvicorn drained them before this
+            if runtime.shadow is not None:
+                runtime.shadow.stop()
             if poller:
                 poller.stop()
             if audit is not None:
@@ -105,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference.router, **infer)
     app.include_router(dicomweb.router, **infer)
     app.include_router(ops.router)
+    app.include_router(models.router)
     app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR, check_dir=False), name="static")
     install_docs(app)
@@ -113,6 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyTimeoutMiddleware, timeout_s=settings.BODY_TIMEOUT_S, metrics=runtime.metrics
     )
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.MAX_BODY_BYTES)
-    # outermost
+    # outermost, but for the tracing one
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics, audit=audit)
+    if configure_tracing():  # off unless an OpenTelemetry exporter is configured
+        app.add_middleware(TracingMiddleware)  # outermost: the request log line is in its span
     return app

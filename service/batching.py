@@ -51,6 +51,10 @@ Precision = Literal["fp32", "bf16"]
 request_started: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "request_started", default=None
 )
+# (seconds queued, rows in its forward) of the calling context's last forward, for its trace span
+last_forward: contextvars.ContextVar[tuple[float, int]] = contextvars.ContextVar(
+    "last_forward", default=(0.0, 0)
+)
 
 # A prepared module must give the plain module's answers: exact up to float reassociation for
 # a frozen fp32 graph; bf16 carries 8 bits of mantissa, so its logits differ by ~1e-2 (its
@@ -81,6 +85,8 @@ class _Pending:
     result: Any = None
     error: BaseException | None = None
     taken: bool = False  # in a forward: it can no longer be withdrawn
+    queue_wait: float = 0.0  # seconds from enqueued to its forward's start
+    rows: int = 0  # rows of the forward it was in
 
 
 @dataclass
@@ -141,6 +147,7 @@ class Batcher:
             pending.done.wait()  # its forward already runs: the answer is moments away
         if pending.error is not None:
             raise pending.error
+        last_forward.set((pending.queue_wait, pending.rows))
         return pending.result
 
     def _deadline_of_this_request(self) -> float | None:
@@ -232,6 +239,7 @@ class Batcher:
         rows = sum(len(p.batch) for p in batch)
         for pending in batch:
             self.metrics.queue_wait.labels(task).observe(started - pending.enqueued)
+            pending.queue_wait, pending.rows = started - pending.enqueued, rows
         self.metrics.batch_size.labels(task).observe(rows)
         self._last_batch = rows
         try:

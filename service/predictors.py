@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 from pydicom import Dataset
 
-from service.batching import request_started
+from service import tracing
+from service.batching import last_forward, request_started
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import DEFAULT_MAX_CINE_FRAMES
@@ -189,10 +190,17 @@ class Predictor:
         self.uncertain_below = uncertain_below  # None: each artifact's own, else the default
         self.allow_non_ultrasound = allow_non_ultrasound
         self._stage = metrics.stage_latency
+        # Called with each answered Analysis (drift monitoring, shadow scoring); each must be
+        # quick and never raise.
+        self.observers: list[Callable[[Analysis], None]] = []
 
-    def _observe(self, stage: str, task: str, started: float) -> float:
+    def _observe(
+        self, stage: str, task: str, started: float, attributes: dict[str, Any] | None = None
+    ) -> float:
+        """Time `stage` into its histogram and, when tracing, a span with `attributes`."""
         now = time.perf_counter()
         self._stage.labels(stage, task).observe(now - started)
+        tracing.record_stage(stage, started, now, {"busi.task": task, **(attributes or {})})
         return now
 
     # --- stages ------------------------------------------------------------------------------
@@ -264,7 +272,10 @@ class Predictor:
         """(class logits (N, K), mask maps (N, S, S)); None for what the model does not give."""
         started = time.perf_counter()
         output = self.registry.forward(model, batch)
-        self._observe("inference", model.task, started)
+        queue_wait, rows = last_forward.get()
+        forward = {"busi.model_version": model.version, "busi.queue_wait_s": queue_wait,
+                   "busi.batch_size": rows}  # fmt: skip
+        self._observe("inference", model.task, started, forward)
         if isinstance(output, tuple):  # a joint model: (class logits, mask logits)
             return output[0], output[1][:, 0]
         if model.task == TASK_SEGMENTATION:
@@ -415,7 +426,10 @@ class Predictor:
         if classification is not None:
             classification = self._judged(classification, facts)
         cine = tuple(results) if request.frame == ALL_FRAMES else None
-        return Analysis(facts, classification, best.segmentation, cine)
+        analysis = Analysis(facts, classification, best.segmentation, cine)
+        for observe in self.observers:
+            observe(analysis)
+        return analysis
 
     def _record_models(self, request: ImageRequest, *models: LoadedModel) -> None:
         request.facts["models"] = {model.task: model.version for model in models}

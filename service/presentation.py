@@ -35,6 +35,7 @@ from fastapi import Depends, Request, Response
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from service import tracing
 from service.dicom.fhir import FHIR_MEDIA_TYPE
 from service.dicom_output import MULTIPART_DICOM, DicomResults, get_dicom_results
 from service.dicom_results import (
@@ -427,7 +428,8 @@ class Presentation:
 
 
 def _encode(encode: Encoder, context: Context, analysis: Analysis) -> Response:
-    return encode(analysis, context)
+    with tracing.span("present"):
+        return encode(analysis, context)
 
 
 def get_presentation(

@@ -6,10 +6,12 @@ import threading
 from dataclasses import dataclass, field
 
 from service.batching import Batcher, BatchingConfig
+from service.drift import DriftMonitor
 from service.metrics import ServiceMetrics
 from service.predictors import Predictor
 from service.registry import ModelRegistry
 from service.settings import Settings
+from service.shadow import ShadowScorer, parse_shadow_version
 from shared.quality import load_detector
 
 
@@ -20,6 +22,8 @@ class Runtime:
     registry: ModelRegistry
     predictor: Predictor
     draining: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM
+    drift: DriftMonitor | None = None
+    shadow: ShadowScorer | None = None  # SHADOW_VERSION
 
     @property
     def batcher(self) -> Batcher:
@@ -55,7 +59,18 @@ class Runtime:
             max_aspect_ratio=settings.MAX_ASPECT_RATIO,
             max_cine_frames=settings.MAX_CINE_FRAMES,
         )
-        return cls(settings, metrics, registry, predictor)
+        drift = DriftMonitor(
+            metrics, settings.DRIFT_WINDOW, settings.DRIFT_MIN_SAMPLES, settings.DRIFT_MAX_SCANNERS
+        )
+        predictor.observers.append(drift.observe)
+        shadow = None
+        if settings.SHADOW_VERSION:
+            task, version = parse_shadow_version(settings.SHADOW_VERSION)
+            shadow = ShadowScorer(
+                registry, metrics, task, version, settings.SHADOW_SAMPLE, settings.SHADOW_QUEUE
+            )
+            predictor.observers.append(shadow.offer)
+        return cls(settings, metrics, registry, predictor, drift=drift, shadow=shadow)
 
 
 def batching_config(settings: Settings) -> BatchingConfig:

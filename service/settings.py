@@ -221,6 +221,26 @@ class Settings(BaseSettings):
     RESULTS_STOW_TIMEOUT_S: float = Field(
         15.0, gt=0, description="Timeout of one delivery try to RESULTS_STOW_URL"
     )
+    DRIFT_WINDOW: int = Field(
+        500, ge=1, description="Answers per model version in the drift window (service/drift.py)"
+    )
+    DRIFT_MIN_SAMPLES: int = Field(
+        100, ge=1, description="Answers in the window before busi_drift_psi is exported"
+    )
+    DRIFT_MAX_SCANNERS: int = Field(
+        20, ge=1, description="Manufacturer/model pairs counted by name; later ones are `other`"
+    )
+    SHADOW_VERSION: str = Field(
+        "",
+        description="<task>/<version>: a published version to score in the shadow of the "
+        "serving one (service/shadow.py); empty: none",
+    )
+    SHADOW_SAMPLE: float = Field(
+        0.1, ge=0.0, le=1.0, description="Share of the task's requests the shadow candidate scores"
+    )
+    SHADOW_QUEUE: int = Field(
+        8, ge=1, description="Requests waiting for the shadow candidate; more are dropped"
+    )
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     LOG_FORMAT: Literal["json", "text"] = "json"
     # --- access control, audit and slow clients (docs/operations.md, "Authentication") ------
@@ -263,6 +283,21 @@ class Settings(BaseSettings):
             return validate_version(value)
         except InvalidVersionError as exc:
             raise ValueError(exc.message) from exc
+
+    @field_validator("SHADOW_VERSION")
+    @classmethod
+    def _shadow_is_task_and_version(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        task, _, version = value.partition("/")
+        if task not in (TASK_CLASSIFICATION, TASK_SEGMENTATION, TASK_DIAGNOSIS):
+            raise ValueError("SHADOW_VERSION is <task>/<version>, e.g. diagnosis/20261204T210000Z")
+        try:
+            validate_version(version)
+        except InvalidVersionError as exc:
+            raise ValueError(exc.message) from exc
+        return value
 
     @field_validator("UNCERTAIN_BELOW", "OOD_DETECTOR_FILE", mode="before")
     @classmethod

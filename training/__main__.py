@@ -15,6 +15,8 @@
     python -m training ood --data-path D [--detector-out J]  evaluate and fit the OOD check
     python -m training shortcuts --cv-dir R --data-path D    predictions with marks inpainted
     python -m training export-onnx --version V --data-path D  republish with model.onnx, validated
+    python -m training drift-reference --version V --data-path D1 D2  republish with the drift
+                                                             reference of its training sites
     python -m training sites --data-path D1 D2 --holdout site:S  train without a site/scanner/fold,
                                                              score it there, per site
     python -m training sites-report --runs R1 R2 ...         one table of those runs
@@ -55,6 +57,7 @@ COMMANDS = (
     "promote",
     "demote",
     "export-onnx",
+    "drift-reference",
     "sites",
     "sites-report",
     "sites-publish",
@@ -165,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         from training import runtimes
 
         return runtimes.main(rest)
+    elif command == "drift-reference":
+        from training import drift_reference
+
+        return drift_reference.main(rest)
     elif command in ("calibrate", "ood", "shortcuts"):
         from training import calibration, ood, shortcuts
 

@@ -336,7 +336,7 @@ def test_compose_defaults_resolve_to_the_service_settings():
     cpus = int(config["services"]["api"]["cpus"])
     assert settings.TORCH_THREADS == cpus  # a lone request's forward gets every core
     assert settings.TORCH_THREADS_BATCHED == cpus  # so does a batch's (bench: ONNX Runtime)
-    assert set(config["services"]) == {"api", "seed-models", "train", "prometheus"}
+    assert set(config["services"]) == {"api", "seed-models", "train", "prometheus", "grafana"}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,262 @@
+"""`python -m training drift-reference`: a published model again, with the reference distributions
+of what it sees and says on its training sites (shared.drift), for the service's drift gauges.
+
+    python -m training drift-reference --model-dir models --task diagnosis --version V \
+        --data-path D1 [D2 ...] [--output-model-dir M] [--new-version N] [--limit N] \
+        [--json PATH] [--threads T]
+
+Each data folder is a site (training.sites.site_name: `bus-bra` for a folder with BUS-BRA's
+table, else the folder's name). Every image is decoded, preprocessed, run and post-processed as
+the service answers it (the shared decoding, preprocessing, calibration, frame map and OOD
+detector; model.onnx in ONNX Runtime when the artifact carries a validated one, as the service
+would, else model.pt), and its quantities are binned per site: each class's calibrated
+probability, the OOD score, the served lesion area fraction (0 when the label is normal, as
+/diagnose answers) and the frame's width and height.
+
+A published version never changes, so the reference is not added to it: a NEW version is
+published (model.pt and model.onnx byte for byte, the source manifest with `derived_from` and the
+`drift_reference` field), whose manifest is verified with its files like any other; promote it
+(`python -m training promote`) to serve it. `--json` also writes the reference to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.artifacts import (
+    ONNX_FILE,
+    RUNTIME_ONNX,
+    ArtifactInfo,
+    new_version_name,
+    publish_artifact,
+    verify_artifact,
+)
+from shared.drift import (
+    HEIGHT,
+    LESION_AREA,
+    MANIFEST_FIELD,
+    OOD_SCORE,
+    WIDTH,
+    DriftReference,
+    probability_quantity,
+)
+from shared.labels import LESION_CLASSES, TASK_DIAGNOSIS, TASKS
+from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
+from shared.quality import DEFAULT_DETECTOR_FILE, load_detector
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[np.ndarray], list[np.ndarray]]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training drift-reference",
+        description="Publish a model again with the drift reference of its training sites "
+        "(not promoted).",
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, default=Path("models"), help="the source's (default: models)"
+    )
+    parser.add_argument("--task", choices=TASKS, default=TASK_DIAGNOSIS, help="default: diagnosis")
+    parser.add_argument("--version", required=True, help="the source version (folder name)")
+    parser.add_argument(
+        "--data-path", type=Path, nargs="+", required=True,
+        help="one folder per training site, in BUSI layout (BUS-BRA's with bus_data.csv)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output-model-dir", type=Path, default=None,
+        help="where to publish the new version (default: --model-dir)",
+    )  # fmt: skip
+    parser.add_argument("--new-version", default=None, help="default: UTC time")
+    parser.add_argument(
+        "--limit", type=int, default=0, help="at most N images per site, spread (default: all)"
+    )
+    parser.add_argument(
+        "--detector-file", type=Path, default=DEFAULT_DETECTOR_FILE,
+        help="the OOD detector the service uses (OOD_DETECTOR_FILE; default: the bundled one)",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward (16)")
+    parser.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads "
+                        "(default: 0, torch's default)")  # fmt: skip
+    parser.add_argument("--json", type=Path, default=None, help="also write the reference here")
+    return parser
+
+
+def model_forward(info: ArtifactInfo, threads: int) -> tuple[Forward, str]:
+    """The artifact's forward as the service would run it, and the runtime's name."""
+    import torch
+
+    variant = info.manifest.runtime(RUNTIME_ONNX)
+    if variant is not None and variant.holds:
+        try:
+            from shared.onnx_runtime import OnnxSessions
+
+            # no spinning: a batch job on a shared host should not busy-wait between forwards
+            data = info.runtime_path(variant).read_bytes()
+            sessions = OnnxSessions(data, (threads,), spinning=False)
+            return (lambda x: sessions.run(x, threads)), RUNTIME_ONNX
+        except ImportError:
+            log.warning("onnxruntime is not installed: scoring with model.pt")
+    module = torch.jit.load(str(info.model_path), map_location="cpu").eval()
+
+    def forward(x: np.ndarray) -> list[np.ndarray]:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(x))
+        return [o.float().numpy() for o in (out if isinstance(out, tuple | list) else (out,))]
+
+    return forward, "torchscript"
+
+
+def site_values(
+    info: ArtifactInfo,
+    forward: Forward,
+    images: Sequence[Any],
+    batch_size: int,
+    detector: Any,
+    load: Callable[[Any], np.ndarray] = lambda image: image,
+) -> dict[str, list[float]]:
+    """{quantity: values} of `images` answered as the service answers them; `load` turns an item
+    of `images` into its (H, W) uint8 frame, a batch at a time (a site is never held decoded)."""
+    manifest = info.manifest
+    pre = manifest.preprocessing
+    classes = manifest.output.classes
+    mask = manifest.output.mask
+    names = manifest.class_names
+    values: dict[str, list[float]] = {q: [] for q in (OOD_SCORE, WIDTH, HEIGHT, LESION_AREA)}
+    for name in names:
+        values[probability_quantity(name)] = []
+    for start in range(0, len(images), batch_size):
+        chunk = [load(image) for image in images[start : start + batch_size]]
+        layouts = [pre.layout(im) for im in chunk]
+        x = np.stack([
+            pre.normalise(pre.resize_image(im, lay)) for im, lay in zip(chunk, layouts, strict=True)
+        ]).astype(np.float32)  # fmt: skip
+        outputs = forward(x)
+        logits = outputs[0] if names else None
+        maps = None
+        if mask is not None:
+            maps = outputs[-1][:, 0]
+        for j, (pixels, layout) in enumerate(zip(chunk, layouts, strict=True)):
+            height, width = pixels.shape
+            values[WIDTH].append(float(width))
+            values[HEIGHT].append(float(height))
+            values[OOD_SCORE].append(float(detector.assess(pixels).score))
+            label = None
+            if logits is not None and classes is not None:
+                probabilities = class_probabilities(classes.calibration.apply(logits[j]), names)
+                label = max(probabilities, key=probabilities.__getitem__)
+                for name, p in probabilities.items():
+                    values[probability_quantity(name)].append(float(p))
+            if maps is not None and mask is not None:
+                if label is not None and label not in LESION_CLASSES:
+                    values[LESION_AREA].append(0.0)  # /diagnose does not segment it
+                    continue
+                row = maps[j]
+                probability = row if mask.type == "probability" else sigmoid(row)
+                frame = pre.frame_map(probability.astype(np.float32), layout)
+                binary = np.where(frame > mask.threshold, np.uint8(255), np.uint8(0))
+                values[LESION_AREA].append(float(lesion_geometry(binary).area_fraction))
+    return values
+
+
+def derived_metadata(info: ArtifactInfo, reference: dict[str, Any]) -> dict[str, Any]:
+    metadata = {k: v for k, v in info.metadata.items() if k != "version"}
+    metadata["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    metadata["derived_from"] = {
+        "version": info.version,
+        "sha256": info.sha256,
+        "change": "adds the drift reference of its training sites",
+    }
+    metadata[MANIFEST_FIELD] = reference
+    if "runtimes" in metadata:  # publish_artifact fills in each entry's file and sha256 again
+        entries = metadata["runtimes"]
+        metadata["runtimes"] = [{k: v for k, v in e.items() if k != "sha256"} for e in entries]
+    return metadata
+
+
+def drift_reference_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Score the sites, bin, publish; the summary. Raises the errors of verify_artifact /
+    publish_artifact and FileNotFoundError for a folder without images."""
+    from training.data import data_fingerprint, load_image, scan_dataset
+    from training.engine import configure_threads
+    from training.runtimes import spread
+    from training.sites import site_name
+
+    threads = configure_threads(args.threads)
+    info = verify_artifact(args.model_dir, args.task, args.version)
+    forward, runtime = model_forward(info, threads)
+    detector = load_detector(args.detector_file)
+    started = time.perf_counter()
+    per_site: dict[str, dict[str, list[float]]] = {}
+    fingerprints: dict[str, Any] = {}
+    n_images = 0
+    for root in args.data_path:
+        site = site_name(root)
+        if site in per_site:
+            raise ValueError(f"two data folders are the site {site}")
+        samples = scan_dataset(root)
+        picked = [samples[i] for i in spread(len(samples), args.limit)]
+        per_site[site] = site_values(
+            info, forward, picked, args.batch_size, detector, load=load_image
+        )
+        fingerprints[site] = {**data_fingerprint(samples), "scored": len(picked)}
+        n_images += len(picked)
+        log.info("site %s: %d images scored (%.0f s so far)", site, len(picked),
+                 time.perf_counter() - started)  # fmt: skip
+    seconds = time.perf_counter() - started
+    reference = DriftReference.from_values(info.manifest.class_names, per_site)
+    document = reference.to_dict({
+        "command": command,
+        "runtime": runtime,
+        "model_sha256": info.sha256,
+        "detector": args.detector_file.name,
+        "data_fingerprints": fingerprints,
+        "seconds": round(seconds, 1),
+        "threads": threads,
+    })  # fmt: skip
+    if args.json is not None:
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+    output_dir = args.output_model_dir or args.model_dir
+    version = args.new_version or new_version_name()
+    runtime_files = {}
+    variant = info.manifest.runtime(RUNTIME_ONNX)
+    if variant is not None:
+        runtime_files[RUNTIME_ONNX] = info.path / ONNX_FILE
+    publish_artifact(
+        Path(output_dir), info.task, version, info.model_path,
+        derived_metadata(info, document), runtime_files=runtime_files,
+    )  # fmt: skip
+    published = verify_artifact(Path(output_dir), info.task, version)
+    log.info("published %s %s with its drift reference to %s (%d images in %.0f s; a "
+             "candidate: promote it to serve)", info.task, version, published.path, n_images,
+             seconds)  # fmt: skip
+    return {
+        "task": info.task,
+        "version": version,
+        "path": str(published.path),
+        "derived_from": {"version": info.version, "sha256": info.sha256},
+        "sites": {s: b["n_images"] for s, b in reference.sites.items()},
+        "runtime": runtime,
+        "seconds": round(seconds, 1),
+        "promote": f"python -m training promote {info.task} {version} --model-dir {output_dir}",
+    }
+
+
+def main(argv: list[str]) -> int:
+    import shlex
+
+    args = get_args_parser().parse_args(argv)
+    command = shlex.join(["python", "-m", "training", "drift-reference", *argv])
+    summary = drift_reference_main(args, command)
+    print(json.dumps(summary, indent=2))
+    return 0
