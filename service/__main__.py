@@ -56,6 +56,11 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
             lambda: _count_capacity_refusal(metrics),
         ),
         limit_concurrency=settings.MAX_CONNECTIONS,
+        server_header=False,  # no `server: uvicorn`: the version of nothing is anyone's business
+        # X-Forwarded-For is believed only from FORWARDED_ALLOW_IPS (none by default), so the
+        # audit log's client address cannot be forged by whoever reaches the port.
+        proxy_headers=bool(settings.FORWARDED_ALLOW_IPS),
+        forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS or None,
     )
 
 

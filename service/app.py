@@ -13,7 +13,9 @@ from starlette.staticfiles import StaticFiles
 from service.apidocs import complete_openapi, install_docs
 from service.audit import AuditLog
 from service.auth import SCOPE_INFER, load_keyring, require_scope
+from service.delivery import ResultsDelivery
 from service.errors import install_error_handlers
+from service.metrics import DeliveryMetrics
 from service.middleware import (
     BodySizeLimitMiddleware,
     BodyTimeoutMiddleware,
@@ -59,6 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     runtime = Runtime.from_settings(settings)
     if audit is not None:
         audit.metrics = runtime.metrics
+    delivery = None
+    if settings.RESULTS_STOW_URL:  # its own lane: a slow PACS holds no inference thread
+        delivery = ResultsDelivery(settings, DeliveryMetrics(runtime.metrics.registry))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -93,6 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 poller.stop()
             if audit is not None:
                 audit.close()
+            if delivery is not None:
+                await delivery.aclose()
             log.info("shut down")
 
     app = FastAPI(
@@ -102,10 +109,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # install_docs: Swagger UI from the app's own files
         redoc_url=None,  # ReDoc would come from a CDN
+        # No 307 to the slash-less path: it answered before any key check, with a Location built
+        # from the Host header. /diagnose/ is a 404 like any other path that does not exist.
+        redirect_slashes=False,
     )
     app.state.runtime = runtime
     app.state.keyring = keyring
     app.state.audit = audit
+    app.state.delivery = delivery
     install_error_handlers(app)
     infer = {"dependencies": [require_scope(SCOPE_INFER)], "responses": error_responses(401, 403)}
     app.include_router(inference.router, **infer)

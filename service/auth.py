@@ -235,6 +235,12 @@ def require_scope(scope: str) -> Any:
         keyring: KeyRing | None = request.app.state.keyring
         if keyring is None:
             return
+        if sum(name == b"authorization" for name, _ in request.scope["headers"]) > 1:
+            # Which one would count is up to each proxy and parser on the way: none does.
+            raise NotAuthenticatedError(
+                "send one Authorization header, not several",
+                {"WWW-Authenticate": f'{_REALM}, error="invalid_request"'},
+            )
         if credentials is None or not credentials.credentials:
             raise NotAuthenticatedError(
                 "send an API key: Authorization: Bearer <key>", {"WWW-Authenticate": _REALM}

@@ -116,6 +116,19 @@ class Batcher:
         self._last_batch = 0
         self._threads_now = 0
         self._prepared: dict[int, _Prepared] = {}
+        self._forward_started: float | None = None  # perf_counter() of the running forward
+
+    def stalled_s(self) -> float:
+        """Seconds the oldest waiting request has waited, or the running forward has run, the
+        longer; 0 when idle. Lock-free, for /readyz: it must answer while a forward hangs."""
+        now = time.perf_counter()
+        started = self._forward_started
+        try:
+            oldest = self._queue[0].enqueued
+        except IndexError:
+            oldest = None
+        times = [now - t for t in (started, oldest) if t is not None]
+        return max(times, default=0.0)
 
     # --- the request side ----------------------------------------------------------------------
 
@@ -242,6 +255,7 @@ class Batcher:
             pending.queue_wait, pending.rows = started - pending.enqueued, rows
         self.metrics.batch_size.labels(task).observe(rows)
         self._last_batch = rows
+        self._forward_started = started
         try:
             config = self.config
             threads = config.threads_alone if rows == 1 else config.threads_batched
@@ -254,12 +268,14 @@ class Batcher:
                 with self.lock:
                     outputs = self.run_module(self._module_for(model), torch.from_numpy(inputs))
         except BaseException as exc:  # every waiting request gets the forward's error
+            self._forward_started = None
             for pending in batch:
                 pending.error = exc
                 pending.done.set()
             if not isinstance(exc, Exception):
                 raise
             return
+        self._forward_started = None
         start = 0
         for pending in batch:
             stop = start + len(pending.batch)

@@ -317,3 +317,19 @@ def _build_facts() -> dict[str, str]:
         "torch": _version("torch"),
         "pydicom": _version("pydicom"),
     }
+
+
+class DeliveryMetrics:
+    """The results-delivery lane's gauges (service.delivery), on the service's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.backlog = Gauge(
+            "busi_results_delivery_backlog",
+            "Deliveries to RESULTS_STOW_URL waiting for a slot or running.",
+            registry=registry,
+        )
+        self.refused = Counter(
+            "busi_results_delivery_refused",
+            "Deliveries refused at once because RESULTS_STOW_BACKLOG were already waiting.",
+            registry=registry,
+        )

@@ -32,6 +32,36 @@ error_log = logging.getLogger("service.errors")
 _SAFE_REQUEST_ID = re.compile(r"(?=[0-9-]*[a-fA-F])[0-9a-fA-F-]{32,64}")
 _QUIET_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes
 
+# On every answer: no MIME sniffing (an answer is only ever what its Content-Type says), no
+# framing (clickjacking of the page).
+_ALWAYS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"))
+# Answers carry patient data (results, DICOM objects, errors naming an input): no cache, shared
+# or private, may keep them. The static files of the page and the API documents carry none.
+_NO_STORE = (b"cache-control", b"no-store")
+_CACHEABLE_PREFIXES = ("/static/", "/docs-assets/")
+# The page loads its own script, style and images (data: and blob: URLs it makes) and calls
+# this origin only. Swagger UI (/docs) needs an inline script, so it gets only the framing rule.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+_DOCS_CSP = "frame-ancestors 'none'; object-src 'none'; base-uri 'none'"
+
+
+def security_headers(path: str, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` of an answer to `path`, with the security headers added (a header the
+    answer set itself is kept)."""
+    names = {name.lower() for name, _ in headers}
+    added = [header for header in _ALWAYS if header[0] not in names]
+    if b"cache-control" not in names and not path.startswith(_CACHEABLE_PREFIXES):
+        added.append(_NO_STORE)
+    content_type = next((v for n, v in headers if n.lower() == b"content-type"), b"")
+    if b"content-security-policy" not in names and content_type.startswith(b"text/html"):
+        csp = _DOCS_CSP if path.startswith("/docs") else PAGE_CSP
+        added.append((b"content-security-policy", csp.encode("ascii")))
+    return [*headers, *added]
+
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
@@ -110,7 +140,8 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message = {**message, "headers": [*message.get("headers", ()), id_header]}
+                headers = security_headers(scope["path"], [*message.get("headers", ())])
+                message = {**message, "headers": [*headers, id_header]}
             await send(message)
 
         try:

@@ -206,13 +206,13 @@ class HealthResponse(BaseModel):
 
 
 class ReadyResponse(BaseModel):
-    status: Literal["ready", "loading", "shutting_down"]
-    models: dict[str, str | None] = Field(
-        description="Version serving each task; null while none is loaded",
-        examples=[{"classification": "20250101T120000Z", "segmentation": None}],
+    status: Literal["ready", "loading", "stalled", "shutting_down"] = Field(
+        description="stalled: the models are loaded but inference makes no progress (a request "
+        "has waited READY_STALL_S for a forward, or no worker thread frees up)"
     )
-    pins: dict[str, str | None] = Field(
-        default_factory=dict, description="Pinned version per task (the *_VERSION settings)"
+    models: dict[str, bool] = Field(
+        description="Whether a model serves each task (the versions are in /models, with a key)",
+        examples=[{"classification": True, "segmentation": False}],
     )
 
 

@@ -219,7 +219,47 @@ class Settings(BaseSettings):
         3, ge=1, le=10, description="Tries per delivery to RESULTS_STOW_URL, backing off between"
     )
     RESULTS_STOW_TIMEOUT_S: float = Field(
-        15.0, gt=0, description="Timeout of one delivery try to RESULTS_STOW_URL"
+        15.0,
+        gt=0,
+        description="Wall-clock limit of one delivery try to RESULTS_STOW_URL (connect, upload "
+        "and answer together, not per read)",
+    )
+    # --- results delivery lane and STOW-RS bounds (service/delivery.py, docs/operations.md) -----
+    RESULTS_STOW_DEADLINE_S: float = Field(
+        30.0,
+        gt=0,
+        description="Wall-clock limit of a whole delivery to RESULTS_STOW_URL: waiting for a "
+        "slot, every try and the backoff between; past it the instance fails with 0x0110",
+    )
+    RESULTS_STOW_WORKERS: int = Field(
+        4, ge=1, le=64, description="Deliveries to RESULTS_STOW_URL in flight at once"
+    )
+    RESULTS_STOW_BACKLOG: int = Field(
+        256,
+        ge=1,
+        description="Deliveries that may wait or run; beyond it a STOW-RS request gets 503 with "
+        "Retry-After (an instance of a request already running fails with 0x0110)",
+    )
+    MAX_STOW_INSTANCES: int = Field(
+        100, ge=1, description="Most parts (instances) in one STOW-RS request (413 above)"
+    )
+    MAX_STOW_PIXELS: int = Field(
+        200_000_000,
+        ge=1,
+        description="Most decoded pixels (rows x columns x frames, from the headers) of all the "
+        "instances of one STOW-RS request together (413 above)",
+    )
+    READY_STALL_S: float = Field(
+        30.0,
+        gt=0,
+        description="/readyz answers 503 (stalled) when a request has waited this long for a "
+        "forward, or when no worker thread frees up within a second",
+    )
+    FORWARDED_ALLOW_IPS: str = Field(
+        "",
+        description="Comma-separated proxy addresses (or *) whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed (the audit log's client address); empty: none, the "
+        "client address is the TCP peer's",
     )
     DRIFT_WINDOW: int = Field(
         500, ge=1, description="Answers per model version in the drift window (service/drift.py)"

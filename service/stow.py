@@ -7,9 +7,10 @@ SOP Sequence) and the failed ones (Failed SOP Sequence, each with a Failure Reas
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 
@@ -32,6 +33,8 @@ CANNOT_UNDERSTAND = 0xC000
 # Status codes of a STOW-RS target worth another try: it may answer the next one.
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _BACKOFF_S = 0.5
+# A STOW-RS answer lists the stored and failed instances: a few KiB for our SEG and SR.
+_MAX_ANSWER_BYTES = 1024 * 1024
 
 
 class MalformedMultipartError(InputError):
@@ -54,37 +57,48 @@ def media_type_params(value: str) -> tuple[str, dict[str, str]]:
     return message.get_content_type(), params
 
 
-def split_multipart(body: bytes, boundary: str) -> list[Part]:
-    """The parts of a PS3.18 8.6.1.2 / RFC 2046 multipart body, each part's bytes exact.
+def iter_multipart(body: bytes, boundary: str) -> Iterator[Part]:
+    """The parts of a PS3.18 8.6.1.2 / RFC 2046 multipart body, each part's bytes exact, one at a
+    time: a caller that counts them can stop at a cap before the rest of the body is split.
 
     Raises MalformedMultipartError when the boundary never appears or a part has no header end.
     """
     delimiter = b"--" + boundary.encode("latin-1")
-    pieces = body.split(b"\r\n" + delimiter)
-    first = pieces[0]
+    separator = b"\r\n" + delimiter
+    first_end = body.find(separator)
+    first = body if first_end < 0 else body[:first_end]
     if first.startswith(delimiter):  # no preamble: the body starts with the first delimiter
-        pieces[0] = first[len(delimiter) :]
+        position = len(delimiter)
     elif delimiter in first:  # a preamble before the first delimiter is ignored (RFC 2046)
-        pieces[0] = first[first.index(delimiter) + len(delimiter) :]
+        position = first.index(delimiter) + len(delimiter)
     else:
         raise MalformedMultipartError("the body does not contain the multipart boundary")
-    parts = []
-    for piece in pieces:
-        if piece.startswith(b"--"):  # the close delimiter: the epilogue after it is ignored
+    found = False
+    while True:
+        end = body.find(separator, position)
+        if body.startswith(b"--", position):  # the close delimiter: the epilogue is ignored
             break
+        piece = body[position : len(body) if end < 0 else end]
         header_end = piece.find(b"\r\n\r\n")
         if header_end < 0:
             raise MalformedMultipartError("a multipart part has no end of headers")
-        headers = piece[:header_end].decode("latin-1")
         media_type = ""
-        for line in headers.split("\r\n"):
+        for line in piece[:header_end].decode("latin-1").split("\r\n"):
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-type":
                 media_type = media_type_params(value.strip())[0]
-        parts.append(Part(media_type, piece[header_end + 4 :]))
-    if not parts:
+        found = True
+        yield Part(media_type, piece[header_end + 4 :])
+        if end < 0:
+            break
+        position = end + len(separator)
+    if not found:
         raise MalformedMultipartError("the multipart body holds no part")
-    return parts
+
+
+def split_multipart(body: bytes, boundary: str) -> list[Part]:
+    """Every part of a multipart body (iter_multipart); raises as it does."""
+    return list(iter_multipart(body, boundary))
 
 
 @dataclass
@@ -131,11 +145,19 @@ def _sop_reference(sop_class: str, sop_instance: str) -> dict:
 class Delivery:
     delivered: bool
     attempts: int
-    reason: str = ""  # why it failed: an HTTP status or a transport error class; no payload
+    reason: str = ""  # why it failed: an HTTP status, a transport error class, "deadline"
 
 
 class StowClient:
-    """Sends DICOM instances to one STOW-RS URL, with basic or bearer auth and bounded retries."""
+    """Sends DICOM instances to one STOW-RS URL, with basic or bearer auth, bounded retries and
+    one overall deadline per delivery.
+
+    Async I/O (httpx.AsyncClient): a delivery waiting on a slow target holds no thread. The
+    deadline covers the whole delivery, connect, upload, answer, every retry and its backoff
+    together, so a target that trickles its answer a byte at a time cannot stretch a try past it
+    (a per-read timeout would let it, for ever). Cancelling the awaiting task (the sender hung up)
+    closes the connection at once.
+    """
 
     def __init__(
         self,
@@ -145,54 +167,87 @@ class StowClient:
         password: str = "",
         token: str = "",
         attempts: int = 3,
-        timeout_s: float = 15.0,
-        transport: httpx.BaseTransport | None = None,
+        try_timeout_s: float = 15.0,
+        deadline_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url
         self.attempts = attempts
+        self.try_timeout_s = try_timeout_s
+        self.deadline_s = deadline_s
         headers = {"Accept": DICOM_JSON_MEDIA_TYPE}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         auth = httpx.BasicAuth(username, password) if username and not token else None
-        self._client = httpx.Client(
-            headers=headers, auth=auth, timeout=timeout_s, transport=transport
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            auth=auth,
+            # per operation; the try and the delivery have their own wall-clock deadlines below
+            timeout=httpx.Timeout(min(try_timeout_s, deadline_s)),
+            transport=transport,
         )
 
-    def close(self) -> None:
-        self._client.close()
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
-    def store(self, instances: Sequence[bytes]) -> Delivery:
+    async def store(self, instances: Sequence[bytes], deadline: float | None = None) -> Delivery:
         """POST the instances in one STOW-RS request; retry transport errors and 408 / 429 /
-        5xx answers up to `attempts` tries in all, backing off 0.5 s, 1 s, 2 s ... between.
+        5xx answers up to `attempts` tries in all, backing off 0.5 s, 1 s, 2 s ... between, all
+        before `deadline` (the event loop's clock; default: `deadline_s` from now); each try
+        within `try_timeout_s` (wall clock, not per read).
 
         Delivered means the target answered 200, or 202 without a Failed SOP Sequence.
         """
         body, content_type = multipart_related(instances, DICOM_MEDIA_TYPE)
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.deadline_s
         reason = ""
+        attempt = 0
         for attempt in range(1, self.attempts + 1):
             if attempt > 1:
-                time.sleep(_BACKOFF_S * 2 ** (attempt - 2))
+                backoff = _BACKOFF_S * 2 ** (attempt - 2)
+                if loop.time() + backoff >= deadline:
+                    break  # no time left for another try
+                await asyncio.sleep(backoff)
+            try_deadline = min(deadline, loop.time() + self.try_timeout_s)
             try:
-                response = self._client.post(
-                    self.url, content=body, headers={"Content-Type": content_type}
-                )
+                async with asyncio.timeout_at(try_deadline):
+                    status, answer = await self._post(body, content_type)
+            except TimeoutError:
+                reason = "deadline" if try_deadline >= deadline else "try_timeout"
+                log.debug("results delivery try %d: %s", attempt, reason)
+                if reason == "deadline":
+                    break
+                continue
             except httpx.TransportError as exc:
                 reason = type(exc).__name__
-                log.warning("results delivery try %d failed: %s", attempt, reason)
+                log.debug("results delivery try %d failed: %s", attempt, reason)
                 continue
-            if response.status_code == 200 or (
-                response.status_code == 202 and not _has_failures(response)
-            ):
+            if status == 200 or (status == 202 and not _has_failures(answer)):
                 return Delivery(True, attempt)
-            reason = f"HTTP {response.status_code}"
-            log.warning("results delivery try %d refused: %s", attempt, reason)
-            if response.status_code not in _RETRYABLE_STATUS:
+            reason = f"HTTP {status}"
+            log.debug("results delivery try %d refused: %s", attempt, reason)
+            if status not in _RETRYABLE_STATUS:
                 break
         return Delivery(False, attempt, reason)
 
+    async def _post(self, body: bytes, content_type: str) -> tuple[int, bytes]:
+        """(status, the first _MAX_ANSWER_BYTES of the answer): a target cannot make the
+        service hold an answer of any size."""
+        answer = bytearray()
+        async with self._client.stream(
+            "POST", self.url, content=body, headers={"Content-Type": content_type}
+        ) as response:
+            async for chunk in response.aiter_bytes():
+                answer += chunk
+                if len(answer) > _MAX_ANSWER_BYTES:
+                    break
+        return response.status_code, bytes(answer[:_MAX_ANSWER_BYTES])
 
-def _has_failures(response: httpx.Response) -> bool:
+
+def _has_failures(answer: bytes) -> bool:
     try:
-        return "00081198" in response.json()
-    except ValueError:
+        return "00081198" in json.loads(answer)
+    except (ValueError, TypeError):
         return False

@@ -7,23 +7,40 @@ the decoder read it) and sent on to RESULTS_STOW_URL when one is configured. Not
 "stored" in the response means analysed (and, with a results target, delivered); an instance
 that could not be analysed or whose results could not be delivered is listed as failed, so the
 sender can retry it.
+
+PS3.18 10.5.3: each instance succeeds or fails on its own, and the answer is 200 (all stored),
+202 (some failed) or 409 (none stored): one bad instance, even one that trips a bug in making its
+results, fails only itself, and results are delivered only for the instances that succeed. The
+whole request is refused only before any instance is analysed: 413 past MAX_STOW_INSTANCES parts
+or MAX_STOW_PIXELS decoded pixels (counted from the headers while the body is split), 503 when
+the models are not loaded, the inference queue is full or RESULTS_STOW_BACKLOG deliveries wait.
+
+Deliveries run on their own lane (service.delivery): async I/O with one deadline each, started as
+soon as an instance's results are made, so a slow PACS holds no inference thread. A sender that
+hangs up cancels the rest: no further instance is analysed, no further delivery is sent.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass
+from hashlib import sha256
 from io import BytesIO
 from typing import Annotated, Any
 
+import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from pydicom import dcmread
+from starlette.requests import ClientDisconnect
 
+from service.delivery import ResultsDelivery
 from service.deps import PredictorDep, RuntimeDep
 from service.dicom_output import DicomResults, DicomResultsDep
 from service.dicom_results import DICOM_MEDIA_TYPE, to_bytes
-from service.errors import UnsupportedMediaTypeError
+from service.errors import BodyTooLargeError, UnsupportedMediaTypeError
 from service.metrics import ServiceMetrics
 from service.predictors import ALL_FRAMES, ImageRequest, Predictor, TooManyFramesError
 from service.schemas import error_responses
@@ -37,10 +54,9 @@ from service.stow import (
     SOP_CLASS_NOT_SUPPORTED,
     MalformedMultipartError,
     Part,
-    StowClient,
     StowResponse,
+    iter_multipart,
     media_type_params,
-    split_multipart,
 )
 from shared import errors as domain
 
@@ -91,14 +107,35 @@ _REASON_BY_ERROR: dict[type[domain.BusiError], int] = {
 }
 
 
-def _failure_reason(exc: domain.InputError) -> int:
+# Errors that say the service, not the instance, cannot go on now: before anything was analysed
+# they refuse the whole request (503 / 504, retry it all); after, they fail the instance.
+_CAPACITY_ERRORS = (
+    domain.ModelUnavailableError,
+    domain.ServiceOverloadedError,
+    domain.DeadlineExceededError,
+)
+
+
+class StowTooLargeError(BodyTooLargeError):
+    """A STOW-RS request of more instances (MAX_STOW_INSTANCES) or more decoded pixels
+    (MAX_STOW_PIXELS) than the service takes in one request."""
+
+    code = "stow_too_large"
+
+
+def _failure_reason(exc: domain.BusiError) -> int:
+    """The Failure Reason of an instance that raised `exc`."""
     for cls in type(exc).__mro__:
         if cls in _REASON_BY_ERROR:
             return _REASON_BY_ERROR[cls]
-    return CANNOT_UNDERSTAND
+    if isinstance(exc, domain.ServiceOverloadedError | domain.DeadlineExceededError):
+        return OUT_OF_RESOURCES
+    if isinstance(exc, domain.InputError):
+        return CANNOT_UNDERSTAND
+    return PROCESSING_FAILURE  # ours, not the instance's: the sender may retry it
 
 
-def _dicom_parts(request: Request, body: bytes) -> list[Part]:
+def _boundary(request: Request) -> str:
     media_type, params = media_type_params(request.headers.get("content-type", ""))
     if media_type != "multipart/related" or params.get("type", "").lower() != DICOM_MEDIA_TYPE:
         raise UnsupportedMediaTypeError(
@@ -107,96 +144,198 @@ def _dicom_parts(request: Request, body: bytes) -> list[Part]:
         )
     if not params.get("boundary"):
         raise MalformedMultipartError("the multipart/related Content-Type has no boundary")
-    return split_multipart(body, params["boundary"])
+    return params["boundary"]
 
 
-def _identifiers(data: bytes) -> tuple[str, str, str] | None:
-    """(SOP class, SOP instance, study) UIDs from the header, or None if it cannot be read."""
+@dataclass
+class _Instance:
+    """One part of the request, what its header says, and what became of it."""
+
+    part: Part
+    sop_class: str = ""
+    sop_instance: str = ""
+    study: str = ""
+    readable: bool = False
+    pixels: int = 0
+    reason: int | None = None  # the Failure Reason; None: stored
+    results: list[bytes] | None = None
+    delivery_failure: str = ""  # why its results were not delivered: no payload, no PHI
+    done: bool = False  # its outcome is known (a hang-up or a refusal leaves the rest undone)
+
+    @property
+    def outcome(self) -> str:
+        if not self.done:
+            return "not_processed"
+        return "stored" if self.reason is None else "failed"
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _read_header(instance: _Instance) -> None:
+    """The UIDs and pixel count from the part's header, without its pixels; unreadable: none."""
     try:
         ds = dcmread(
-            BytesIO(data),
+            BytesIO(instance.part.data),
             force=False,
             stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
+            specific_tags=[
+                "SOPClassUID",
+                "SOPInstanceUID",
+                "StudyInstanceUID",
+                "Rows",
+                "Columns",
+                "NumberOfFrames",
+            ],
         )
-    except Exception:
-        return None
-    return (
-        str(ds.get("SOPClassUID", "")),
-        str(ds.get("SOPInstanceUID", "")),
-        str(ds.get("StudyInstanceUID", "")),
-    )
+        instance.sop_class = str(ds.get("SOPClassUID", ""))
+        instance.sop_instance = str(ds.get("SOPInstanceUID", ""))
+        instance.study = str(ds.get("StudyInstanceUID", ""))
+        rows, columns = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
+        frames = max(1, _int(ds.get("NumberOfFrames"), 1))
+    except Exception:  # any unreadable header: the instance fails with 0xC000, nothing is logged
+        return
+    instance.readable = True
+    instance.pixels = max(0, rows) * max(0, columns) * frames
 
 
-def _store(
-    parts: list[Part],
-    study: str | None,
-    predictor: Predictor,
-    dicom: DicomResults,
-    settings: Settings,
-    metrics: ServiceMetrics,
-) -> StowResponse:
-    """Analyse each part, deliver its results; one worker thread, one instance at a time."""
-    answer = StowResponse()
-    client = None
-    if settings.RESULTS_STOW_URL:
-        client = StowClient(
-            settings.RESULTS_STOW_URL,
-            username=settings.RESULTS_STOW_USERNAME,
-            password=settings.RESULTS_STOW_PASSWORD.get_secret_value(),
-            token=settings.RESULTS_STOW_TOKEN.get_secret_value(),
-            attempts=settings.RESULTS_STOW_ATTEMPTS,
-            timeout_s=settings.RESULTS_STOW_TIMEOUT_S,
-        )
-    try:
-        for index, part in enumerate(parts):
-            ids, reason = _store_one(part, study, predictor, dicom, client, metrics)
-            if reason is None:
-                answer.stored.append(ids[:2])
-                metrics.dicomweb_instances.labels("analysed").inc()
-            else:
-                answer.failed.append((*ids[:2], reason))
-                metrics.dicomweb_instances.labels("failed").inc()
-                log.info("STOW-RS part %d failed with reason 0x%04X", index, reason)
-    finally:
-        if client is not None:
-            client.close()
-    return answer
+def _received(body: bytes, boundary: str, settings: Settings, state: dict) -> list[_Instance]:
+    """The request's instances, headers read; raises StowTooLargeError as soon as the parts or
+    their pixels pass the caps, before any instance is analysed."""
+    instances: list[_Instance] = []
+    pixels = 0
+    for part in iter_multipart(body, boundary):
+        if len(instances) == settings.MAX_STOW_INSTANCES:
+            state["stow"] = {"bytes": len(body), "parts": f">{settings.MAX_STOW_INSTANCES}"}
+            raise StowTooLargeError(
+                f"the request holds more than {settings.MAX_STOW_INSTANCES} instances "
+                "(MAX_STOW_INSTANCES); send them in several requests"
+            )
+        instance = _Instance(part)
+        _read_header(instance)
+        instances.append(instance)
+        pixels += instance.pixels
+        if pixels > settings.MAX_STOW_PIXELS:
+            state["stow"] = {"bytes": len(body), "parts": f">={len(instances)}"}
+            raise StowTooLargeError(
+                f"the instances hold more than {settings.MAX_STOW_PIXELS} decoded pixels "
+                "together (MAX_STOW_PIXELS); send them in several requests"
+            )
+    return instances
 
 
-def _store_one(
-    part: Part,
-    study: str | None,
-    predictor: Predictor,
-    dicom: DicomResults,
-    client: StowClient | None,
-    metrics: ServiceMetrics,
-) -> tuple[tuple[str, str, str], int | None]:
-    """The part's (SOP class, SOP instance, study) UIDs ("" where unreadable), and None when
-    it was analysed (and delivered), else its Failure Reason."""
-    read = _identifiers(part.data)
-    ids = read or ("", "", "")
-    if part.media_type != DICOM_MEDIA_TYPE or read is None:
-        return ids, CANNOT_UNDERSTAND
-    if study is not None and ids[2] != study:
-        return ids, DATASET_DOES_NOT_MATCH  # PS3.18 10.5.3: not of the study the URL names
-    # Every frame of a cine loop: the results are the key frame's, not whichever came first.
+def _results_of(part: Part, predictor: Predictor, dicom: DicomResults) -> list[bytes]:
+    """On a worker thread: the instance's SEG and SR, from one analysis of every frame (the
+    results are the key frame's, not whichever came first), header included."""
     image = ImageRequest(data=part.data, declared_format="dicom", frame=ALL_FRAMES)
-    try:
-        # One decode: the SEG and SR are made from the analysis, header included.
-        objects = dicom.diagnosis(predictor.diagnose(image))
-    except domain.ModelUnavailableError:
-        raise  # the whole request is a 503: the sender should retry it all
-    except domain.InputError as exc:
-        return ids, _failure_reason(exc)
-    if client is None:
-        return ids, None
-    delivery = client.store([to_bytes(ds) for ds in objects])
-    metrics.results_deliveries.labels("delivered" if delivery.delivered else "failed").inc()
-    if not delivery.delivered:
-        log.warning("results not delivered after %d tries (%s)", delivery.attempts, delivery.reason)
-        return ids, PROCESSING_FAILURE
-    return ids, None
+    return [to_bytes(ds) for ds in dicom.diagnosis(predictor.diagnose(image))]
+
+
+class _Stow:
+    """The work of one STOW-RS request: analyse each instance in turn on a worker thread, and
+    hand each one's results to the delivery lane as soon as they are made."""
+
+    def __init__(
+        self,
+        instances: list[_Instance],
+        study: str | None,
+        predictor: Predictor,
+        dicom: DicomResults,
+        delivery: ResultsDelivery | None,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.instances = instances
+        self.study = study
+        self.predictor = predictor
+        self.dicom = dicom
+        self.delivery = delivery
+        self.metrics = metrics
+        self.started = False  # an instance was analysed: no more whole-request refusals
+        self.refusal: domain.BusiError | None = None  # why the whole request is refused
+
+    async def run(self) -> None:
+        """Analyse and deliver; sets `refusal` (and stops) when the service cannot take the
+        request at all: raised inside a task group, it would reach the client as a 500."""
+        async with anyio.create_task_group() as deliveries:
+            for instance in self.instances:
+                await self._analyse(instance)
+                if self.refusal is not None:
+                    return
+                if instance.reason is None and self.delivery is not None:
+                    deliveries.start_soon(self._deliver, instance)
+                else:
+                    instance.done = True
+
+    async def _analyse(self, instance: _Instance) -> None:
+        if instance.part.media_type != DICOM_MEDIA_TYPE or not instance.readable:
+            instance.reason = CANNOT_UNDERSTAND
+            return
+        if self.study is not None and instance.study != self.study:
+            instance.reason = DATASET_DOES_NOT_MATCH  # PS3.18 10.5.3: not the URL's study
+            return
+        try:
+            instance.results = await anyio.to_thread.run_sync(
+                _results_of, instance.part, self.predictor, self.dicom
+            )
+        except _CAPACITY_ERRORS as exc:
+            if not self.started:  # nothing analysed yet: 503 / 504 for it all, to retry it all
+                self.refusal = exc
+                return
+            instance.reason = _failure_reason(exc)
+        except domain.BusiError as exc:
+            instance.reason = _failure_reason(exc)
+        except Exception as exc:  # a bug in analysing or in making the results: this one fails
+            log.error(
+                "STOW-RS instance not analysed: unexpected error",
+                extra={"error_type": type(exc).__name__},
+                exc_info=True,
+            )
+            instance.reason = PROCESSING_FAILURE
+        else:
+            self.started = True
+
+    async def _deliver(self, instance: _Instance) -> None:
+        assert self.delivery is not None and instance.results is not None
+        delivery = await self.delivery.deliver(instance.results)
+        outcome = "delivered" if delivery.delivered else "failed"
+        self.metrics.results_deliveries.labels(outcome).inc()
+        if not delivery.delivered:
+            instance.reason = PROCESSING_FAILURE
+            instance.delivery_failure = delivery.reason
+        instance.done = True
+
+
+async def _cancel_on_disconnect(request: Request, work: anyio.CancelScope, gone: list) -> None:
+    """Cancels `work` when the sender hangs up (the body is in: all that can come is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            gone.append(True)
+            work.cancel()
+            return
+
+
+def _summary(instances: list[_Instance], body_bytes: int) -> dict[str, Any]:
+    """The request's one log line and audit record facts: counts and codes, no identifiers."""
+    reasons = Counter(f"0x{i.reason:04X}" for i in instances if i.done and i.reason is not None)
+    undelivered = Counter(i.delivery_failure for i in instances if i.delivery_failure)
+    summary: dict[str, Any] = {
+        "instances": len(instances),
+        "stored": sum(i.done and i.reason is None for i in instances),
+        "failed": sum(reasons.values()),
+        "bytes": body_bytes,
+    }
+    if not all(i.done for i in instances):
+        summary["not_processed"] = sum(not i.done for i in instances)
+    if reasons:
+        summary["failure_reasons"] = dict(reasons)
+    if undelivered:
+        summary["delivery_failures"] = dict(undelivered)
+    return summary
 
 
 async def _stow(
@@ -206,11 +345,49 @@ async def _stow(
     dicom: DicomResultsDep,
     runtime: RuntimeDep,
 ) -> JSONResponse:
-    parts = _dicom_parts(request, await request.body())
-    request.scope["state"].setdefault("log", {})["instances"] = len(parts)
-    answer = await anyio.to_thread.run_sync(
-        _store, parts, study, predictor, dicom, runtime.settings, runtime.metrics
-    )
+    settings = runtime.settings
+    delivery: ResultsDelivery | None = getattr(request.app.state, "delivery", None)
+    if delivery is not None:
+        delivery.check_capacity()  # before the body is even read
+    boundary = _boundary(request)
+    state = request.scope.setdefault("state", {})
+    body = await request.body()
+    instances = _received(body, boundary, settings, state)
+    work = _Stow(instances, study, predictor, dicom, delivery, runtime.metrics)
+    gone: list[bool] = []
+    try:
+        async with anyio.create_task_group() as watch:
+            watch.start_soon(_cancel_on_disconnect, request, watch.cancel_scope, gone)
+            await work.run()
+            watch.cancel_scope.cancel()  # done: stop watching for a hang-up
+    finally:
+        summary = _summary(instances, len(body))
+        state.setdefault("log", {}).update(summary)
+        state["stow"] = {
+            **summary,
+            "received": [
+                {
+                    "sha256": sha256(i.part.data).hexdigest(),
+                    "bytes": len(i.part.data),
+                    "sop_instance_uid": i.sop_instance or None,
+                    "outcome": i.outcome,
+                    "failure_reason": i.reason,
+                }
+                for i in instances
+            ],
+        }
+    if gone:
+        raise ClientDisconnect()  # nobody to answer; the log and audit say 499
+    if work.refusal is not None:
+        raise work.refusal
+    answer = StowResponse()
+    for instance in instances:
+        outcome = "analysed" if instance.reason is None else "failed"
+        runtime.metrics.dicomweb_instances.labels(outcome).inc()
+        if instance.reason is None:
+            answer.stored.append((instance.sop_class, instance.sop_instance))
+        else:
+            answer.failed.append((instance.sop_class, instance.sop_instance, instance.reason))
     return JSONResponse(
         answer.to_json(), status_code=answer.status_code, media_type=DICOM_JSON_MEDIA_TYPE
     )

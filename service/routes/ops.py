@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import anyio
+import anyio.to_thread
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.auth import SCOPE_METRICS, SCOPE_MODELS, require_scope
 from service.deps import RuntimeDep
 from service.metrics import CONTENT_TYPE_LATEST
 from service.predictors import DEFAULT_UNCERTAIN_BELOW
+from service.runtime import Runtime
 from service.schemas import (
     CalibrationDescription,
     HealthResponse,
@@ -20,6 +23,9 @@ from service.schemas import (
 
 router = APIRouter(tags=["operations"])
 
+# How long /readyz waits for a worker thread before it calls inference stalled.
+WORKER_PROBE_S = 1.0
+
 
 @router.get("/healthz", response_model=HealthResponse)
 async def healthz() -> HealthResponse:
@@ -30,22 +36,44 @@ async def healthz() -> HealthResponse:
 @router.get(
     "/readyz",
     response_model=ReadyResponse,
-    responses={503: {"model": ReadyResponse, "description": "Not ready, or shutting down"}},
+    responses={
+        503: {"model": ReadyResponse, "description": "Not ready, stalled, or shutting down"}
+    },
 )
-async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    """Readiness: 200 only when every model is loaded and warmed up and no shutdown began."""
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: 200 only when every model is loaded and warmed up, inference makes progress,
+    and no shutdown began. Answered from the event loop within about a second, whatever the
+    worker threads are doing; it shows no versions (/models does, with a key)."""
+    # Not RuntimeDep: FastAPI runs a plain-def dependency on a worker thread, and when every
+    # worker is held, a probe that waits for one never answers at all.
+    runtime: Runtime = request.app.state.runtime
     loaded = runtime.registry.loaded()
-    models = {
-        task: loaded[task].version if task in loaded else None for task in runtime.registry.tasks
-    }
+    models = {task: task in loaded for task in runtime.registry.tasks}
     if runtime.draining.is_set():
         status = "shutting_down"
-    elif runtime.registry.ready:
-        status = "ready"
-    else:
+    elif not runtime.registry.ready:
         status = "loading"
-    body = ReadyResponse(status=status, models=models, pins=runtime.registry.pins())
+    elif await inference_stalled(runtime):
+        status = "stalled"
+    else:
+        status = "ready"
+    body = ReadyResponse(status=status, models=models)
     return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
+
+
+async def inference_stalled(runtime: Runtime) -> bool:
+    """A request has waited READY_STALL_S for its forward (or one forward has run that long),
+    or no worker thread, which every request needs, frees up within WORKER_PROBE_S."""
+    if runtime.batcher.stalled_s() > runtime.settings.READY_STALL_S:
+        return True
+    with anyio.move_on_after(WORKER_PROBE_S):
+        await anyio.to_thread.run_sync(_nothing)
+        return False
+    return True
+
+
+def _nothing() -> None:
+    pass
 
 
 @router.get(

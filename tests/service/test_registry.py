@@ -38,9 +38,9 @@ def test_the_last_promoted_version_is_served_not_the_newest(serve, registry_dir,
         assert response.status_code == 200
         assert response.json()["model"]["version"] == "v0"
         assert client.get("/readyz").json()["models"] == {
-            TASK_CLASSIFICATION: "v0",
-            TASK_SEGMENTATION: "v1",
-            TASK_DIAGNOSIS: None,
+            TASK_CLASSIFICATION: True,
+            TASK_SEGMENTATION: True,
+            TASK_DIAGNOSIS: False,
         }
         assert client.get("/models").json()["promoted"] == {
             TASK_CLASSIFICATION: "v0",
@@ -77,8 +77,7 @@ def test_corrupt_artifact_is_refused_at_start_up_and_the_service_stays_up(
         assert ready.status_code == 503
         assert ready.json() == {
             "status": "loading",
-            "models": {TASK_CLASSIFICATION: None, TASK_SEGMENTATION: "v1", TASK_DIAGNOSIS: None},
-            "pins": {TASK_CLASSIFICATION: None, TASK_SEGMENTATION: None, TASK_DIAGNOSIS: None},
+            "models": {TASK_CLASSIFICATION: False, TASK_SEGMENTATION: True, TASK_DIAGNOSIS: False},
         }
         response = client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
         assert response.status_code == 503
@@ -158,12 +157,13 @@ def test_pin_to_a_missing_version_fails_the_start_up_with_a_clear_message(serve,
             pass
 
 
-def test_pins_are_shown_by_readyz_and_models(serve, registry_dir):
+def test_pins_are_shown_by_models_and_no_version_by_readyz(serve, registry_dir):
     with serve(registry_dir, SEGMENTATION_VERSION="v1") as client:
         ready = client.get("/readyz").json()
         models = client.get("/models").json()
-    assert ready["pins"][TASK_SEGMENTATION] == "v1" and ready["pins"][TASK_CLASSIFICATION] is None
-    assert models["pins"] == ready["pins"] and models["fallback"] == {}
+    assert models["pins"][TASK_SEGMENTATION] == "v1" and models["pins"][TASK_CLASSIFICATION] is None
+    assert models["fallback"] == {}
+    assert "pins" not in ready and "v1" not in str(ready)  # versions only with a key
 
 
 def test_unloadable_promoted_version_falls_back_to_the_one_before_after_a_restart(
