@@ -5,10 +5,16 @@ DICOM UIDs (Study, Series, SOP Instance), which tie a request to a patient's stu
 own file (AUDIT_LOG_FILE), created 0600, one JSON object per line:
 
     {"time", "request_id", "key_id", "client", "method", "endpoint", "status", "error_code",
-     "inputs": [{"sha256", "bytes", "format", "source", "models", "result"}]}
+     "inputs": [{"sha256", "bytes", "format", "source", "models", "result"}],
+     "stow": {"instances", "stored", "failed", "bytes", "failure_reasons",
+              "received": [{"sha256", "bytes", "sop_instance_uid", "outcome", "failure_reason"}]}}
 
 `key_id` names the key, never the key. `inputs` has one entry per analysed image (several for a
-STOW-RS request). Every request to an `infer` endpoint is recorded, and every refused key.
+STOW-RS request); `stow`, on a STOW-RS request, lists every part received, analysed or not (a
+request refused for its size says how many parts and bytes it held, at least). `client` is the
+TCP peer's address, or the X-Forwarded-For one only from a proxy in FORWARDED_ALLOW_IPS. A UID
+field holds a UID or `<not a UID>`, never another value. Every request to an `infer` endpoint
+is recorded, and every refused key.
 
 The inputs and results are gathered by `RecordingPredictor`, which the routes receive in place of
 the predictor (service.deps): it sees each image and each result without the routes or the
@@ -23,6 +29,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +43,9 @@ from shared.decoding import sniff_format
 log = logging.getLogger(__name__)
 
 _UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# PS3.5 9.1: a UID is digits and dots, at most 64 characters. A value that is not one (a name or
+# an accession number in the wrong field) is no identifier the audit log may keep.
+_UID = re.compile(r"[0-9.]{1,64}")
 
 
 class AuditLog:
@@ -105,6 +115,7 @@ def audit_record(scope: dict[str, Any], endpoint: str, status: int) -> dict[str,
         "status": status,
         "error_code": state.get("error_code"),
         "inputs": state.get("audit_inputs", []),
+        **({"stow": state["stow"]} if "stow" in state else {}),
     }
 
 
@@ -120,9 +131,15 @@ def dicom_source(data: bytes) -> dict[str, str] | None:
 
     try:
         ds = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(_UID_TAGS))
-        return {tag: str(ds.get(tag, "")) for tag in _UID_TAGS}
+        return {tag: audit_uid(ds.get(tag, "")) for tag in _UID_TAGS}
     except Exception:  # any unreadable header: the audit record says so with None
         return None
+
+
+def audit_uid(value: object) -> str:
+    """`value` if it is a UID, else "<not a UID>" ("" stays "")."""
+    text = str(value)
+    return text if _UID.fullmatch(text) else ("" if not text else "<not a UID>")
 
 
 def _find(result: Any, attribute: str) -> list[Any]:

@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse
 from pydicom import dcmread
 from starlette.requests import ClientDisconnect
 
+from service.audit import audit_uid
 from service.delivery import ResultsDelivery
 from service.deps import PredictorDep, RuntimeDep
 from service.dicom_output import DicomResults, DicomResultsDep
@@ -369,7 +370,7 @@ async def _stow(
                 {
                     "sha256": sha256(i.part.data).hexdigest(),
                     "bytes": len(i.part.data),
-                    "sop_instance_uid": i.sop_instance or None,
+                    "sop_instance_uid": audit_uid(i.sop_instance) or None,
                     "outcome": i.outcome,
                     "failure_reason": i.reason,
                 }
