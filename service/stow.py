@@ -203,13 +203,14 @@ class StowClient:
         if deadline is None:
             deadline = loop.time() + self.deadline_s
         reason = ""
-        attempt = 0
+        made = 0  # tries made
         for attempt in range(1, self.attempts + 1):
             if attempt > 1:
                 backoff = _BACKOFF_S * 2 ** (attempt - 2)
                 if loop.time() + backoff >= deadline:
                     break  # no time left for another try
                 await asyncio.sleep(backoff)
+            made = attempt
             try_deadline = min(deadline, loop.time() + self.try_timeout_s)
             try:
                 async with asyncio.timeout_at(try_deadline):
@@ -230,7 +231,7 @@ class StowClient:
             log.debug("results delivery try %d refused: %s", attempt, reason)
             if status not in _RETRYABLE_STATUS:
                 break
-        return Delivery(False, attempt, reason)
+        return Delivery(False, made, reason)
 
     async def _post(self, body: bytes, content_type: str) -> tuple[int, bytes]:
         """(status, the first _MAX_ANSWER_BYTES of the answer): a target cannot make the

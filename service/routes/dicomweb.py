@@ -257,6 +257,7 @@ class _Stow:
         self.metrics = metrics
         self.started = False  # an instance was analysed: no more whole-request refusals
         self.refusal: domain.BusiError | None = None  # why the whole request is refused
+        self.unexpected = 0  # instances failed by a bug (ours)
 
     async def run(self) -> None:
         """Analyse and deliver; sets `refusal` (and stops) when the service cannot take the
@@ -290,11 +291,13 @@ class _Stow:
         except domain.BusiError as exc:
             instance.reason = _failure_reason(exc)
         except Exception as exc:  # a bug in analysing or in making the results: this one fails
-            log.error(
-                "STOW-RS instance not analysed: unexpected error",
-                extra={"error_type": type(exc).__name__},
-                exc_info=True,
-            )
+            self.unexpected += 1
+            if self.unexpected == 1:  # the first one's traceback; the summary counts them all
+                log.error(
+                    "STOW-RS instance not analysed: unexpected error",
+                    extra={"error_type": type(exc).__name__},
+                    exc_info=True,
+                )
             instance.reason = PROCESSING_FAILURE
         else:
             self.started = True
