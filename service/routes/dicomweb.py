@@ -81,8 +81,8 @@ _STOW_RESPONSE_SCHEMA = {
     "instances; Failed SOP Sequence (00081198), the others, each with its Failure Reason "
     "(00081197): 0xC000 (49152) unreadable or unusable image, 0x0122 (290) not an ultrasound "
     "image, 0xA900 (43264) not of the study in the URL, 0xA700 (42752) a cine loop of more "
-    "frames than MAX_CINE_FRAMES, 0x0110 (272) results not delivered to RESULTS_STOW_URL (retry "
-    "later)",
+    "frames than MAX_CINE_FRAMES, 0x0110 (272) results not made, or not delivered to "
+    "RESULTS_STOW_URL in time (retry later)",
 }
 STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
