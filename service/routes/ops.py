@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import anyio
 import anyio.to_thread
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.auth import SCOPE_METRICS, SCOPE_MODELS, require_scope
-from service.deps import RuntimeDep
 from service.metrics import CONTENT_TYPE_LATEST
 from service.predictors import DEFAULT_UNCERTAIN_BELOW
 from service.runtime import Runtime
@@ -27,6 +28,16 @@ router = APIRouter(tags=["operations"])
 WORKER_PROBE_S = 1.0
 
 
+async def _runtime(request: Request) -> Runtime:
+    """The app's runtime, on the event loop: service.deps.RuntimeDep is a plain-def dependency,
+    which FastAPI runs on a worker thread, and when every worker is held (requests waiting on a
+    hung forward) the probes and the scrapes that wait for one never answer at all."""
+    return request.app.state.runtime
+
+
+OpsRuntimeDep = Annotated[Runtime, Depends(_runtime)]
+
+
 @router.get("/healthz", response_model=HealthResponse)
 async def healthz() -> HealthResponse:
     """Liveness: 200 while the process serves HTTP, models loaded or not."""
@@ -40,13 +51,10 @@ async def healthz() -> HealthResponse:
         503: {"model": ReadyResponse, "description": "Not ready, stalled, or shutting down"}
     },
 )
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(runtime: OpsRuntimeDep) -> JSONResponse:
     """Readiness: 200 only when every model is loaded and warmed up, inference makes progress,
     and no shutdown began. Answered from the event loop within about a second, whatever the
     worker threads are doing; it shows no versions (/models does, with a key)."""
-    # Not RuntimeDep: FastAPI runs a plain-def dependency on a worker thread, and when every
-    # worker is held, a probe that waits for one never answers at all.
-    runtime: Runtime = request.app.state.runtime
     loaded = runtime.registry.loaded()
     models = {task: task in loaded for task in runtime.registry.tasks}
     if runtime.draining.is_set():
@@ -82,7 +90,7 @@ def _nothing() -> None:
     dependencies=[require_scope(SCOPE_MODELS)],
     responses=error_responses(401, 403),
 )
-async def models(runtime: RuntimeDep) -> ModelsResponse:
+async def models(runtime: OpsRuntimeDep) -> ModelsResponse:
     """The artifact serving each task: name, version, sha256, metadata and evaluation metrics."""
     loaded = runtime.registry.loaded()
     described: dict[str, ModelDescription | None] = {}
@@ -139,7 +147,7 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
         **error_responses(401, 403),
     },
 )
-async def metrics(runtime: RuntimeDep) -> Response:
+async def metrics(runtime: OpsRuntimeDep) -> Response:
     """Prometheus exposition: latencies per endpoint and stage, failures, model versions, served
     labels, the process."""
     return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -113,9 +113,13 @@ def test_new_version_failing_its_checksum_is_rejected_and_counted(
 def test_changing_the_pin_rolls_back(serve, registry_dir, publish_tiny):
     publish_tiny(registry_dir, TASK_CLASSIFICATION, "v2", created_at="2026-02-01T00:00:00+00:00")
     with serve(registry_dir, RELOAD_INTERVAL_S=0.1) as client:
-        assert client.get("/readyz").json()["models"][TASK_CLASSIFICATION] == "v2"
+
+        def serving() -> str:  # /models: /readyz shows no versions
+            return client.get("/models").json()["models"][TASK_CLASSIFICATION]["version"]
+
+        assert serving() == "v2"
         client.app.state.runtime.registry.set_pin(TASK_CLASSIFICATION, "v1")
-        wait_for(lambda: client.get("/readyz").json()["models"][TASK_CLASSIFICATION] == "v1")
+        wait_for(lambda: serving() == "v1")
 
 
 def test_a_model_published_after_start_up_makes_the_service_ready(serve, tmp_path, publish_tiny):
