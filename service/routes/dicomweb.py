@@ -270,6 +270,7 @@ class _Stow:
                 if instance.reason is None and self.delivery is not None:
                     deliveries.start_soon(self._deliver, instance)
                 else:
+                    instance.results = None  # no target: made, and dropped
                     instance.done = True
 
     async def _analyse(self, instance: _Instance) -> None:
@@ -305,6 +306,7 @@ class _Stow:
     async def _deliver(self, instance: _Instance) -> None:
         assert self.delivery is not None and instance.results is not None
         delivery = await self.delivery.deliver(instance.results)
+        instance.results = None  # delivered or not, they are not kept
         outcome = "delivered" if delivery.delivered else "failed"
         self.metrics.results_deliveries.labels(outcome).inc()
         if not delivery.delivered:
