@@ -207,8 +207,8 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: Literal["ready", "loading", "stalled", "shutting_down"] = Field(
-        description="stalled: the models are loaded but inference makes no progress (a request "
-        "has waited READY_STALL_S for a forward, or no worker thread frees up)"
+        description="stalled: the models are loaded but inference has made no progress for "
+        "READY_STALL_S (a request waited that long for a forward, or no worker thread freed up)"
     )
     models: dict[str, bool] = Field(
         description="Whether a model serves each task (the versions are in /models, with a key)",

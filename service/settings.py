@@ -253,7 +253,7 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         description="/readyz answers 503 (stalled) when a request has waited this long for a "
-        "forward, or when no worker thread frees up within a second",
+        "forward, or no worker thread has freed up for this long",
     )
     FORWARDED_ALLOW_IPS: str = Field(
         "",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import time
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
@@ -25,7 +26,7 @@ from service.schemas import (
 router = APIRouter(tags=["operations"])
 
 # How long /readyz waits for a worker thread before it calls inference stalled.
-WORKER_PROBE_S = 1.0
+WORKER_PROBE_S = 0.5
 
 
 async def _runtime(request: Request) -> Runtime:
@@ -51,9 +52,9 @@ async def healthz() -> HealthResponse:
         503: {"model": ReadyResponse, "description": "Not ready, stalled, or shutting down"}
     },
 )
-async def readyz(runtime: OpsRuntimeDep) -> JSONResponse:
+async def readyz(request: Request, runtime: OpsRuntimeDep) -> JSONResponse:
     """Readiness: 200 only when every model is loaded and warmed up, inference makes progress,
-    and no shutdown began. Answered from the event loop within about a second, whatever the
+    and no shutdown began. Answered from the event loop within about half a second, whatever the
     worker threads are doing; it shows no versions (/models does, with a key)."""
     loaded = runtime.registry.loaded()
     models = {task: task in loaded for task in runtime.registry.tasks}
@@ -61,7 +62,7 @@ async def readyz(runtime: OpsRuntimeDep) -> JSONResponse:
         status = "shutting_down"
     elif not runtime.registry.ready:
         status = "loading"
-    elif await inference_stalled(runtime):
+    elif await inference_stalled(runtime, request.app.state):
         status = "stalled"
     else:
         status = "ready"
@@ -69,15 +70,23 @@ async def readyz(runtime: OpsRuntimeDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
 
 
-async def inference_stalled(runtime: Runtime) -> bool:
-    """A request has waited READY_STALL_S for its forward (or one forward has run that long),
-    or no worker thread, which every request needs, frees up within WORKER_PROBE_S."""
-    if runtime.batcher.stalled_s() > runtime.settings.READY_STALL_S:
+async def inference_stalled(runtime: Runtime, app_state: Any) -> bool:
+    """Inference has made no progress for READY_STALL_S: a request has waited that long for
+    its forward (or one forward has run that long), or no worker thread, which every image
+    request needs, has freed up for a WORKER_PROBE_S probe in that long. Both need a stall that
+    lasts: a burst that holds every worker for a moment is load, not a stall."""
+    stall_s = runtime.settings.READY_STALL_S
+    if runtime.batcher.stalled_s() > stall_s:
         return True
+    now = time.monotonic()
     with anyio.move_on_after(WORKER_PROBE_S):
         await anyio.to_thread.run_sync(_nothing)
+        app_state.worker_seen = time.monotonic()
         return False
-    return True
+    seen = getattr(app_state, "worker_seen", None)
+    if seen is None:  # no probe has found a worker yet: the clock starts now
+        app_state.worker_seen = seen = now
+    return now - seen > stall_s
 
 
 def _nothing() -> None:
