@@ -27,8 +27,6 @@ from shared import errors as domain
 
 log = logging.getLogger(__name__)
 
-BACKLOG_RETRY_AFTER_S = 5
-
 
 class ResultsBacklogFullError(domain.ServiceOverloadedError):
     """RESULTS_STOW_BACKLOG deliveries are already waiting or running."""
