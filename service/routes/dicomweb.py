@@ -304,14 +304,21 @@ class _Stow:
             self.started = True
 
     async def _deliver(self, instance: _Instance) -> None:
+        """In the request's task group: whatever happens here fails this instance only (an
+        exception let out would cancel the others and reach the sender as a 500)."""
         assert self.delivery is not None and instance.results is not None
-        delivery = await self.delivery.deliver(instance.results)
-        instance.results = None  # delivered or not, they are not kept
-        outcome = "delivered" if delivery.delivered else "failed"
-        self.metrics.results_deliveries.labels(outcome).inc()
-        if not delivery.delivered:
+        try:
+            delivery = await self.delivery.deliver(instance.results)
+            outcome = "delivered" if delivery.delivered else "failed"
+            self.metrics.results_deliveries.labels(outcome).inc()
+            if not delivery.delivered:
+                instance.reason = PROCESSING_FAILURE
+                instance.delivery_failure = delivery.reason
+        except Exception as exc:
+            log.error("STOW-RS delivery failed", extra={"error_type": type(exc).__name__})
             instance.reason = PROCESSING_FAILURE
-            instance.delivery_failure = delivery.reason
+            instance.delivery_failure = type(exc).__name__
+        instance.results = None  # delivered or not, they are not kept
         instance.done = True
 
 
