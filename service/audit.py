@@ -9,6 +9,8 @@ own file (AUDIT_LOG_FILE), created 0600, one JSON object per line:
      "stow": {"instances", "stored", "failed", "bytes", "failure_reasons",
               "received": [{"sha256", "bytes", "sop_instance_uid", "outcome", "failure_reason"}]}}
 
+(a STOW-RS request refused for its size: "stow": {"bytes", "parts_at_least", "refused_by"}.)
+
 `key_id` names the key, never the key. `inputs` has one entry per analysed image (several for a
 STOW-RS request); `stow`, on a STOW-RS request, lists every part received, analysed or not (a
 request refused for its size says how many parts and bytes it held, at least). `client` is the

@@ -211,7 +211,11 @@ def _received(body: bytes, boundary: str, settings: Settings, state: dict) -> li
     pixels = 0
     for part in iter_multipart(body, boundary):
         if len(instances) == settings.MAX_STOW_INSTANCES:
-            state["stow"] = {"bytes": len(body), "parts": f">{settings.MAX_STOW_INSTANCES}"}
+            state["stow"] = {
+                "bytes": len(body),
+                "parts_at_least": len(instances) + 1,
+                "refused_by": "MAX_STOW_INSTANCES",
+            }
             raise StowTooLargeError(
                 f"the request holds more than {settings.MAX_STOW_INSTANCES} instances "
                 "(MAX_STOW_INSTANCES); send them in several requests"
@@ -221,7 +225,12 @@ def _received(body: bytes, boundary: str, settings: Settings, state: dict) -> li
         instances.append(instance)
         pixels += instance.pixels
         if pixels > settings.MAX_STOW_PIXELS:
-            state["stow"] = {"bytes": len(body), "parts": f">={len(instances)}"}
+            state["stow"] = {
+                "bytes": len(body),
+                "parts_at_least": len(instances),
+                "pixels_at_least": pixels,
+                "refused_by": "MAX_STOW_PIXELS",
+            }
             raise StowTooLargeError(
                 f"the instances hold more than {settings.MAX_STOW_PIXELS} decoded pixels "
                 "together (MAX_STOW_PIXELS); send them in several requests"

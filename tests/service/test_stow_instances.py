@@ -88,7 +88,9 @@ def test_more_parts_than_the_cap_is_413_before_anything_is_analysed(
     assert "MAX_STOW_INSTANCES" in response.json()["error"]["message"]
     assert 'busi_dicomweb_instances_total{outcome="analysed"}' not in metrics
     (record,) = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert record["status"] == 413 and record["stow"]["parts"] == ">3"
+    assert record["status"] == 413
+    assert record["stow"]["parts_at_least"] == 4
+    assert record["stow"]["refused_by"] == "MAX_STOW_INSTANCES"
     assert record["stow"]["bytes"] > 0
 
 
