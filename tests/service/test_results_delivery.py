@@ -37,7 +37,7 @@ def test_a_slow_target_costs_one_deadline_not_a_timeout_per_read(mode: str) -> N
         took, delivery = _store(pacs.url, attempts=3, try_timeout_s=0.6, deadline_s=1.5)
     assert not delivery.delivered  # type: ignore[attr-defined]
     assert delivery.reason in ("deadline", "try_timeout")  # type: ignore[attr-defined]
-    assert 1.4 < took < 2.5  # the trickle would go on for 100000 x 0.2 s
+    assert 1.4 < took < 3.5  # the trickle would go on for 100000 x 0.2 s
 
 
 def test_a_reset_or_a_500_is_retried_within_the_deadline() -> None:
@@ -106,4 +106,4 @@ def test_deliveries_past_the_workers_wait_within_their_own_deadline() -> None:
         took = time.perf_counter() - started
         assert pacs.requests == 1  # one slot: the others never reached the target
     assert [r.reason for r in results] == ["deadline"] * 3  # type: ignore[attr-defined]
-    assert took < 1.6  # all three within one deadline, not one after another
+    assert took < 2.5  # all three within one deadline, not one after another (3 s)
