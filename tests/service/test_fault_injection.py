@@ -33,8 +33,8 @@ DEADLINE_S = 3.0  # RESULTS_STOW_DEADLINE_S of the service under test
 STOW_CLIENTS = 6  # STOW-RS requests in flight during each phase
 CLASSIFY_SAMPLES = 30
 # Generous, for a shared machine: at a load average of 12 on 2 cores (a training beside it) the
-# slowest /readyz took 1.07 s and the /classify p99 of a phase 1.8 s. Without the delivery lane,
-# abandoned STOW-RS requests made /classify time out at 15 s.
+# slowest /readyz took 1.07 s and the /classify p99 of a phase 1.8 s. What they guard against:
+# /classify timing out (15 s) for every client and /readyz not answering while a PACS is slow.
 READY_BUDGET_S = 2.0
 CLASSIFY_P99_S = 3.0
 BACKLOG = "busi_results_delivery_backlog"
