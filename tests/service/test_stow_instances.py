@@ -108,7 +108,7 @@ def test_a_million_empty_parts_are_refused_in_moments(client) -> None:
     took = time.perf_counter() - started
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "stow_too_large"
-    assert took < 3.0, took  # it took 104 s, and 1 GiB, when every part was analysed
+    assert took < 5.0, took  # uncapped, every part was analysed: 104 s in the report that asked
 
 
 def test_more_decoded_pixels_than_the_cap_is_413(serve, tiny_model_dir: Path) -> None:
