@@ -94,7 +94,7 @@ def test_a_full_backlog_refuses_at_once_and_a_cancelled_delivery_lets_go() -> No
 
 def test_deliveries_past_the_workers_wait_within_their_own_deadline() -> None:
     with FakePacs("hang") as pacs:
-        lane = _lane(pacs.url, RESULTS_STOW_WORKERS=1, RESULTS_STOW_DEADLINE_S=1.0)
+        lane = _lane(pacs.url, RESULTS_STOW_WORKERS=1, RESULTS_STOW_DEADLINE_S=2.0)
 
         async def run() -> list[object]:
             results = await asyncio.gather(*(lane.deliver(PAYLOAD) for _ in range(3)))
@@ -104,6 +104,8 @@ def test_deliveries_past_the_workers_wait_within_their_own_deadline() -> None:
         started = time.perf_counter()
         results = asyncio.run(run())
         took = time.perf_counter() - started
-        assert pacs.requests == 1  # one slot: the others never reached the target
+        # one slot: the others never reached the target (on a loaded machine even the first
+        # may not have been read by the fake PACS before its deadline)
+        assert pacs.requests <= 1
     assert [r.reason for r in results] == ["deadline"] * 3  # type: ignore[attr-defined]
-    assert took < 2.5  # all three within one deadline, not one after another (3 s)
+    assert took < 4.5  # all three within one deadline, not one after another (6 s)
