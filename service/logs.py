@@ -43,7 +43,9 @@ WITHHELD = "'<withheld>'"
 LOG_FIELDS = frozenset({
     # a request (service.middleware, service.deps, service.predictors, service.auth)
     "request_id", "method", "endpoint", "status", "latency_ms", "error_code", "key_id", "keys",
-    "bytes", "sha256", "format", "n_frames", "models", "shape", "frame",
+    "bytes", "sha256", "format", "n_frames", "models", "shape", "frame", "frames_analysed",
+    # the trace a line belongs to (service.tracing)
+    "trace_id", "span_id",
     # a STOW-RS request's summary (service.routes.dicomweb)
     "instances", "stored", "failed", "not_processed", "failure_reasons", "delivery_failures",
     # models, artifacts, promotion, training (service.registry, shared, training)

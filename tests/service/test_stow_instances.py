@@ -86,7 +86,7 @@ def test_more_parts_than_the_cap_is_413_before_anything_is_analysed(
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "stow_too_large"
     assert "MAX_STOW_INSTANCES" in response.json()["error"]["message"]
-    assert 'busi_dicomweb_instances_total{outcome="analysed"}' not in metrics
+    assert 'busi_dicomweb_instances_total{outcome="analysed"} 0.0' in metrics  # none analysed
     (record,) = [json.loads(line) for line in audit.read_text().splitlines()]
     assert record["status"] == 413
     assert record["stow"]["parts_at_least"] == 4
