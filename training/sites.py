@@ -477,6 +477,23 @@ def render_sites_report(results: list[dict[str, Any]]) -> str:
         )
         + " |"
     )
+    lesion_columns = [(r, site) for r in results for site in r.get("lesion_images", {})]
+    if lesion_columns:
+        lines += [
+            "",
+            "Lesion images only, of the sites with normal scans (how a site held out from a "
+            "training set without normals is judged):",
+            "",
+            "| figure | "
+            + " | ".join(f"{r['holdout']} → {site} lesions" for r, site in lesion_columns)
+            + " |",
+            "|---|" + "---|" * len(lesion_columns),
+        ]
+        for key, label in REPORT_ROWS:
+            if key in ("lesion_auc", "normal_called_lesion", "normal_with_lesion_diagnose"):
+                continue
+            cells = [_cell(r["lesion_images"][site], key) for r, site in lesion_columns]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Per scanner (no intervals):", ""]
     lines += [
         "| run → site, scanner | images | accuracy | malignant sensitivity | Dice | called n/b/m |",
@@ -503,8 +520,23 @@ def render_sites_report(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def lesion_only(run: Path, n_resamples: int) -> dict[str, Any]:
+    """Per site with normal scans, the figures of its lesion images alone (a site held out
+    from a training set without normals is judged on them: its normals were never learnable)."""
+    rows = json.loads((Path(run) / "rows.json").read_text())["rows"]
+    out = {}
+    for site in sorted({r["site"] for r in rows}):
+        mine = [r for r in rows if r["site"] == site]
+        lesions = [r for r in mine if r["label"] != NORMAL]
+        if len(lesions) < len(mine):
+            out[site] = figures_with_intervals(lesions, n_resamples)
+    return out
+
+
 def report_main(args: argparse.Namespace) -> Path:
     results = [json.loads((Path(run) / "result.json").read_text()) for run in args.runs]
+    for run, result in zip(args.runs, results, strict=True):
+        result["lesion_images"] = lesion_only(run, result["bootstrap"]["resamples"])
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_sites_report(results))
@@ -551,7 +583,13 @@ def manifest_metrics(run: Path, results: list[dict[str, Any]], n_resamples: int)
     rows = json.loads((Path(run) / "rows.json").read_text())["rows"]
     same_recipe = [r for r in results if r["recipe"] == shipped["recipe"]]
     held_sites = {
-        r["holdout"].split(":", 1)[1]: {site: _public(f) for site, f in r["figures"].items()}
+        r["holdout"].split(":", 1)[1]: {
+            **{site: _public(f) for site, f in r["figures"].items()},
+            **{
+                f"{site}_lesion_images": _public(f)
+                for site, f in r.get("lesion_images", {}).items()
+            },
+        }
         for r in same_recipe
         if r["holdout"].startswith("site:")
     }
