@@ -248,9 +248,13 @@ def site_figures(rows: list[dict[str, Any]]) -> dict[str, float]:
     dice = np.asarray([r["dice"] for r in rows])
     drawn = np.asarray([r["mask_pixels"] > 0 for r in rows])
     mixed = malignant.any() and (~malignant).any()
+    every_class = len(set(y.tolist())) == len(CLASS_NAMES)
     return {
         "n": float(len(rows)),
         "accuracy": float((pred == y).mean()),
+        "macro_auc": float(np.mean([roc_auc(probs[:, c], y == c) for c in range(len(CLASS_NAMES))]))
+        if every_class
+        else nan,
         "malignant_auc": roc_auc(probs[:, MALIGNANT], malignant) if mixed else nan,
         "malignant_sensitivity": float((pred[malignant] == MALIGNANT).mean())
         if malignant.any()
@@ -423,6 +427,7 @@ def _write_json(path: Path, document: Any, indent: int | None = None) -> None:
 
 REPORT_ROWS = (
     ("accuracy", "accuracy"),
+    ("macro_auc", "macro AUC (one-vs-rest, sites with every class)"),
     ("malignant_auc", "malignant AUC"),
     ("malignant_sensitivity", "malignant sensitivity"),
     ("lesion_auc", "lesion-vs-normal AUC"),
@@ -536,6 +541,9 @@ def lesion_only(run: Path, n_resamples: int) -> dict[str, Any]:
 def report_main(args: argparse.Namespace) -> Path:
     results = [json.loads((Path(run) / "result.json").read_text()) for run in args.runs]
     for run, result in zip(args.runs, results, strict=True):
+        # recomputed from the rows, so the report always holds the figures of this code
+        rows = json.loads((Path(run) / "rows.json").read_text())["rows"]
+        result["figures"] = breakdown(rows, result["bootstrap"]["resamples"])
         result["lesion_images"] = lesion_only(run, result["bootstrap"]["resamples"])
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -609,7 +617,7 @@ def manifest_metrics(run: Path, results: list[dict[str, Any]], n_resamples: int)
         ),
         "held_out_sites": held_sites,
         "held_out_scanners": held_devices,
-        "sites": {site: _public(f) for site, f in shipped["figures"].items()},
+        "sites": {site: _public(f) for site, f in breakdown(rows, n_resamples).items()},
         "scope": {
             "trained_on": shipped["trained_on"],
             "validated_on": shipped["scored"],
