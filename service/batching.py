@@ -81,6 +81,7 @@ class _Pending:
     batch: np.ndarray
     enqueued: float
     deadline: float | None
+    graph: str = "full"  # which of the model's graphs (LoadedModel.graphs) runs it
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
@@ -132,8 +133,11 @@ class Batcher:
 
     # --- the request side ----------------------------------------------------------------------
 
-    def submit(self, model: Any, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
-        """Run `model` on `batch` (N, C, H, W) in the next forward of its model; block until done.
+    def submit(
+        self, model: Any, batch: np.ndarray, graph: str = "full"
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Run `model`'s `graph` on `batch` (N, C, H, W) in the next forward of that model and
+        graph; block until done.
 
         Raises ServiceOverloadedError when MAX_QUEUE forwards already wait, DeadlineExceededError
         when the request's deadline passes before its forward starts, or what the forward raised.
@@ -142,7 +146,7 @@ class Batcher:
         deadline = self._deadline_of_this_request()
         if deadline is not None and now >= deadline:
             self._reject("deadline")
-        pending = _Pending(model, batch, now, deadline)
+        pending = _Pending(model, batch, now, deadline, graph)
         with self._cond:
             if len(self._queue) >= self.config.max_queue:
                 self._reject("queue_full")
@@ -214,13 +218,14 @@ class Batcher:
             self._forward(batch)
 
     def _take_batch(self) -> list[_Pending]:
-        """Under the condition: the oldest waiting request and the others for its model."""
+        """Under the condition: the oldest waiting request and the others for its model and
+        graph."""
         config = self.config
         head = self._queue[0]
         if config.max_wait_s > 0 and self._last_batch > 1:
             # Under load: give the requests being preprocessed a moment to join this batch.
             until = time.perf_counter() + config.max_wait_s
-            while self._count_for(head.model) < config.max_batch_size and not self._stopping:
+            while self._count_for(head) < config.max_batch_size and not self._stopping:
                 left = until - time.perf_counter()
                 if left <= 0:
                     break
@@ -229,7 +234,7 @@ class Batcher:
         taken: list[_Pending] = []
         rows = 0
         for pending in list(self._queue):
-            if pending.model is not head.model:
+            if pending.model is not head.model or pending.graph != head.graph:
                 continue
             if pending.deadline is not None and now >= pending.deadline:
                 continue  # its own thread withdraws it with a 504
@@ -242,8 +247,10 @@ class Batcher:
         self.metrics.inference_queue.set(len(self._queue))
         return taken
 
-    def _count_for(self, model: Any) -> int:
-        return sum(len(p.batch) for p in self._queue if p.model is model)
+    def _count_for(self, head: _Pending) -> int:
+        return sum(
+            len(p.batch) for p in self._queue if p.model is head.model and p.graph == head.graph
+        )
 
     def _forward(self, batch: list[_Pending]) -> None:
         model = batch[0].model
@@ -260,9 +267,10 @@ class Batcher:
             config = self.config
             threads = config.threads_alone if rows == 1 else config.threads_batched
             inputs = np.concatenate([p.batch for p in batch]) if len(batch) > 1 else batch[0].batch
-            if model.onnx is not None:  # model.onnx in ONNX Runtime (service.onnx_forward)
+            runner = model.runner(batch[0].graph)
+            if runner is not None:  # model.onnx / classify.onnx in ONNX Runtime
                 with self.lock:
-                    outputs = model.onnx(inputs, threads)
+                    outputs = runner(inputs, threads)
             else:
                 self._set_threads(threads)
                 with self.lock:

@@ -43,17 +43,26 @@ class OnnxForward(OnnxSessions):
     def __init__(self, path: Path, thread_counts: Iterable[int]) -> None:
         super().__init__(Path(path).read_bytes(), threads=thread_counts, spinning=False)
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The graph's output names, in the order a forward returns them."""
+        session, _ = self.session(self.thread_counts[0])
+        return tuple(o.name for o in session.get_outputs())
+
     def __call__(self, batch: np.ndarray, threads: int) -> np.ndarray | tuple[np.ndarray, ...]:
         """Outputs for a (N, C, H, W) float32 batch, like the TorchScript module's."""
         outputs = self.run(batch, threads)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def disagreement(self, reference: Iterable[np.ndarray], batch: np.ndarray) -> float:
-        """Largest absolute difference from `reference` (model.pt's outputs for `batch`)."""
+        """Largest absolute difference from `reference` (model.pt's outputs for `batch`, or
+        another graph's): this graph's first outputs are compared; it may add outputs after them
+        (the quality score)."""
         got = self.run(batch, self.thread_counts[0])
         reference = tuple(reference)
-        if len(got) != len(reference):
+        if len(got) < len(reference):
             return float("inf")
+        got = got[: len(reference)]
         worst = 0.0
         for expected, actual in zip(reference, got, strict=True):
             if expected.shape != actual.shape:

@@ -21,6 +21,7 @@ from service.batching import last_forward, request_started
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import DEFAULT_MAX_CINE_FRAMES
+from shared.artifacts import GRAPH_CLASSIFY, GRAPH_FULL
 from shared.decoding import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_DECODED_BYTES,
@@ -34,7 +35,7 @@ from shared.errors import ImageTooLargeError
 from shared.labels import LESION_CLASSES, TASK_CLASSIFICATION, TASK_SEGMENTATION
 from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
 from shared.preprocessing import Layout
-from shared.quality import OodDetector, Quality
+from shared.quality import OodDetector, Quality, feature_quality
 
 ALL_FRAMES = "all"  # ?frame=all: every frame of a cine loop
 # Frames per forward with ?frame=all, and the decoded pixels held at once (large frames make
@@ -144,6 +145,14 @@ class _Plan:
     segment: Literal["always", "lesion"] = "always"
 
     @property
+    def classifier_graph(self) -> str:
+        """The classify-only graph when nothing else needs the classifier's forward."""
+        model = self.classifier
+        if model is not None and self.segmenter is None and GRAPH_CLASSIFY in model.graphs:
+            return GRAPH_CLASSIFY
+        return GRAPH_FULL
+
+    @property
     def models(self) -> list[LoadedModel]:
         return list({id(m): m for m in (self.classifier, self.segmenter) if m}.values())
 
@@ -156,6 +165,7 @@ class _Candidate:
     image: DecodedImage
     classification: Classification | None
     segmentation: Segmentation | None
+    quality: float | None  # the forward's quality score; None: the image statistics decide
 
 
 def _rank(classification: Classification | None, segmentation: Segmentation | None) -> tuple:
@@ -267,20 +277,20 @@ class Predictor:
         return batch, [layout for _, layout in inputs]
 
     def _forward(
-        self, model: LoadedModel, batch: np.ndarray
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(class logits (N, K), mask maps (N, S, S)); None for what the model does not give."""
+        self, model: LoadedModel, batch: np.ndarray, graph: str = GRAPH_FULL
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """(class logits (N, K), mask maps (N, S, S), quality scores (N,)); None for what the
+        model's graph does not give."""
         started = time.perf_counter()
-        output = self.registry.forward(model, batch)
+        output = self.registry.forward(model, batch, graph)
         queue_wait, rows = last_forward.get()
         forward = {"busi.model_version": model.version, "busi.queue_wait_s": queue_wait,
-                   "busi.batch_size": rows}  # fmt: skip
+                   "busi.batch_size": rows, "busi.graph": graph}  # fmt: skip
         self._observe("inference", model.task, started, forward)
-        if isinstance(output, tuple):  # a joint model: (class logits, mask logits)
-            return output[0], output[1][:, 0]
-        if model.task == TASK_SEGMENTATION:
-            return None, output[:, 0]
-        return output, None
+        names = model.output_names(graph)
+        named = dict(zip(names, output if isinstance(output, tuple) else (output,), strict=True))
+        masks = named.get("masks")
+        return named.get("classes"), None if masks is None else masks[:, 0], named.get("quality")
 
     def _classification(self, model: LoadedModel, logits: np.ndarray) -> Classification:
         calibration = model.calibration
@@ -320,15 +330,18 @@ class Predictor:
 
     def _run(
         self, plan: _Plan, images: Sequence[DecodedImage]
-    ) -> list[tuple[Classification | None, Segmentation | None]]:
+    ) -> list[tuple[Classification | None, Segmentation | None, float | None]]:
         """Classify and/or segment a batch of frames: one forward per model (one in all for a
-        joint model); with `segment="lesion"`, only the frames labelled a lesion are segmented."""
+        joint model; its classify-only graph when only a label is asked for); with
+        `segment="lesion"`, only the frames labelled a lesion are segmented. The third item is
+        the frame's quality score when a forward computed one."""
         classifications: list[Classification | None] = [None] * len(images)
         masks: np.ndarray | None = None
+        scores: np.ndarray | None = None
         layouts: list[Layout] = []
         if plan.classifier is not None:
             batch, layouts = self._batch(plan.classifier, images)
-            logits, masks = self._forward(plan.classifier, batch)
+            logits, masks, scores = self._forward(plan.classifier, batch, plan.classifier_graph)
             assert logits is not None
             started = time.perf_counter()
             classifications = [self._classification(plan.classifier, row) for row in logits]
@@ -346,19 +359,27 @@ class Predictor:
                 rows, at = masks, wanted
             else:
                 batch, layouts = self._batch(segmenter, [images[i] for i in wanted])
-                rows = self._forward(segmenter, batch)[1]
+                _, rows, seg_scores = self._forward(segmenter, batch)
                 assert rows is not None
                 at = list(range(len(wanted)))
+                if scores is None and seg_scores is not None and len(wanted) == len(images):
+                    scores = seg_scores
             started = time.perf_counter()
             for i, j in zip(wanted, at, strict=True):
                 segmentations[i] = self._segmentation(segmenter, rows[j], layouts[j])
             self._observe("postprocess", segmenter.task, started)
-        return list(zip(classifications, segmentations, strict=True))
+        quality = [None] * len(images) if scores is None else [float(v) for v in scores]
+        return list(zip(classifications, segmentations, quality, strict=True))
 
-    def _facts(self, image: DecodedImage) -> ImageFacts:
-        """What was analysed, with the out-of-distribution verdict on it."""
+    def _facts(self, image: DecodedImage, score: float | None = None) -> ImageFacts:
+        """What was analysed, with the out-of-distribution verdict on it: from the quality
+        score the model's forward computed on its own features when it computes one, else from
+        the image statistics (shared.quality)."""
         started = time.perf_counter()
-        quality = self.detector.assess(image.pixels)
+        if score is not None:
+            quality = feature_quality(score)
+        else:
+            quality = self.detector.assess(image.pixels)
         self._observe("quality", "", started)
         height, width = image.pixels.shape
         return ImageFacts(
@@ -411,16 +432,16 @@ class Predictor:
         best: _Candidate | None = None
         results: list[FrameResult] = []
         for batch in self._batches(image, frames):
-            for decoded, (classification, segmentation) in zip(
+            for decoded, (classification, segmentation, score) in zip(
                 batch, self._run(plan, batch), strict=True
             ):
                 area = segmentation.lesion_area_fraction if segmentation else None
                 results.append(FrameResult(decoded.frame, classification, area))
                 rank = _rank(classification, segmentation)
                 if best is None or rank > best.rank:
-                    best = _Candidate(rank, decoded, classification, segmentation)
+                    best = _Candidate(rank, decoded, classification, segmentation, score)
         assert best is not None  # every image has a frame
-        facts = self._facts(best.image)
+        facts = self._facts(best.image, best.quality)
         request.facts.update(frame=facts.frame, frames_analysed=len(results))
         classification = best.classification
         if classification is not None:

@@ -1,5 +1,9 @@
 """The model registry: the verified artifact being served for each task.
 
+Only what serves is loaded: while a joint (diagnosis) model serves, it answers /classify,
+/segment and /diagnose, and the separate classification and segmentation versions are neither
+loaded nor kept in memory; they load (at the next refresh) only should no joint model serve.
+
 Training publishes candidates; what serves each task is the version last promoted in the model
 directory's promotions record (`python -m training promote`, shared.promotion), or a pinned one
 (the *_VERSION settings), and only if its manifest passes the gate (not a smoke run, metrics at or
@@ -28,6 +32,8 @@ from service.batching import Batcher, BatchingConfig, example_input
 from service.metrics import ServiceMetrics
 from service.onnx_forward import OnnxForward, onnxruntime_available
 from shared.artifacts import (
+    GRAPH_CLASSIFY,
+    GRAPH_FULL,
     RUNTIME_AGREEMENT_ATOL,
     RUNTIME_ONNX,
     ArtifactInfo,
@@ -84,7 +90,7 @@ class LoadedModel:
     """A verified artifact, loaded, checked against its manifest and warmed up."""
 
     info: ArtifactInfo
-    module: torch.jit.ScriptModule
+    module: torch.jit.ScriptModule | None  # None once model.onnx serves (it was checked at load)
     preprocessing: Preprocessing
     input_shape: tuple[int, int, int]  # channels, height, width
     output_shape: tuple[int, ...]  # without the batch axis
@@ -94,7 +100,31 @@ class LoadedModel:
     mask_shape: tuple[int, ...] = ()  # diagnosis only: the second output, without the batch axis
     calibration: Calibration = Calibration()  # of the class logits; identity when not declared
     onnx: OnnxForward | None = None  # set when model.onnx runs the forwards (service.onnx_forward)
+    # The classify-only graph (classify.onnx: encoder + class head) when the artifact carries one
+    # that holds and agrees with model.onnx; /classify runs it instead of the whole network.
+    classify_onnx: OnnxForward | None = None
     loaded_at: float = field(default_factory=time.time)
+
+    def runner(self, graph: str = GRAPH_FULL) -> OnnxForward | None:
+        """The ONNX Runtime forward of `graph` (None: the TorchScript module runs it)."""
+        if graph == GRAPH_CLASSIFY and self.classify_onnx is not None:
+            return self.classify_onnx
+        return self.onnx
+
+    def output_names(self, graph: str = GRAPH_FULL) -> tuple[str, ...]:
+        """The names of what a forward of `graph` returns, in order: "classes", "masks" and,
+        where the graph computes the quality check on its features, "quality"."""
+        runner = self.runner(graph)
+        if runner is not None:
+            return runner.output_names
+        if self.mask_shape:
+            return ("classes", "masks")
+        return ("masks",) if self.task == "segmentation" else ("classes",)
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        """The graphs this model can run: always the full one; classify-only when loaded."""
+        return (GRAPH_FULL, GRAPH_CLASSIFY) if self.classify_onnx is not None else (GRAPH_FULL,)
 
     @property
     def runtime(self) -> str:
@@ -158,13 +188,17 @@ def load_model(
             raise ArtifactIntegrityError(
                 f"the warm-up forward returned {got}, the manifest declares {declared}"
             )
-    onnx = None
+    onnx = classify = None
     if runtime != RUNTIME_TORCHSCRIPT:
-        onnx = _onnx_forward(info, module, lock, threads or (torch.get_num_threads(),), runtime)
+        threads = threads or (torch.get_num_threads(),)
+        onnx = _onnx_forward(info, module, lock, threads, runtime)
+        if onnx is not None:
+            classify = _classify_forward(info, onnx, lock, threads)
     classes, mask = manifest.output.classes, manifest.output.mask
     return LoadedModel(
         info=info,
-        module=module,
+        # model.onnx gave model.pt's answers: the TorchScript module need not stay in memory
+        module=None if onnx is not None else module,
         preprocessing=manifest.preprocessing,
         input_shape=manifest.input.shape,
         output_shape=manifest.output.shapes[0],
@@ -174,6 +208,7 @@ def load_model(
         mask_shape=mask.shape if classes and mask else (),
         calibration=classes.calibration if classes else Calibration(),
         onnx=onnx,
+        classify_onnx=classify,
     )
 
 
@@ -213,6 +248,7 @@ def _onnx_forward(
                 reference = module(torch.from_numpy(batch))
             reference = reference if isinstance(reference, tuple | list) else (reference,)
             with lock or _NO_LOCK:
+                # model.pt's outputs come first; a graph may add the quality score after them
                 worst = max(worst, forward.disagreement([r.numpy() for r in reference], batch))
     except Exception:
         log.exception(
@@ -229,6 +265,53 @@ def _onnx_forward(
     log.info(
         "%s version %s runs in ONNX Runtime %s (model.onnx; agrees with model.pt within %.1g)",
         info.task, info.version, forward.version, worst, extra=context,
+    )  # fmt: skip
+    return forward
+
+
+def _classify_forward(
+    info: ArtifactInfo, full: OnnxForward, lock: threading.Lock | None, threads: tuple[int, ...]
+) -> OnnxForward | None:
+    """classify.onnx when the artifact carries one that holds and gives model.onnx's class
+    logits (and quality score) on the warm-up inputs; None (logged) otherwise: the full graph
+    then answers /classify too."""
+    variant = info.manifest.runtime(RUNTIME_ONNX, GRAPH_CLASSIFY)
+    context = {"task": info.task, "version": info.version}
+    if variant is None:
+        return None
+    if not variant.holds:
+        log.warning(
+            "%s version %s: its classify.onnx was not validated within the bar (differences "
+            "%s); /classify runs the whole network", info.task, info.version, variant.deltas,
+            extra=context,
+        )  # fmt: skip
+        return None
+    try:
+        forward = OnnxForward(info.runtime_path(variant), threads)
+        wanted = forward.output_names
+        shape = info.manifest.input.shape
+        worst = 0.0
+        for batch in (np.zeros((2, *shape), np.float32), example_input(shape, 2)):
+            with lock or _NO_LOCK:
+                outputs = dict(zip(full.output_names, full.run(batch, threads[0]), strict=True))
+                if not set(wanted) <= set(outputs):
+                    raise ValueError(f"classify.onnx gives {wanted}, model.onnx {list(outputs)}")
+                worst = max(worst, forward.disagreement([outputs[n] for n in wanted], batch))
+    except Exception:
+        log.exception(
+            "%s version %s: its classify.onnx could not be loaded; /classify runs the whole "
+            "network", info.task, info.version, extra=context,
+        )  # fmt: skip
+        return None
+    if not worst <= RUNTIME_AGREEMENT_ATOL:
+        log.error(
+            "%s version %s: its classify.onnx disagrees with model.onnx by %.3g; /classify runs "
+            "the whole network", info.task, info.version, worst, extra=context,
+        )  # fmt: skip
+        return None
+    log.info(
+        "%s version %s answers /classify with classify.onnx (agrees with model.onnx within %.1g)",
+        info.task, info.version, worst, extra=context,
     )  # fmt: skip
     return forward
 
@@ -316,11 +399,15 @@ class ModelRegistry:
     # settings, and a registry built without one gets a batcher of one request per forward.
     batcher: Batcher | None = None
 
-    def forward(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
-        """Run the model on a (N, C, H, W) float32 batch, grouped with other waiting requests
-        for the same model into one forward; forwards run one at a time.
+    def forward(
+        self, model: LoadedModel, batch: np.ndarray, graph: str = GRAPH_FULL
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Run the model (its `graph`: LoadedModel.graphs) on a (N, C, H, W) float32 batch,
+        grouped with other waiting requests for the same model and graph into one forward;
+        forwards run one at a time.
 
-        A joint model returns a tuple (class logits, mask logits); the others one array.
+        Returns the arrays named by model.output_names(graph): a tuple when there are several
+        (a joint model: class logits, mask logits[, quality score]), else one array.
         Raises ServiceOverloadedError when the queue is full, DeadlineExceededError when the
         request's deadline passes before its forward starts.
         """
@@ -328,7 +415,7 @@ class ModelRegistry:
             n = torch.get_num_threads()
             config = BatchingConfig(max_batch_size=1, threads_alone=n, threads_batched=n)
             self.batcher = Batcher(config, self.metrics, self.inference_lock)
-        return self.batcher.submit(model, batch)
+        return self.batcher.submit(model, batch, graph)
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -368,9 +455,13 @@ class ModelRegistry:
         """Load what should serve each task, if that changed since the last call."""
         with self._refresh_lock:
             record = self._read_record()
-            # the joint model first: when it serves, the separate tasks are optional
+            # the joint model first: while it serves, it answers every endpoint and the separate
+            # tasks' models are not loaded (nor kept: only what serves takes memory)
             for task in sorted(self.tasks, key=lambda t: t != TASK_DIAGNOSIS):
                 try:
+                    if task != TASK_DIAGNOSIS and self.joint() is not None:
+                        self._stand_down(task)
+                        continue
                     self._refresh_task(task, record.stack(task) if record else None)
                 except Exception:  # never let one task's surprise stop the poller
                     self.metrics.reloads.labels(task, "error").inc()  # feeds the load alert
@@ -487,6 +578,23 @@ class ModelRegistry:
                    "gate": [r.reason for r in refusals]},
         )  # fmt: skip
         return False
+
+    def _stand_down(self, task: str) -> None:
+        """`task` is answered by the joint model: unload its own model if one is loaded, and
+        forget what was seen of its versions, so that it loads again should the joint model
+        stop serving."""
+        self._seen.pop(task, None)
+        current = self._models.pop(task, None)
+        if current is None:
+            return
+        self.metrics.model_info.remove(task, current.name, current.version, current.info.sha256)
+        self.metrics.model_runtime.remove(task, current.version, current.runtime)
+        self.metrics.fallback.labels(task).set(0)
+        self.fallback.pop(task, None)
+        log.info(
+            "unloaded %s version %s: the joint model answers %s",
+            task, current.version, task, extra={"task": task, "version": current.version},
+        )  # fmt: skip
 
     def _unload(self, task: str, current: LoadedModel) -> None:
         """Stop serving `task`: its version was demoted and nothing else is promoted."""

@@ -79,7 +79,33 @@ which never changes after publishing, but in the model directory's promotions re
 RUNTIME_ONNX = "onnxruntime"
 ONNX_FILE = "model.onnx"
 RUNTIME_FILES = {RUNTIME_ONNX: ONNX_FILE}
-"""Runtimes other than TorchScript an artifact may carry a file for, and that file's name."""
+"""Runtimes other than TorchScript an artifact may carry a file for, and its full graph's name."""
+
+GRAPH_FULL = "full"
+GRAPH_CLASSIFY = "classify"
+GRAPHS = (GRAPH_FULL, GRAPH_CLASSIFY)
+"""What a runtime file computes: the whole network (`full`: every output of model.pt) or only
+what a label needs (`classify`: the encoder and the class head, no mask decoder)."""
+PRECISIONS = ("fp32", "int8")
+
+_GRAPH_STEMS = {GRAPH_FULL: "model", GRAPH_CLASSIFY: "classify"}
+
+
+def runtime_file_name(runtime: str, graph: str = GRAPH_FULL, precision: str = "fp32") -> str:
+    """The file a runtime variant ships in: model.onnx, classify.onnx, model.int8.onnx, ...
+
+    Raises ValueError for an unknown runtime, graph or precision.
+    """
+    if runtime not in RUNTIME_FILES or graph not in GRAPHS or precision not in PRECISIONS:
+        raise ValueError(f"no runtime file for {runtime!r} / {graph!r} / {precision!r}")
+    suffix = RUNTIME_FILES[runtime].rsplit(".", 1)[1]
+    middle = "" if precision == "fp32" else f".{precision}"
+    return f"{_GRAPH_STEMS[graph]}{middle}.{suffix}"
+
+
+RUNTIME_FILE_NAMES = frozenset(
+    runtime_file_name(r, g, p) for r in RUNTIME_FILES for g in GRAPHS for p in PRECISIONS
+)
 
 VALIDATION_BAR = {"accuracy": 0.005, "macro_auc": 0.005, "lesion_dice": 0.005}
 """How far a runtime variant's figures may lie from the TorchScript fp32 model's on the same
@@ -215,6 +241,8 @@ class RuntimeVariant:
     precision: str = "fp32"
     validation: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    graph: str = GRAPH_FULL
+    outputs: tuple[str, ...] = ()  # the graph's output names in order; () when not recorded
 
     @property
     def deltas(self) -> dict[str, float]:
@@ -233,7 +261,7 @@ class RuntimeVariant:
         return bool(deltas) and all(abs(d) <= VALIDATION_BAR[k] + 1e-12 for k, d in deltas.items())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             **self.extra,
             "runtime": self.runtime,
             "file": self.file,
@@ -241,6 +269,11 @@ class RuntimeVariant:
             "precision": self.precision,
             "validation": dict(self.validation),
         }
+        if self.graph != GRAPH_FULL:
+            data["graph"] = self.graph
+        if self.outputs:
+            data["outputs"] = list(self.outputs)
+        return data
 
 
 def _is_number(value: object) -> bool:
@@ -259,25 +292,31 @@ def _runtimes(value: object, problems: list[str]) -> tuple[RuntimeVariant, ...]:
             continue
         runtime, file = entry.get("runtime"), entry.get("file")
         sha, precision = entry.get("sha256"), entry.get("precision", "fp32")
+        graph, outputs = entry.get("graph", GRAPH_FULL), entry.get("outputs", [])
         validation = entry.get("validation", {})
         bad = len(problems)
         if runtime not in RUNTIME_FILES:
             problems.append(f"{where}.runtime must be one of {list(RUNTIME_FILES)}")
-        elif file != RUNTIME_FILES[runtime]:
-            problems.append(f"{where}.file must be {RUNTIME_FILES[runtime]!r}")
+        if graph not in GRAPHS:
+            problems.append(f"{where}.graph must be one of {list(GRAPHS)}")
+        if precision not in PRECISIONS:
+            problems.append(f"{where}.precision must be one of {list(PRECISIONS)}")
+        expected = runtime_file_name(runtime, graph, precision) if len(problems) == bad else file
+        if file != expected:
+            problems.append(f"{where}.file must be {expected!r}")
         if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
             problems.append(f"{where}.sha256 must be 64 lower-case hex digits")
-        if precision != "fp32":
-            problems.append(f"{where}.precision must be 'fp32'")
         if not isinstance(validation, dict):
             problems.append(f"{where}.validation must be an object")
-        if runtime in {v.runtime for v in variants}:
-            problems.append(f"{where}: runtime {runtime!r} listed twice")
+        if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+            problems.append(f"{where}.outputs must be a list of names")
+        if (runtime, graph, precision) in {(v.runtime, v.graph, v.precision) for v in variants}:
+            problems.append(f"{where}: {runtime!r} {graph} {precision} listed twice")
         if len(problems) == bad:
-            known = {"runtime", "file", "sha256", "precision", "validation"}
+            known = {"runtime", "file", "sha256", "precision", "validation", "graph", "outputs"}
             variants.append(RuntimeVariant(
                 runtime, file, sha, precision, validation,
-                {k: v for k, v in entry.items() if k not in known},
+                {k: v for k, v in entry.items() if k not in known}, graph, tuple(outputs),
             ))  # fmt: skip
     return tuple(variants)
 
@@ -358,9 +397,19 @@ class Manifest:
     model_file: str = MODEL_FILE
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    def runtime(self, name: str) -> RuntimeVariant | None:
-        """The variant for runtime `name`, or None when the artifact carries none."""
-        return next((v for v in self.runtimes if v.runtime == name), None)
+    def runtime(
+        self, name: str, graph: str = GRAPH_FULL, precision: str = "fp32"
+    ) -> RuntimeVariant | None:
+        """The variant for runtime `name` of that graph and precision, or None when the artifact
+        carries none."""
+        return next(
+            (
+                v
+                for v in self.runtimes
+                if (v.runtime, v.graph, v.precision) == (name, graph, precision)
+            ),
+            None,
+        )
 
     @property
     def evaluation(self) -> Evaluation:
@@ -796,9 +845,9 @@ def publish_artifact(
 
     Fills in schema_version, task, version, model_file, sha256, (if absent) created_at and (if
     absent) status, validates the result as a Manifest and writes its `to_dict()`.
-    `runtime_files` maps each runtime the metadata's `runtimes` list names to its file (e.g.
-    {"onnxruntime": path/to/model.onnx}): it is copied in as the entry's `file` and the entry's
-    sha256 is filled in. The version is
+    `runtime_files` maps the file name of each entry of the metadata's `runtimes` list
+    (runtime_file_name: model.onnx, classify.onnx, ...; a runtime's name stands for its full fp32
+    graph) to the file to copy in; the entry's `file` and sha256 are filled in. The version is
     a candidate: it serves only once promoted (shared.promotion). Raises InvalidVersionError for
     a bad task/version name, ManifestError (an ArtifactIntegrityError) for an invalid manifest,
     and ArtifactIntegrityError if the version already exists.
@@ -819,17 +868,28 @@ def publish_artifact(
         sha256=sha256_file(Path(model_file)),
     )
     fields_in.setdefault("created_at", datetime.now(UTC).isoformat(timespec="seconds"))
-    runtime_files = {name: Path(path) for name, path in (runtime_files or {}).items()}
+    runtime_files = {
+        RUNTIME_FILES.get(name, name): Path(path) for name, path in (runtime_files or {}).items()
+    }
     entries = [dict(e) if isinstance(e, Mapping) else e for e in fields_in.get("runtimes", [])]
-    named = {e.get("runtime") for e in entries if isinstance(e, dict)}
+    named = set()
+    for entry in entries:
+        if isinstance(entry, dict):
+            try:
+                entry["file"] = runtime_file_name(
+                    entry.get("runtime"), entry.get("graph", GRAPH_FULL),
+                    entry.get("precision", "fp32"),
+                )  # fmt: skip
+            except ValueError as exc:
+                raise ManifestError([str(exc)]) from exc
+            named.add(entry["file"])
     if set(runtime_files) != named:
         raise ArtifactIntegrityError(
             f"runtime files {sorted(runtime_files)} do not match the manifest's runtimes "
-            f"{sorted(str(n) for n in named)}"
+            f"{sorted(named)}"
         )
     for entry in entries:
-        entry["file"] = RUNTIME_FILES.get(entry["runtime"], entry.get("file"))
-        entry["sha256"] = sha256_file(runtime_files[entry["runtime"]])
+        entry["sha256"] = sha256_file(runtime_files[entry["file"]])
     if entries:
         fields_in["runtimes"] = entries
     manifest = Manifest.from_dict(fields_in)  # an invalid manifest is never written
@@ -844,7 +904,7 @@ def publish_artifact(
         if sha256_file(staging / MODEL_FILE) != manifest.sha256:
             raise ArtifactIntegrityError("model file changed while it was being published")
         for variant in manifest.runtimes:
-            source = runtime_files[variant.runtime]
+            source = runtime_files[variant.file]
             with source.open("rb") as src, (staging / variant.file).open("wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
@@ -952,7 +1012,7 @@ def _verify_runtime_files(folder: Path, metadata: Mapping[str, Any], what: str) 
         raise ArtifactIntegrityError(f"{what} has a malformed runtimes list")
     for entry in entries:
         name = entry.get("file") if isinstance(entry, dict) else None
-        if name not in RUNTIME_FILES.values():
+        if name not in RUNTIME_FILE_NAMES:
             raise ArtifactIntegrityError(f"{what} names an unexpected runtime file")
         path = folder / name
         if path.is_symlink() or not path.is_file():

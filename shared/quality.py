@@ -236,3 +236,91 @@ class OodDetector:
 def load_detector(path: Path = DEFAULT_DETECTOR_FILE) -> OodDetector:
     """Read a detector file. Raises OSError when unreadable, ValueError when invalid."""
     return OodDetector.from_json(json.loads(Path(path).read_text()))
+
+
+# --- the check on the model's own features ------------------------------------------------------
+
+FEATURE_REASON = "the model's features of this image are unlike those of the scans it learnt from"
+FEATURE_QUALITY_OUTPUT = "quality"
+"""The name of the graph output that carries the score (units of the threshold: above 1 is out
+of distribution) in a runtime file that computes the check (training.runtimes)."""
+
+
+@dataclass(frozen=True)
+class FeatureOodDetector:
+    """Mahalanobis distance of a frame's pooled encoder features to the training sites'.
+
+    The served network's encoder already reduces every frame to a vector (the pooled deepest
+    features its class head reads); frames unlike the training scans land far from theirs. The
+    features are standardised, their covariance shrunk towards the identity, and the distance is
+    `|(f - mean) @ whiten|` with `whiten @ whiten.T` the precision matrix of the raw features: one
+    small matrix product, which the export bakes into the ONNX graphs (so the check costs the
+    service nothing beyond its forward). `threshold` is a high quantile of the training frames'
+    out-of-fold distances (see `fit`).
+    """
+
+    mean: np.ndarray  # (D,)
+    whiten: np.ndarray  # (D, D)
+    threshold: float
+
+    @classmethod
+    def fit(
+        cls,
+        features: np.ndarray,
+        folds: np.ndarray | None = None,
+        sites: np.ndarray | None = None,
+        quantile: float = 0.99,
+        shrinkage: float = 0.1,
+    ) -> FeatureOodDetector:
+        """Fit on (N, D) features of in-distribution frames.
+
+        With `folds` (a group-aware fold per frame), the threshold is the `quantile` of the
+        frames' out-of-fold distances (each fold scored by a detector fitted without it), the
+        highest over `sites` (one per frame; default: one site): a frame the detector never saw
+        lies farther than the ones it was fitted on, and a smaller site must not be flagged more
+        for being outnumbered. Without folds, the quantile of the frames' own distances. Raises
+        ValueError with fewer than 2 frames or features that are not finite.
+        """
+        features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2 or len(features) < 2:
+            raise ValueError("need an (N, D) array of at least 2 frames' features")
+        if not np.isfinite(features).all():
+            raise ValueError("features must be finite")
+        d = features.shape[1]
+        mean = features.mean(axis=0)
+        scale = np.maximum(features.std(axis=0), 1e-6)
+        cov = np.cov((features - mean) / scale, rowvar=False)
+        cov = (1 - shrinkage) * cov + shrinkage * np.eye(d)
+        # precision of the standardised features = L L^T; of the raw ones diag(1/s) L L^T diag(1/s)
+        lower = np.linalg.cholesky(np.linalg.inv(cov))
+        unit = cls(mean, lower / scale[:, None], 1.0)
+        if folds is None:
+            distances = unit.distances(features)
+        else:
+            folds = np.asarray(folds)
+            distances = np.zeros(len(features))
+            for fold in np.unique(folds):
+                held = folds == fold
+                fitted = cls.fit(features[~held], quantile=0.5, shrinkage=shrinkage)
+                distances[held] = fitted.distances(features[held])
+        site_of = np.zeros(len(features)) if sites is None else np.asarray(sites)
+        threshold = max(
+            float(np.quantile(distances[site_of == site], quantile)) for site in np.unique(site_of)
+        )
+        return cls(unit.mean, unit.whiten, max(threshold, 1e-12))
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        z = (np.atleast_2d(np.asarray(features, dtype=np.float64)) - self.mean) @ self.whiten
+        return np.sqrt((z * z).sum(axis=1))
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Distances in units of the threshold: above 1 is out of distribution."""
+        return self.distances(features) / self.threshold
+
+
+def feature_quality(score: float) -> Quality:
+    """The verdict from a score of FeatureOodDetector (as a graph computes it)."""
+    score = float(score) if np.isfinite(score) else float("inf")
+    if score <= 1.0:
+        return Quality(True, round(score, 4), ())
+    return Quality(False, round(min(score, 1e6), 4), (FEATURE_REASON,))

@@ -33,7 +33,13 @@ from PIL import Image
 
 from shared.decoding import decode_image
 from shared.errors import InputError
-from shared.quality import DEFAULT_DETECTOR_FILE, FEATURE_NAMES, OodDetector, image_statistics
+from shared.quality import (
+    DEFAULT_DETECTOR_FILE,
+    FEATURE_NAMES,
+    FeatureOodDetector,
+    OodDetector,
+    image_statistics,
+)
 from training.data import scan_dataset
 
 log = logging.getLogger(__name__)
@@ -210,6 +216,100 @@ def evaluate(
         "per_fold": per_fold,
         "held_out_busi_scores": held_out.tolist(),
     }
+
+
+# --- the check on the served model's own features ---------------------------------------------
+
+FEATURE_QUANTILE = 0.99  # of each site's out-of-fold distances: the flag threshold
+FEATURE_AUROC_FLOOR = 0.98  # non-ultrasound against held-out training-site images, mean over folds
+FEATURE_FLAGGED_CEILING = 0.02  # of each training site's held-out images
+
+
+def evaluate_feature_check(
+    features: np.ndarray,
+    sites: list[str],
+    folds: np.ndarray,
+    ood: np.ndarray,
+    ood_sources: list[str],
+    quantile: float = FEATURE_QUANTILE,
+    shrinkage: float = SHRINKAGE,
+) -> dict[str, Any]:
+    """shared.quality.FeatureOodDetector on the training sites' pooled encoder features,
+    evaluated as the image-statistics check is: for each fold, fitted on the other folds' images
+    (every site) and scoring the held-out fold's images and every non-ultrasound image. Returns
+    the figures, with `holds` (AUROC and each site's flagged share within the floors) and
+    `refusals` (why not). Each fold's detector sets its threshold on the other folds' images
+    alone (FeatureOodDetector.fit with their folds), so the held-out fold is never seen."""
+    features = np.asarray(features, dtype=np.float64)
+    site_of = np.asarray(sites)
+    held_out = np.zeros(len(features))
+    ood_flagged = np.zeros(len(ood))
+    per_fold = []
+    for fold in sorted(set(folds.tolist())):
+        train, test = folds != fold, folds == fold
+        detector = FeatureOodDetector.fit(
+            features[train], folds[train], site_of[train], quantile, shrinkage
+        )
+        held_out[test] = detector.scores(features[test])
+        out_scores = detector.scores(ood)
+        ood_flagged += out_scores > 1.0
+        per_fold.append({
+            "fold": int(fold),
+            "n_held_out": int(test.sum()),
+            "flagged": float((held_out[test] > 1.0).mean()),
+            "auroc": auroc(held_out[test], out_scores),
+            "ood_detected": float((out_scores > 1.0).mean()),
+        })  # fmt: skip
+    n_folds = len(per_fold)
+    by_site = {
+        site: {
+            "n": int((site_of == site).sum()),
+            "flagged": float((held_out[site_of == site] > 1.0).mean()),
+            "flagged_count": int((held_out[site_of == site] > 1.0).sum()),
+        }
+        for site in sorted(set(sites))
+    }
+    by_source = {
+        source: {
+            "n": int(sum(s == source for s in ood_sources)),
+            "detected": float(np.mean([
+                f / n_folds for f, s in zip(ood_flagged, ood_sources, strict=True) if s == source
+            ])),
+        }
+        for source in sorted(set(ood_sources))
+    }  # fmt: skip
+    result: dict[str, Any] = {
+        "method": "Mahalanobis distance of the pooled deepest encoder features (averaged over "
+        "the mirror image as the served network averages) to the training sites' features; "
+        f"standardised, covariance shrunk by {shrinkage}, threshold the highest over sites of "
+        f"the {quantile} quantile of their out-of-fold distances",
+        "n_images": int(len(features)),
+        "n_ood": int(len(ood)),
+        "feature_dimension": int(features.shape[1]),
+        "auroc_mean_over_folds": float(np.mean([f["auroc"] for f in per_fold])),
+        "auroc_min_over_folds": float(np.min([f["auroc"] for f in per_fold])),
+        "flagged_by_site": by_site,
+        "ood_detected": float(ood_flagged.sum() / (n_folds * len(ood))),
+        "ood_by_source": by_source,
+        "per_fold": per_fold,
+        "floors": {"auroc": FEATURE_AUROC_FLOOR, "flagged_per_site": FEATURE_FLAGGED_CEILING},
+    }
+    refusals = []
+    if not result["auroc_mean_over_folds"] >= FEATURE_AUROC_FLOOR:
+        refusals.append(
+            f"AUROC on non-ultrasound images {result['auroc_mean_over_folds']:.4f} is under "
+            f"{FEATURE_AUROC_FLOOR}"
+        )
+    for site, figures in by_site.items():
+        if not figures["flagged"] <= FEATURE_FLAGGED_CEILING:
+            refusals.append(
+                f"{100 * figures['flagged']:.2f}% of {site}'s held-out images are flagged "
+                f"(ceiling {100 * FEATURE_FLAGGED_CEILING:g}%)"
+            )
+    result["holds"] = not refusals
+    result["refusals"] = refusals
+    result["held_out_scores"] = held_out.tolist()
+    return result
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -46,6 +46,9 @@ import torch
 from torch import nn
 
 from shared.artifacts import (
+    GRAPH_CLASSIFY,
+    GRAPH_FULL,
+    GRAPHS,
     ONNX_FILE,
     RUNTIME_AGREEMENT_ATOL,
     RUNTIME_ONNX,
@@ -54,6 +57,7 @@ from shared.artifacts import (
     RuntimeVariant,
     new_version_name,
     publish_artifact,
+    runtime_file_name,
     verify_artifact,
 )
 from shared.calibration import Calibration
@@ -63,6 +67,7 @@ from shared.models.joint import JointFlipAverage
 from shared.onnx_runtime import OnnxSessions
 from shared.postprocessing import dice_iou, softmax
 from shared.preprocessing import Preprocessing
+from shared.quality import FEATURE_QUALITY_OUTPUT, FeatureOodDetector
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +88,18 @@ class ValidationRefused(RuntimeError):
 # --- ONNX export and ONNX Runtime -----------------------------------------------------------
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, opset: int = ONNX_OPSET) -> bytes:
-    """The ONNX file of eager `model` (eval mode), batch size dynamic: inputs `x`, outputs
-    `classes` and `masks`. TorchScript modules do not export (their scripted interpolate); rebuild
-    the eager network first (eager_model)."""
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    opset: int = ONNX_OPSET,
+    output_names: list[str] | None = None,
+) -> bytes:
+    """The ONNX file of eager `model` (eval mode), batch size dynamic: input `x`, outputs
+    `output_names` (default `classes` and `masks`; a ServedGraph names its own). TorchScript
+    modules do not export (their scripted interpolate); rebuild the eager network first
+    (eager_model)."""
+    if output_names is None:
+        output_names = getattr(model, "output_names", ["classes", "masks"])
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # the TorchScript-based exporter, the one bench/precision.py measured, warns it is legacy
@@ -96,8 +109,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, opset: int = ONNX_OPSET
             (example,),
             buffer,
             input_names=["x"],
-            output_names=["classes", "masks"],
-            dynamic_axes={"x": {0: "n"}, "classes": {0: "n"}, "masks": {0: "n"}},
+            output_names=output_names,
+            dynamic_axes={"x": {0: "n"}, **{name: {0: "n"} for name in output_names}},
             opset_version=opset,
             dynamo=False,
         )
@@ -120,9 +133,93 @@ class OnnxRuntimeForward:
         self.sessions = OnnxSessions(data)  # onnxruntime: pip install -e ".[train]"
         self.version = self.sessions.version
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        classes, masks = self.sessions.run(x.numpy(), torch.get_num_threads())
-        return torch.from_numpy(classes), torch.from_numpy(masks)
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The graph's outputs (class and mask logits first, as model.pt gives them)."""
+        outputs = self.sessions.run(x.numpy(), torch.get_num_threads())
+        return tuple(torch.from_numpy(o) for o in outputs)
+
+
+# --- the served graphs ------------------------------------------------------------------------
+
+
+def _joint_parts(served: nn.Module) -> tuple[nn.Module, bool]:
+    """(the JointUNet inside `served`, whether `served` averages over the mirror image)."""
+    if isinstance(served, JointFlipAverage):
+        return served.model, True
+    return served, False
+
+
+class QualityScore(nn.Module):
+    """shared.quality.FeatureOodDetector as a graph: (N, D) features -> (N,) scores."""
+
+    def __init__(self, detector: FeatureOodDetector) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(detector.mean, dtype=torch.float32))
+        self.register_buffer("whiten", torch.as_tensor(detector.whiten, dtype=torch.float32))
+        self.inv_threshold = float(1.0 / detector.threshold)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        z = (features - self.mean) @ self.whiten
+        return torch.sqrt((z * z).sum(dim=1)) * self.inv_threshold
+
+
+class ServedGraph(nn.Module):
+    """What a runtime file computes, from the served network's weights.
+
+    `graph="full"`: the served network's outputs (class logits, mask logits); `"classify"`: the
+    encoder and the class head only (class logits), with the mirror averaging the served
+    network does. With a `detector`, both add the quality score of the pooled deepest features
+    (averaged over the mirror like the logits): the features the class head reads, so the check
+    costs one (D, D) product.
+    """
+
+    def __init__(
+        self, served: nn.Module, graph: str = GRAPH_FULL, detector: FeatureOodDetector | None = None
+    ) -> None:
+        super().__init__()
+        if graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {GRAPHS}")
+        self.served = served.eval()
+        self.graph = graph
+        self.quality = QualityScore(detector) if detector is not None else None
+        self._deepest: list[torch.Tensor] = []
+        self._net, self._flip = _joint_parts(served)
+        if graph == GRAPH_FULL and detector is not None:
+            self._net.encoder.register_forward_hook(self._keep_deepest)
+
+    @property
+    def output_names(self) -> list[str]:
+        names = ["classes", "masks"] if self.graph == GRAPH_FULL else ["classes"]
+        return names + ([FEATURE_QUALITY_OUTPUT] if self.quality is not None else [])
+
+    def _keep_deepest(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self._deepest.append(output[-1])
+
+    def _average(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        return 0.5 * (t[:n] + t[n:]) if self._flip else t
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) pooled deepest encoder features, averaged over the mirror when served so."""
+        both = torch.cat([x, torch.flip(x, dims=[-1])], dim=0) if self._flip else x
+        return self._average(self._net.encoder(both)[-1].mean(dim=(2, 3)), x.shape[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = x.shape[0]
+        if self.graph == GRAPH_FULL:
+            self._deepest.clear()
+            classes, masks = self.served(x)
+            outputs: tuple[torch.Tensor, ...] = (classes, masks)
+            if self.quality is not None:
+                pooled = self._average(self._deepest.pop().mean(dim=(2, 3)), n)
+                outputs += (self.quality(pooled),)
+            return outputs
+        both = torch.cat([x, torch.flip(x, dims=[-1])], dim=0) if self._flip else x
+        pooled = self._net.encoder(both)[-1].mean(dim=(2, 3))
+        # the class head as JointUNet applies it (its dropout is the identity in eval mode)
+        classes = self._average(self._net.classifier(self._net.dropout(pooled)), n)
+        if self.quality is None:
+            return (classes,)
+        return classes, self.quality(self._average(pooled, n))
 
 
 # --- scoring --------------------------------------------------------------------------------
@@ -167,7 +264,7 @@ def score(
     rows = []
     for start, x, layouts in _batches(preprocessing, images, batch_size):
         with torch.inference_mode():
-            class_logits, mask_logits = forward(x)
+            class_logits, mask_logits = forward(x)[:2]
         rows += _rows(start, class_logits, mask_logits, layouts, preprocessing, masks, labels,
                       keys, threshold)  # fmt: skip
     return rows
@@ -184,8 +281,8 @@ class Agreement:
     class_disagreements: int = 0
 
     def add(self, reference: tuple[torch.Tensor, ...], variant: tuple[torch.Tensor, ...]) -> None:
-        ref_classes, ref_masks = (t.float().numpy().astype(np.float64) for t in reference)
-        var_classes, var_masks = (t.float().numpy().astype(np.float64) for t in variant)
+        ref_classes, ref_masks = (t.float().numpy().astype(np.float64) for t in reference[:2])
+        var_classes, var_masks = (t.float().numpy().astype(np.float64) for t in variant[:2])
         self.n_images += len(ref_classes)
         self.max_abs_class_logit_diff = max(
             self.max_abs_class_logit_diff, float(np.abs(ref_classes - var_classes).max())
@@ -239,8 +336,8 @@ def score_pair(
             ref, var = reference(x), variant(x)
         agreement.add(ref, var)
         common = (layouts, preprocessing, data.masks, data.labels, data.keys, threshold)
-        reference_rows += _rows(start, *ref, *common)
-        variant_rows += _rows(start, *var, *common)
+        reference_rows += _rows(start, *ref[:2], *common)
+        variant_rows += _rows(start, *var[:2], *common)
     return reference_rows, variant_rows
 
 
@@ -372,6 +469,133 @@ def validate(
     return validation
 
 
+def validate_classify(
+    full: bytes,
+    classify: bytes,
+    preprocessing: Preprocessing,
+    data: Images,
+    calibration: Calibration,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """The classify-only graph against the full graph it was cut from, on the same images: the
+    class figures of both (accuracy, macro AUC: VALIDATION_BAR's that a label has), and their
+    agreement (largest class-logit and quality-score differences, images whose label differs)."""
+    full_run, classify_run = OnnxRuntimeForward(full), OnnxRuntimeForward(classify)
+    agreement = {"n_images": 0, "max_abs_class_logit_diff": 0.0, "class_disagreements": 0}
+    reference_rows, variant_rows = [], []
+    worst_quality: float | None = None
+    for start, x, _ in _batches(preprocessing, data.images, batch_size):
+        with torch.inference_mode():
+            ref, var = full_run(x), classify_run(x)
+        ref_classes = ref[0].numpy().astype(np.float64)
+        var_classes = var[0].numpy().astype(np.float64)
+        agreement["n_images"] += len(ref_classes)
+        agreement["max_abs_class_logit_diff"] = max(
+            agreement["max_abs_class_logit_diff"], float(np.abs(ref_classes - var_classes).max())
+        )
+        differs = ref_classes.argmax(1) != var_classes.argmax(1)
+        differs |= calibration.apply(ref_classes).argmax(1) != calibration.apply(
+            var_classes
+        ).argmax(1)
+        agreement["class_disagreements"] += int(differs.sum())
+        if len(ref) == 3 and len(var) == 2:  # both compute the quality score
+            diff = float(np.abs(ref[2].numpy() - var[1].numpy()).max())
+            worst_quality = max(worst_quality or 0.0, diff)
+        for j in range(len(ref_classes)):
+            i = start + j
+            for rows, logits in ((reference_rows, ref_classes), (variant_rows, var_classes)):
+                rows.append({"key": data.keys[i], "label": data.labels[i],
+                             "probs": [float(v) for v in softmax(logits[j])],
+                             "dice": float("nan"), "mask_pixels": 0})  # fmt: skip
+    if worst_quality is not None:
+        agreement["max_abs_quality_diff"] = worst_quality
+    keys = ("accuracy", "macro_auc")
+    return {
+        "n_images": agreement["n_images"],
+        "reference_graph": GRAPH_FULL,
+        "reference": {k: v for k, v in bar_figures(reference_rows).items() if k in keys},
+        "variant": {k: v for k, v in bar_figures(variant_rows).items() if k in keys},
+        "agreement": agreement,
+    }
+
+
+def classify_refusals(validation: Mapping[str, Any]) -> list[str]:
+    """Why the classify-only graph must not ship: it must give the full graph's label on every
+    image and its class logits (and quality score) within RUNTIME_AGREEMENT_ATOL."""
+    agreement = validation.get("agreement") or {}
+    reasons = []
+    if not agreement.get("n_images"):
+        reasons.append("classify.onnx was not compared with model.onnx on any image")
+    if agreement.get("class_disagreements", 0):
+        reasons.append(
+            f"classify.onnx gives another label than model.onnx on "
+            f"{agreement['class_disagreements']} of {agreement['n_images']} images"
+        )
+    for key in ("max_abs_class_logit_diff", "max_abs_quality_diff"):
+        diff = agreement.get(key, 0.0)
+        if not diff <= RUNTIME_AGREEMENT_ATOL:
+            reasons.append(
+                f"classify.onnx's {key} from model.onnx is {diff:.2g} "
+                f"(more than {RUNTIME_AGREEMENT_ATOL:g})"
+            )
+    return reasons
+
+
+def fit_quality_check(
+    eager: nn.Module,
+    preprocessing: Preprocessing,
+    site_paths: list[Path],
+    folds_file: Path | None,
+    batch_size: int = 16,
+) -> tuple[FeatureOodDetector, dict[str, Any]]:
+    """The quality check on the served network's own features: pooled encoder features of
+    every image of the training sites' folders (training.sites) and of the non-ultrasound
+    evaluation set (training.ood), evaluated over the site folds and fitted on every image.
+    Raises ValueError when it does not hold (training.ood.evaluate_feature_check's floors)."""
+    from training.data import data_fingerprint, load_image
+    from training.ood import FEATURE_QUANTILE, SHRINKAGE, evaluate_feature_check, ood_images
+    from training.sites import DEFAULT_SITE_FOLDS, load_site_folds, scan_sites
+
+    started = time.perf_counter()
+    graph = ServedGraph(eager, GRAPH_CLASSIFY)
+    samples = scan_sites(site_paths)
+    folds_file = folds_file or DEFAULT_SITE_FOLDS
+    items = load_site_folds(folds_file, samples)
+    folds = np.asarray([int(items[s.key]["fold"]) for s in samples])
+    features = pooled_features(graph, preprocessing, [load_image(s) for s in samples], batch_size)
+    ood_set = ood_images()
+    ood = pooled_features(graph, preprocessing, [s.pixels for s in ood_set], batch_size)
+    log.info("features of %d training-site and %d non-ultrasound images in %.0f s",
+             len(samples), len(ood_set), time.perf_counter() - started)  # fmt: skip
+    report = evaluate_feature_check(
+        features, [s.site for s in samples], folds, ood, [s.source for s in ood_set]
+    )
+    report.pop("held_out_scores")
+    from training.runner import display_path
+
+    report["sites"] = [str(p) for p in site_paths]
+    report["folds_file"] = display_path(folds_file)
+    report["data_fingerprint"] = data_fingerprint(samples)["sha256"]
+    if not report["holds"]:
+        raise ValueError("the quality check does not hold: " + "; ".join(report["refusals"]))
+    detector = FeatureOodDetector.fit(
+        features, folds, np.asarray([s.site for s in samples]), FEATURE_QUANTILE, SHRINKAGE
+    )
+    report["threshold"] = detector.threshold
+    return detector, report
+
+
+def pooled_features(
+    graph: ServedGraph, preprocessing: Preprocessing, images: list[np.ndarray], batch_size: int
+) -> np.ndarray:
+    """(N, D) ServedGraph.features of decoded frames, preprocessed as the service does."""
+    out = []
+    for _, x, _ in _batches(preprocessing, images, batch_size):
+        with torch.inference_mode():
+            out.append(graph.features(x).numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
 def refusals(validation: Mapping[str, Any]) -> list[str]:
     """Why the ONNX variant must not be published (none: it may).
 
@@ -409,19 +633,40 @@ def refusals(validation: Mapping[str, Any]) -> list[str]:
     return reasons
 
 
-def derived_metadata(info: ArtifactInfo, validation: Mapping[str, Any]) -> dict[str, Any]:
-    """The source manifest with a new created_at, where it came from and the ONNX runtime entry
-    (publish_artifact fills in version, file and sha256)."""
-    metadata = {k: v for k, v in info.metadata.items() if k not in ("version", "runtimes")}
-    metadata["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    metadata["derived_from"] = {
-        "version": info.version,
-        "sha256": info.sha256,
-        "change": "adds model.onnx for ONNX Runtime",
+def derived_metadata(
+    info: ArtifactInfo,
+    validation: Mapping[str, Any],
+    classify: Mapping[str, Any] | None = None,
+    outputs: Mapping[str, list[str]] | None = None,
+    quality: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The source manifest with a new created_at, where it came from and the ONNX runtime
+    entries: model.onnx, and classify.onnx with its `classify` validation when given; the
+    quality check's record when the graphs compute it (publish_artifact fills in version,
+    files and sha256)."""
+    outputs = outputs or {}
+    metadata = {
+        k: v for k, v in info.metadata.items() if k not in ("version", "runtimes", "quality")
     }
-    metadata["runtimes"] = [
-        {"runtime": RUNTIME_ONNX, "precision": "fp32", "validation": dict(validation)}
-    ]
+    metadata["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    change = "adds model.onnx for ONNX Runtime"
+    if classify is not None:
+        change += ", classify.onnx (the encoder and class head only) for /classify"
+    if quality is not None:
+        change += ", the quality check on the encoder's features in both graphs"
+    metadata["derived_from"] = {"version": info.version, "sha256": info.sha256, "change": change}
+    full: dict[str, Any] = {"runtime": RUNTIME_ONNX, "precision": "fp32"}
+    if GRAPH_FULL in outputs:
+        full["outputs"] = outputs[GRAPH_FULL]
+    metadata["runtimes"] = [{**full, "validation": dict(validation)}]
+    if classify is not None:
+        entry: dict[str, Any] = {"runtime": RUNTIME_ONNX, "graph": GRAPH_CLASSIFY,
+                                 "precision": "fp32"}  # fmt: skip
+        if GRAPH_CLASSIFY in outputs:
+            entry["outputs"] = outputs[GRAPH_CLASSIFY]
+        metadata["runtimes"].append({**entry, "validation": dict(classify)})
+    if quality is not None:
+        metadata["quality"] = {"output": FEATURE_QUALITY_OUTPUT, **quality}
     return metadata
 
 
@@ -467,6 +712,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--limit", type=int, default=0, help="score N images spread over the folder (default: all)"
     )
+    parser.add_argument(
+        "--quality-data-path",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="the training sites' folders (BUSI layout; BUS-BRA with bus_data.csv): fit the "
+        "quality check on the network's encoder features of their images, validate it and "
+        "compute it in both graphs (default: none; the service then uses image statistics)",
+    )
+    parser.add_argument(
+        "--quality-folds-file",
+        type=Path,
+        default=None,
+        help="site folds of those images (default: training/splits/sites-5fold.json)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="scoring batch (default: 8)")
     parser.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads "
                         "(default: 0, torch's default)")  # fmt: skip
@@ -487,10 +747,23 @@ def export_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
     configure_threads(args.threads)
     info = verify_artifact(args.model_dir, args.task, args.version)
     eager, preset = eager_model(info)
+    preprocessing = Preprocessing.from_metadata(info.metadata["preprocessing"])
+    detector, quality = None, None
+    if args.quality_data_path:
+        detector, quality = fit_quality_check(
+            eager, preprocessing, list(args.quality_data_path), args.quality_folds_file
+        )
+        quality["command"] = command
+        log.info("quality check: AUROC %.4f on non-ultrasound images, flagged %s",
+                 quality["auroc_mean_over_folds"],
+                 {k: v["flagged"] for k, v in quality["flagged_by_site"].items()})  # fmt: skip
     example = torch.zeros((1, 3, preset.size, preset.size))
-    artifact_onnx = export_onnx(eager, example)
-    log.info("exported %s %s to ONNX (opset %d, %.1f MB)", info.task, info.version,
-             onnx_opset(artifact_onnx), len(artifact_onnx) / 1e6)  # fmt: skip
+    graphs = {graph: ServedGraph(eager, graph, detector) for graph in GRAPHS}
+    exported = {graph: export_onnx(module, example) for graph, module in graphs.items()}
+    artifact_onnx = exported[GRAPH_FULL]
+    for graph, data_bytes in exported.items():
+        log.info("exported %s %s (%s graph) to ONNX (opset %d, %.1f MB)", info.task,
+                 info.version, graph, onnx_opset(data_bytes), len(data_bytes) / 1e6)  # fmt: skip
 
     samples = scan_dataset(args.data_path)
     fingerprint = data_fingerprint(samples)
@@ -528,19 +801,28 @@ def export_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "onnx_opset": onnx_opset(artifact_onnx),
         "exported_with": {"torch": torch.__version__},
     }
-    reasons = refusals(validation)
+    calibration = Calibration.from_manifest(info.metadata["output"]["classes"], len(CLASS_NAMES))
+    classify = validate_classify(artifact_onnx, exported[GRAPH_CLASSIFY], preprocessing, data,
+                                 calibration, args.batch_size)  # fmt: skip
+    classify["source"] = (
+        f"{subset} of {args.data_path}, scored by model.onnx (the full graph) and classify.onnx"
+    )
+    reasons = refusals(validation) + classify_refusals(classify)
     if reasons:
-        raise ValidationRefused(reasons, validation)
+        raise ValidationRefused(reasons, {**validation, "classify": classify})
 
     output_dir = args.output_model_dir or args.model_dir
     version = args.new_version or new_version_name()
+    outputs = {graph: module.output_names for graph, module in graphs.items()}
+    metadata = derived_metadata(info, validation, classify, outputs, quality)
     with tempfile.TemporaryDirectory(prefix="export-onnx-") as tmp:
-        onnx_file = Path(tmp) / ONNX_FILE
-        onnx_file.write_bytes(artifact_onnx)
-        publish_artifact(
-            Path(output_dir), info.task, version, info.model_path,
-            derived_metadata(info, validation), runtime_files={RUNTIME_ONNX: onnx_file},
-        )  # fmt: skip
+        files = {}
+        for graph, data_bytes in exported.items():
+            name = runtime_file_name(RUNTIME_ONNX, graph)
+            (Path(tmp) / name).write_bytes(data_bytes)
+            files[name] = Path(tmp) / name
+        publish_artifact(Path(output_dir), info.task, version, info.model_path, metadata,
+                         runtime_files=files)  # fmt: skip
     published = verify_artifact(Path(output_dir), info.task, version)
     variant = published.manifest.runtime(RUNTIME_ONNX)
     assert variant is not None and variant.holds  # refusals() checked it
@@ -554,6 +836,8 @@ def export_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "holds": variant.holds,
         "deltas": variant.deltas,
         "validation": validation,
+        "classify": classify,
+        "quality": quality,
         "promote": f"python -m training promote {info.task} {version} --model-dir {output_dir}",
     }
 

@@ -55,6 +55,9 @@ class FakeModel:
     input_shape: tuple[int, int, int] = SHAPE
     onnx: Any = None  # a TorchScript model (ONNX forwards: tests/service/test_onnx_runtime.py)
 
+    def runner(self, graph: str = "full") -> Any:
+        return self.onnx
+
 
 def image(value: float) -> np.ndarray:
     return np.full((1, *SHAPE), value, dtype=np.float32)
@@ -217,7 +220,7 @@ def test_a_frozen_model_serves_the_same_answers(precision):
 def test_overload_is_a_503_with_retry_after_and_a_deadline_a_504(serve, tiny_model_dir):
     errors = iter([ServiceOverloadedError("busy"), DeadlineExceededError("late")])
 
-    def refuse(model: Any, batch: np.ndarray) -> Any:
+    def refuse(model: Any, batch: np.ndarray, graph: str = "full") -> Any:
         raise next(errors)
 
     def hook(app: Any) -> None:

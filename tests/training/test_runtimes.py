@@ -98,7 +98,9 @@ def test_export_onnx_publishes_a_new_version_whose_onnx_answers_as_model_pt(worl
     manifest = Manifest.from_dict(info.metadata)
     assert manifest.status == source.manifest.status  # carried over, not promoted
     assert info.metadata["derived_from"] == {
-        "version": SOURCE, "sha256": source.sha256, "change": "adds model.onnx for ONNX Runtime"
+        "version": SOURCE, "sha256": source.sha256,
+        "change": "adds model.onnx for ONNX Runtime, classify.onnx (the encoder and class head "
+        "only) for /classify",
     }  # fmt: skip
     variant = manifest.runtime(RUNTIME_ONNX)
     assert variant is not None and variant.file == ONNX_FILE and variant.holds

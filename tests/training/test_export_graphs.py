@@ -1,0 +1,93 @@
+"""The graphs export-onnx ships: the classify-only graph gives the full graph's class logits,
+both compute the quality check on the encoder's pooled features, and the check's evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from test_runtimes import _export, world  # noqa: F401 (the module-scoped fixture)
+
+from shared.artifacts import GRAPH_CLASSIFY, RUNTIME_ONNX, verify_artifact
+from shared.labels import TASK_DIAGNOSIS
+from shared.quality import FeatureOodDetector
+from training import joint, runtimes
+from training.ood import evaluate_feature_check
+
+PRESET = joint.get_preset("joint-smoke")
+
+
+@pytest.fixture(scope="module")
+def served() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return runtimes.eager_network(PRESET, joint.build_model(PRESET, False).state_dict())
+
+
+def test_the_classify_graph_and_the_quality_score_agree_with_the_full_network(served):
+    x = torch.randn(3, 3, 64, 64)
+    rng = np.random.default_rng(0)
+    classify = runtimes.ServedGraph(served, GRAPH_CLASSIFY)
+    with torch.inference_mode():
+        features = classify.features(torch.randn(40, 3, 64, 64)).numpy()
+    detector = FeatureOodDetector.fit(features + rng.normal(0, 1e-3, features.shape))
+    full = runtimes.ServedGraph(served, "full", detector)
+    cut = runtimes.ServedGraph(served, GRAPH_CLASSIFY, detector)
+    assert full.output_names == ["classes", "masks", "quality"]
+    assert cut.output_names == ["classes", "quality"]
+    with torch.inference_mode():
+        classes, masks = served(x)
+        full_out, cut_out = full(x), cut(x)
+        pooled = cut.features(x).numpy()
+    torch.testing.assert_close(full_out[0], classes)
+    torch.testing.assert_close(full_out[1], masks)
+    torch.testing.assert_close(cut_out[0], classes, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cut_out[1], full_out[2], rtol=0, atol=1e-5)
+    expected = detector.scores(pooled)
+    assert np.allclose(full_out[2].numpy(), expected, rtol=1e-4, atol=1e-4)
+
+    example = torch.zeros((1, 3, 64, 64))
+    for module, names in ((full, full.output_names), (cut, cut.output_names)):
+        session = ort.InferenceSession(runtimes.export_onnx(module, example))
+        assert [o.name for o in session.get_outputs()] == names
+        got = session.run(None, {"x": x.numpy()})
+        assert np.allclose(got[0], classes.numpy(), atol=1e-4)
+        assert np.allclose(got[-1], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_export_onnx_ships_a_classify_graph_validated_against_the_full_one(world, tmp_path):  # noqa: F811
+    out = tmp_path / "models"
+    assert _export(world, out, "graphs-1") == 0
+    info = verify_artifact(out, TASK_DIAGNOSIS, "graphs-1")
+    variant = info.manifest.runtime(RUNTIME_ONNX, GRAPH_CLASSIFY)
+    assert variant is not None and variant.file == "classify.onnx" and variant.holds
+    assert variant.outputs == ("classes",)
+    validation = variant.validation
+    assert validation["reference_graph"] == "full"
+    assert validation["agreement"]["n_images"] == 6
+    assert validation["agreement"]["class_disagreements"] == 0
+    assert set(validation["reference"]) == {"accuracy", "macro_auc"}
+    assert "quality" not in info.metadata  # no --quality-data-path: no check in the graphs
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    full = ort.InferenceSession(str(info.path / "model.onnx")).run(None, {"x": x})
+    cut = ort.InferenceSession(str(info.runtime_path(variant))).run(None, {"x": x})
+    assert len(cut) == 1 and np.allclose(cut[0], full[0], atol=1e-4)
+
+
+def test_the_feature_check_evaluation_holds_or_says_why():
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(0, 1, (300, 6)), rng.normal(0.5, 1.2, (150, 6))])
+    sites = ["a"] * 300 + ["b"] * 150
+    folds = rng.integers(0, 5, 450)
+    far = rng.normal(8, 1, (30, 6))
+    result = evaluate_feature_check(features, sites, folds, far, ["synthetic"] * 30)
+    assert result["holds"] and result["refusals"] == []
+    assert result["auroc_mean_over_folds"] > 0.99
+    assert set(result["flagged_by_site"]) == {"a", "b"}
+    assert all(f["flagged"] <= 0.02 for f in result["flagged_by_site"].values())
+
+    near = rng.normal(0, 1, (30, 6))  # "non-ultrasound" images just like the training ones
+    refused = evaluate_feature_check(features, sites, folds, near, ["synthetic"] * 30)
+    assert not refused["holds"]
+    assert any("AUROC" in reason for reason in refused["refusals"])
