@@ -48,7 +48,8 @@ class Quality(BaseModel):
     )
     score: float = Field(
         ge=0,
-        description="Distance of the image's statistics to those of the training scans, in "
+        description="Distance of the image to the training scans (of the served model's "
+        "features of it where its graphs compute the check, else of its statistics), in "
         "units of the flag threshold: above 1 is flagged",
         examples=[0.42],
     )

@@ -309,6 +309,7 @@ def evaluate_feature_check(
     result["holds"] = not refusals
     result["refusals"] = refusals
     result["held_out_scores"] = held_out.tolist()
+    result["ood_flagged_share"] = (ood_flagged / n_folds).tolist()  # per image, over the folds
     return result
 
 

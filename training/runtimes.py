@@ -562,9 +562,12 @@ def fit_quality_check(
     folds_file = folds_file or DEFAULT_SITE_FOLDS
     items = load_site_folds(folds_file, samples)
     folds = np.asarray([int(items[s.key]["fold"]) for s in samples])
-    features = pooled_features(graph, preprocessing, [load_image(s) for s in samples], batch_size)
+    images = [load_image(s) for s in samples]
+    features = pooled_features(graph, preprocessing, images, batch_size)
     ood_set = ood_images()
     ood = pooled_features(graph, preprocessing, [s.pixels for s in ood_set], batch_size)
+    stats = image_statistics_figures(images, [s.site for s in samples], ood_set)
+    del images
     log.info("features of %d training-site and %d non-ultrasound images in %.0f s",
              len(samples), len(ood_set), time.perf_counter() - started)  # fmt: skip
     report = evaluate_feature_check(
@@ -572,6 +575,13 @@ def fit_quality_check(
     )
     report.pop("held_out_scores")
     from training.runner import display_path
+
+    # what the image-statistics check (shared.quality_detector.json) would add to this one
+    caught_by_features = np.asarray(report.pop("ood_flagged_share")) >= 0.5
+    stats["ood_caught_only_by_image_statistics"] = int(
+        (~caught_by_features & np.asarray(stats.pop("ood_flagged"))).sum()
+    )
+    report["image_statistics_check"] = stats
 
     report["sites"] = [str(p) for p in site_paths]
     report["folds_file"] = display_path(folds_file)
@@ -583,6 +593,27 @@ def fit_quality_check(
     )
     report["threshold"] = detector.threshold
     return detector, report
+
+
+def image_statistics_figures(
+    images: list[np.ndarray], sites: list[str], ood_set: list[Any]
+) -> dict[str, Any]:
+    """The shipped image-statistics check on the same images: each site's flagged share and the
+    non-ultrasound images it flags (to weigh whether it adds anything to the feature check)."""
+    from shared.quality import image_statistics, load_detector
+
+    detector = load_detector()
+    scores = detector.scores(np.stack([image_statistics(p) for p in images]))
+    ood_scores = detector.scores(np.stack([image_statistics(s.pixels) for s in ood_set]))
+    site_of = np.asarray(sites)
+    return {
+        "detector_version": detector.version,
+        "flagged_by_site": {
+            site: float((scores[site_of == site] > 1.0).mean()) for site in sorted(set(sites))
+        },
+        "ood_detected": float((ood_scores > 1.0).mean()),
+        "ood_flagged": (ood_scores > 1.0).tolist(),
+    }
 
 
 def pooled_features(
