@@ -185,11 +185,12 @@ def busy_processes(exclude: set[int]) -> list[str]:
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (peak resident) of a process, in KiB."""
+    """VmRSS (resident now), VmHWM (peak resident) and VmRSS's parts, RssAnon (the process's own
+    memory) and RssFile (pages of mapped files: the libraries), of a process, in KiB."""
     values = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             values[key] = int(rest.split()[0])
     return values
 
@@ -493,7 +494,8 @@ def main(args: argparse.Namespace) -> int:
         for endpoint in args.endpoints:
             run_clients(base_url, endpoint, png, 1, args.warmup, args.max_seconds)
             run_clients(base_url, endpoint, png, args.clients, args.warmup, args.max_seconds)
-        rss_after_warmup = memory_kib(process.pid)["VmRSS"]
+        memory_after_warmup = memory_kib(process.pid)
+        rss_after_warmup = memory_after_warmup["VmRSS"]
         for round_ in range(args.rounds):
             # the bare forwards of this round: each thread count, the better one counts
             best_of_round: dict[str, dict[str, Sample]] = {}
@@ -586,6 +588,9 @@ def main(args: argparse.Namespace) -> int:
         "ratios_per_round": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
         "ratios": {k: round(statistics.median(v), 3) for k, v in ratios.items()},
         "rss_after_warmup_mib": round(rss_after_warmup / 1024, 1),
+        "rss_after_warmup_parts_mib": {
+            key: round(memory_after_warmup.get(key, 0) / 1024, 1) for key in ("RssAnon", "RssFile")
+        },
         "rss_peak_mib": round(peak / 1024, 1),
         "batch_sizes": batch_size_summary(metrics_text),
         "load_test": load,
@@ -731,7 +736,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {label} | **{value:.2f}** | {per_round} | {verdict(key, value)} |")
     lines += [
         "",
-        f"- service resident memory: {report['rss_after_warmup_mib']:.0f} MiB after warm-up, "
+        f"- service resident memory: {report['rss_after_warmup_mib']:.0f} MiB after warm-up "
+        f"(anonymous {report['rss_after_warmup_parts_mib']['RssAnon']:.0f} MiB, mapped files "
+        f"{report['rss_after_warmup_parts_mib']['RssFile']:.0f} MiB), "
         f"{report['rss_peak_mib']:.0f} MiB peak (VmRSS / VmHWM)",
         "- batching over the run: "
         + (", ".join(f"{k} {v:.0f}" for k, v in report["batch_sizes"].items()) or "no batches"),
