@@ -34,13 +34,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
 from service.metrics import ServiceMetrics
 from shared.errors import DeadlineExceededError, ServiceOverloadedError
+
+if TYPE_CHECKING:  # imported where a TorchScript module runs: ONNX Runtime serves without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +274,8 @@ class Batcher:
                 with self.lock:
                     outputs = runner(inputs, threads)
             else:
+                import torch
+
                 self._set_threads(threads)
                 with self.lock:
                     outputs = self.run_module(self._module_for(model), torch.from_numpy(inputs))
@@ -298,6 +302,8 @@ class Batcher:
         self, module: torch.jit.ScriptModule, tensor: torch.Tensor
     ) -> np.ndarray | tuple[np.ndarray, ...]:
         """One forward at the configured precision; float32 numpy outputs."""
+        import torch
+
         autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16)
             if self.config.precision == "bf16"
@@ -312,6 +318,8 @@ class Batcher:
     def _set_threads(self, threads: int) -> None:
         # torch's intra-op pool is sized per calling thread (OpenMP): set it on this one.
         if threads != self._threads_now:
+            import torch
+
             torch.set_num_threads(threads)
             self._threads_now = threads
 
@@ -337,6 +345,8 @@ class Batcher:
 
     def prepare(self, model: Any) -> None:
         """Freeze / check `model` for the configured precision (on the calling thread)."""
+        import torch
+
         started = time.perf_counter()
         module = model.module
         try:

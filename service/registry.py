@@ -20,17 +20,19 @@ promotion is demoted stops being served.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from service.batching import Batcher, BatchingConfig, example_input
 from service.metrics import ServiceMetrics
-from service.onnx_forward import OnnxForward, onnxruntime_available
+from service.onnx_forward import OnnxForward, onnxruntime_available, torchscript_outputs
+from service.settings import available_cpus
 from shared.artifacts import (
     GRAPH_CLASSIFY,
     GRAPH_FULL,
@@ -61,6 +63,9 @@ from shared.promotion import (
     read_promotions,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
 _WARMUP_FORWARDS = 2  # TorchScript's profiling executor specialises the graph on the 2nd call
@@ -68,21 +73,54 @@ RUNTIME_TORCHSCRIPT = "torchscript"
 INFERENCE_RUNTIMES = ("auto", RUNTIME_TORCHSCRIPT, RUNTIME_ONNX)
 
 
+_torch_threads: int | None = None  # TORCH_THREADS, applied when torch is first needed
+_torch_configured = False
+
+
 def configure_torch(threads: int) -> None:
     """Size torch's thread pools for a CPU host. Call once, before the first forward.
 
     The batcher's forward thread sets its own intra-op threads per forward (all of TORCH_THREADS
-    for a lone request, TORCH_THREADS_BATCHED for a batch); `threads` sizes the warm-ups.
+    for a lone request, TORCH_THREADS_BATCHED for a batch); `threads` sizes the warm-ups. torch
+    is imported only when a model runs in TorchScript (a model served by ONNX Runtime does not
+    need it in this process: its import alone is hundreds of MiB resident), so the settings are
+    applied then, or now when it is already imported.
     """
-    torch.set_num_threads(threads)
-    try:
-        # Forwards run one at a time on the batcher's thread: inter-op parallelism only adds
-        # threads.
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set in this process (a second app in the same process)
-        pass
-    # Denormal floats are orders of magnitude slower on x86 and change no prediction.
-    torch.set_flush_denormal(True)
+    global _torch_threads, _torch_configured
+    _torch_threads = threads
+    _torch_configured = False
+    if "torch" in sys.modules:
+        _torch()
+
+
+def _torch() -> Any:
+    """torch, imported and configured (configure_torch) on first use."""
+    global _torch_configured
+    import torch
+
+    if not _torch_configured:
+        _torch_configured = True
+        if _torch_threads is not None:
+            torch.set_num_threads(_torch_threads)
+        try:
+            # Forwards run one at a time on the batcher's thread: inter-op parallelism only adds
+            # threads.
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set in this process (a second app in the same process)
+            pass
+        # Denormal floats are orders of magnitude slower on x86 and change no prediction.
+        torch.set_flush_denormal(True)
+    return torch
+
+
+def default_threads() -> int:
+    """TORCH_THREADS as configured; else torch's own count when it is imported, else the CPUs
+    this process may use."""
+    if _torch_threads is not None:
+        return _torch_threads
+    if "torch" in sys.modules:
+        return int(sys.modules["torch"].get_num_threads())
+    return available_cpus()
 
 
 @dataclass(frozen=True)
@@ -90,7 +128,7 @@ class LoadedModel:
     """A verified artifact, loaded, checked against its manifest and warmed up."""
 
     info: ArtifactInfo
-    module: torch.jit.ScriptModule | None  # None once model.onnx serves (it was checked at load)
+    module: torch.jit.ScriptModule | None  # None when model.onnx serves (checked at load)
     preprocessing: Preprocessing
     input_shape: tuple[int, int, int]  # channels, height, width
     output_shape: tuple[int, ...]  # without the batch axis
@@ -165,6 +203,49 @@ def load_model(
     problems = manifest.input_problems()
     if problems:
         raise ArtifactIntegrityError("; ".join(problems))
+    onnx = classify = None
+    if runtime != RUNTIME_TORCHSCRIPT:
+        threads = threads or (default_threads(),)
+        onnx = _onnx_forward(info, lock, threads, runtime)
+        if onnx is not None:
+            classify = _classify_forward(info, onnx, lock, threads)
+    module = None
+    if onnx is None:
+        module = _torchscript_module(info, lock)
+    classes, mask = manifest.output.classes, manifest.output.mask
+    return LoadedModel(
+        info=info,
+        # model.onnx gave model.pt's answers: the TorchScript module is not loaded here
+        module=module,
+        preprocessing=manifest.preprocessing,
+        input_shape=manifest.input.shape,
+        output_shape=manifest.output.shapes[0],
+        class_names=manifest.class_names,
+        output_type=manifest.output.type,
+        threshold=mask.threshold if mask else 0.5,
+        mask_shape=mask.shape if classes and mask else (),
+        calibration=classes.calibration if classes else Calibration(),
+        onnx=onnx,
+        classify_onnx=classify,
+    )
+
+
+def _check_shapes(shapes: list, expected: list[tuple[int, ...]]) -> None:
+    """Raises ArtifactIntegrityError when a warm-up forward's output shapes are not the
+    manifest's."""
+    if shapes != [list(e) for e in expected]:
+        got = shapes[0] if len(shapes) == 1 else shapes
+        declared = list(expected[0]) if len(expected) == 1 else [list(e) for e in expected]
+        raise ArtifactIntegrityError(
+            f"the warm-up forward returned {got}, the manifest declares {declared}"
+        )
+
+
+def _torchscript_module(info: ArtifactInfo, lock: threading.Lock | None) -> torch.jit.ScriptModule:
+    """model.pt, loaded in this process and warmed up. Raises ArtifactIntegrityError when it is
+    not TorchScript, or a forward fails or returns another shape than the manifest declares."""
+    torch = _torch()
+    manifest = info.manifest
     try:
         module = torch.jit.load(str(info.model_path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError, ValueError, zip errors, ...
@@ -179,48 +260,25 @@ def load_model(
         except Exception as exc:
             raise ArtifactIntegrityError("the warm-up forward failed") from exc
         outputs = list(output) if isinstance(output, tuple | list) else [output]
-        shapes = [
-            list(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in outputs
-        ]
-        if shapes != [list(e) for e in expected]:
-            got = shapes[0] if len(shapes) == 1 else shapes
-            declared = list(expected[0]) if len(expected) == 1 else [list(e) for e in expected]
-            raise ArtifactIntegrityError(
-                f"the warm-up forward returned {got}, the manifest declares {declared}"
-            )
-    onnx = classify = None
-    if runtime != RUNTIME_TORCHSCRIPT:
-        threads = threads or (torch.get_num_threads(),)
-        onnx = _onnx_forward(info, module, lock, threads, runtime)
-        if onnx is not None:
-            classify = _classify_forward(info, onnx, lock, threads)
-    classes, mask = manifest.output.classes, manifest.output.mask
-    return LoadedModel(
-        info=info,
-        # model.onnx gave model.pt's answers: the TorchScript module need not stay in memory
-        module=None if onnx is not None else module,
-        preprocessing=manifest.preprocessing,
-        input_shape=manifest.input.shape,
-        output_shape=manifest.output.shapes[0],
-        class_names=manifest.class_names,
-        output_type=manifest.output.type,
-        threshold=mask.threshold if mask else 0.5,
-        mask_shape=mask.shape if classes and mask else (),
-        calibration=classes.calibration if classes else Calibration(),
-        onnx=onnx,
-        classify_onnx=classify,
-    )
+        _check_shapes(
+            [list(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in outputs],
+            expected,
+        )
+    return module
 
 
 def _onnx_forward(
     info: ArtifactInfo,
-    module: torch.jit.ScriptModule,
     lock: threading.Lock | None,
     threads: tuple[int, ...],
     runtime: str,
 ) -> OnnxForward | None:
     """model.onnx in ONNX Runtime when the artifact carries one that holds and agrees with
-    model.pt; None (TorchScript serves) otherwise, logged when it is not the expected case."""
+    model.pt; None (TorchScript serves) otherwise, logged when it is not the expected case.
+
+    model.pt's answers on the check inputs come from a short-lived process
+    (onnx_forward.torchscript_outputs), so that serving ONNX Runtime never imports torch here.
+    """
     manifest = info.manifest
     variant = manifest.runtime(RUNTIME_ONNX)
     context = {"task": info.task, "version": info.version}
@@ -239,21 +297,24 @@ def _onnx_forward(
             )  # fmt: skip
         return None
     assert variant is not None
+    shape = manifest.input.shape
+    batches = [np.zeros((2, *shape), np.float32), example_input(shape, 2)]
     try:
         forward = OnnxForward(info.runtime_path(variant), threads)
+        with lock or _NO_LOCK:
+            outputs = forward.run(np.zeros((1, *shape), np.float32), threads[0])
+        expected = [(1, *s) for s in manifest.output.shapes]
+        _check_shapes([list(o.shape) for o in outputs[: len(expected)]], expected)
+        references = torchscript_outputs(info.model_path, batches, threads[0])
         worst = 0.0
-        shape = manifest.input.shape
-        for batch in (np.zeros((2, *shape), np.float32), example_input(shape, 2)):
-            with lock or _NO_LOCK, torch.inference_mode():
-                reference = module(torch.from_numpy(batch))
-            reference = reference if isinstance(reference, tuple | list) else (reference,)
+        for batch, reference in zip(batches, references, strict=True):
             with lock or _NO_LOCK:
                 # model.pt's outputs come first; a graph may add the quality score after them
-                worst = max(worst, forward.disagreement([r.numpy() for r in reference], batch))
+                worst = max(worst, forward.disagreement(reference, batch))
     except Exception:
         log.exception(
-            "%s version %s runs in TorchScript: its model.onnx could not be loaded",
-            info.task, info.version, extra=context,
+            "%s version %s runs in TorchScript: its model.onnx could not be loaded or checked "
+            "against model.pt", info.task, info.version, extra=context,
         )  # fmt: skip
         return None
     if not worst <= RUNTIME_AGREEMENT_ATOL:
@@ -412,7 +473,7 @@ class ModelRegistry:
         request's deadline passes before its forward starts.
         """
         if self.batcher is None:
-            n = torch.get_num_threads()
+            n = default_threads()
             config = BatchingConfig(max_batch_size=1, threads_alone=n, threads_batched=n)
             self.batcher = Batcher(config, self.metrics, self.inference_lock)
         return self.batcher.submit(model, batch, graph)
@@ -422,7 +483,7 @@ class ModelRegistry:
     def _forward_threads(self) -> tuple[int, ...]:
         """The thread counts the batcher runs forwards with (an ONNX session is made for each)."""
         if self.batcher is None:
-            return (torch.get_num_threads(),)
+            return (default_threads(),)
         config = self.batcher.config
         return (config.threads_alone, config.threads_batched)
 

@@ -4,6 +4,8 @@ own score where it computes one, and only the models that serve are loaded."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +209,31 @@ def test_the_torchscript_module_is_not_kept_once_model_onnx_serves(tmp_path):
     torchscript = ModelRegistry(models, {}, ServiceMetrics(), inference_runtime="torchscript")
     torchscript.refresh()
     assert torchscript.get(TASK_DIAGNOSIS).module is not None
+
+
+_NO_TORCH_SCRIPT = """
+import io, sys
+import numpy as np
+from PIL import Image
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.settings import Settings
+png = io.BytesIO()
+Image.fromarray(np.full((64, 64), 90, np.uint8)).save(png, format="PNG")
+with TestClient(create_app(Settings(MODEL_DIR=sys.argv[1], RELOAD_INTERVAL_S=0))) as client:
+    answer = client.post("/classify", content=png.getvalue(), headers={"Content-Type": "image/png"})
+    print(answer.status_code, client.get("/models").json()["models"]["diagnosis"]["runtime"])
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_a_service_that_serves_onnx_runtime_never_imports_torch(tmp_path):
+    models = tmp_path / "models"
+    publish_joint(models, "j1", Graph(classify=True))
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_SCRIPT, str(models)],
+        capture_output=True, text=True, cwd=repo, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["200 onnxruntime", "torch imported: False"]
