@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 
 from shared.artifacts import (
-    ONNX_FILE,
     RUNTIME_ONNX,
     ArtifactInfo,
     new_version_name,
@@ -51,7 +50,7 @@ from shared.drift import (
 )
 from shared.labels import LESION_CLASSES, TASK_DIAGNOSIS, TASKS
 from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
-from shared.quality import DEFAULT_DETECTOR_FILE, load_detector
+from shared.quality import DEFAULT_DETECTOR_FILE, feature_quality, load_detector
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +144,19 @@ def site_values(
         logits = outputs[0] if names else None
         maps = None
         if mask is not None:
-            maps = outputs[-1][:, 0]
+            maps = outputs[1 if names else 0][:, 0]
+        # a graph that computes the quality check on its own features returns its score last,
+        # after the declared outputs; the service answers with that score, so the reference does
+        declared = (1 if names else 0) + (1 if mask is not None else 0)
+        graph_quality = outputs[declared] if len(outputs) > declared else None
         for j, (pixels, layout) in enumerate(zip(chunk, layouts, strict=True)):
             height, width = pixels.shape
             values[WIDTH].append(float(width))
             values[HEIGHT].append(float(height))
-            values[OOD_SCORE].append(float(detector.assess(pixels).score))
+            if graph_quality is not None:
+                values[OOD_SCORE].append(float(feature_quality(float(graph_quality[j])).score))
+            else:
+                values[OOD_SCORE].append(float(detector.assess(pixels).score))
             label = None
             if logits is not None and classes is not None:
                 probabilities = class_probabilities(classes.calibration.apply(logits[j]), names)
@@ -228,10 +234,8 @@ def drift_reference_main(args: argparse.Namespace, command: str) -> dict[str, An
         args.json.write_text(json.dumps(document, indent=2) + "\n")
     output_dir = args.output_model_dir or args.model_dir
     version = args.new_version or new_version_name()
-    runtime_files = {}
-    variant = info.manifest.runtime(RUNTIME_ONNX)
-    if variant is not None:
-        runtime_files[RUNTIME_ONNX] = info.path / ONNX_FILE
+    # every runtime file the source carries (model.onnx, classify.onnx, ...), byte for byte
+    runtime_files = {v.file: info.runtime_path(v) for v in info.manifest.runtimes}
     publish_artifact(
         Path(output_dir), info.task, version, info.model_path,
         derived_metadata(info, document), runtime_files=runtime_files,

@@ -942,6 +942,7 @@ def publish(
     samples: list[Sample],
     metrics: dict[str, Any],
     extra: dict[str, Any],
+    intended_use: str | None = None,
 ) -> dict[str, Any]:
     """The engine's finishing step for trained joint weights: export with the flip averaging
     baked in (and the calibration of --calibration), publish as `diagnosis` with `metrics` in
@@ -980,6 +981,7 @@ def publish(
         metrics=metrics,
         extra=extra,
         training={"flip_tta": preset.flip_tta, "n_images": len(samples)},
+        intended_use=intended_use,
     )
     return finish_run(JOINT, run, evaluation)
 

@@ -78,6 +78,7 @@ class Evaluation:
     input: dict[str, Any] = field(default_factory=dict)  # added to the manifest's "input"
     input_channels: int | None = None
     class_names: tuple[str, ...] | None = CLASS_NAMES
+    intended_use: str | None = None  # the manifest's; None: training.export.INTENDED_USE
 
 
 @dataclass
@@ -385,6 +386,7 @@ def export_and_publish(
         },
         data_fingerprint=document["data_fingerprint"],
         class_names=evaluation.class_names,
+        intended_use=evaluation.intended_use or export.INTENDED_USE,
     )
     metadata["input"].update(evaluation.input)
     version = getattr(args, "version", None) or new_version_name()

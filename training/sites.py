@@ -668,8 +668,25 @@ def publish_main(args: argparse.Namespace) -> dict[str, Any]:
         trained_on,
         metrics,
         {"sites": metrics, "source_run": str(run)},
+        intended_use=intended_use(trained_on),
     )
     return document["artifact"]
+
+
+def intended_use(trained_on: list[Sample]) -> str:
+    """The manifest's intended use, naming the sites and scanners the model learnt from."""
+    scope = describe(trained_on)
+    sites_text = "; ".join(
+        f"{site}: {d['images']} images, scanners {', '.join(sorted(d['devices']))}"
+        for site, d in scope.items()
+    )
+    return (
+        "Research use only; not a medical device; not for diagnosis or treatment decisions. "
+        f"Trained on public breast-ultrasound data sets from {len(scope)} sites ({sites_text}) "
+        "and validated on held-out patients of each and on each site held out in turn (see "
+        "metrics.held_out_sites and metrics.sites); performance at other sites, on other "
+        "scanners or populations is unknown."
+    )
 
 
 # --- command line --------------------------------------------------------------------------------
