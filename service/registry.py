@@ -152,12 +152,17 @@ class LoadedModel:
     def output_names(self, graph: str = GRAPH_FULL) -> tuple[str, ...]:
         """The names of what a forward of `graph` returns, in order: "classes", "masks" and,
         where the graph computes the quality check on its features, "quality"."""
-        runner = self.runner(graph)
-        if runner is not None:
-            return runner.output_names
         if self.mask_shape:
-            return ("classes", "masks")
-        return ("masks",) if self.task == "segmentation" else ("classes",)
+            names: tuple[str, ...] = ("classes", "masks")
+        else:
+            names = ("masks",) if self.task == "segmentation" else ("classes",)
+        runner = self.runner(graph)
+        if runner is None:
+            return names
+        if runner is self.classify_onnx:
+            names = ("classes",)
+        # model.pt's outputs come first, whatever the graph calls them; then the graph's own
+        return names + runner.output_names[len(names) :]
 
     @property
     def graphs(self) -> tuple[str, ...]:
