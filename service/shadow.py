@@ -35,7 +35,7 @@ import numpy as np
 from service.metrics import ServiceMetrics
 from service.predictors import Analysis, Predictor, _Plan
 from service.registry import LoadedModel, ModelRegistry, load_model
-from shared.artifacts import verify_artifact
+from shared.artifacts import GRAPH_FULL, verify_artifact
 from shared.decoding import DecodedImage
 from shared.errors import ArtifactError
 from shared.labels import (
@@ -82,13 +82,15 @@ class _DirectForward:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
 
-    def forward(self, model: LoadedModel, batch: np.ndarray) -> Any:
+    def forward(self, model: LoadedModel, batch: np.ndarray, graph: str = GRAPH_FULL) -> Any:
+        """The candidate's forward of `graph`, as ModelRegistry.forward answers it."""
         batcher = self.registry.batcher
         assert batcher is not None
         threads = batcher.config.threads_alone
-        if model.onnx is not None:
+        runner = model.runner(graph)
+        if runner is not None:
             with batcher.lock:
-                return model.onnx(batch, threads)
+                return runner(batch, threads)
         import torch
 
         with batcher.lock:
@@ -239,7 +241,7 @@ class ShadowScorer:
             classifier=candidate if classifies else None,
             segmenter=candidate if segments else None,
         )
-        [(classification, segmentation)] = self._predictor._run(plan, [job.frame])
+        [(classification, segmentation, _quality)] = self._predictor._run(plan, [job.frame])
         labels = ("task", "serving", "candidate")
         pair = dict(zip(labels, (self.task, job.serving, self.version), strict=True))
         if job.label is not None and classification is not None:

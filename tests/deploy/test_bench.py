@@ -124,7 +124,8 @@ def test_bench_times_the_bare_onnxruntime_forward_where_the_artifacts_carry_mode
     report = json.loads(out.read_text())
     tasks = {TASK_CLASSIFICATION, TASK_SEGMENTATION}
     assert set(report["bare_forward"]) == set(report["bare_forward_onnxruntime"]) == tasks
-    assert all(fig["p50_ms"] > 0 for fig in report["bare_forward_onnxruntime"].values())
+    # a tiny model's forward can round to 0.0 ms; the loop rate shows it was timed
+    assert all(fig["loop_rps"] > 0 for fig in report["bare_forward_onnxruntime"].values())
     assert set(report["ratios"]) >= {
         "classify_p50_1_client", "classify_p50_1_client_vs_onnxruntime",
         "classify_throughput_n_clients", "classify_throughput_n_clients_vs_onnxruntime",

@@ -307,7 +307,8 @@ def test_a_request_is_one_trace_with_a_span_per_stage_and_the_trace_id_in_the_lo
     assert by_name["POST /diagnose"].attributes["http.response.status_code"] == 200
     # no patient data: attributes are timings, counts, task, version, method, route and status
     allowed = {"busi.task", "busi.model_version", "busi.queue_wait_s", "busi.batch_size",
-               "http.request.method", "http.route", "http.response.status_code"}  # fmt: skip
+               "busi.graph", "http.request.method", "http.route",
+               "http.response.status_code"}  # fmt: skip
     for span in spans:
         assert set(span.attributes) <= allowed, span.name
     trace_id = format(trace_ids.pop(), "032x")

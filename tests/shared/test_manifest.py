@@ -66,8 +66,8 @@ def test_shipped_manifests_expose_their_typed_fields():
     assert joint.output.shapes == [(3,), (1, 224, 224)]
     assert joint.output.classes.calibration.calibrated
     assert joint.class_names == CLASS_NAMES
-    assert joint.evaluation.source == "cross_validation" and joint.evaluation.n_images == 623
-    assert joint.training.preset == "joint-lite0" and joint.training.epochs == 20
+    assert joint.evaluation.source == "cross_validation" and joint.evaluation.n_images == 500
+    assert joint.training.preset == "joint-sites-lite0" and joint.training.epochs == 8
     segmenter = by_task[TASK_SEGMENTATION]
     assert segmenter.output.mask.threshold == 0.5 and segmenter.output.classes is None
     assert segmenter.evaluation.lesion_dice == pytest.approx(0.7317, abs=1e-4)
