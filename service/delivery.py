@@ -20,6 +20,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from service import tracing
 from service.metrics import DeliveryMetrics
 from service.settings import Settings
 from service.stow import Delivery, StowClient
@@ -96,7 +97,9 @@ class ResultsDelivery:
             except TimeoutError:
                 return Delivery(False, 0, "deadline")
             try:
-                return await client.store(instances, deadline)
+                # a span of its own (no patient data: the count of instances only)
+                with tracing.span("results_delivery", **{"busi.instances": len(instances)}):
+                    return await client.store(instances, deadline)
             finally:
                 slots.release()
         except asyncio.CancelledError:
