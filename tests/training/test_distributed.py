@@ -39,8 +39,11 @@ LOSS_TOLERANCE = 0.3
 
 
 def _torchrun_env() -> dict[str, str]:
-    torchrun_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in torchrun_vars}
+    """A clean environment for torchrun: only what a shell needs, never what earlier tests or
+    the services they started left in this process's environment (seen: the ranks aborted with
+    "terminate called without an active exception" after the service suites, never alone)."""
+    kept = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER")
+    env = {k: os.environ[k] for k in kept if k in os.environ}
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
