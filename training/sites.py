@@ -191,15 +191,11 @@ def make_site_folds(samples: list[Sample], k: int = 5, seed: int = 0) -> dict[st
 
 
 def load_site_folds(path: Path, samples: list[Sample]) -> dict[str, dict[str, Any]]:
-    """The fold items of a fold file. Raises ValueError when file and folders disagree."""
-    items = json.loads(Path(path).read_text())["items"]
-    keys = {s.key for s in samples}
-    if set(items) != keys:
-        raise ValueError(
-            f"fold file {path} does not match the data folders "
-            f"({len(keys - set(items))} images not in it, {len(set(items) - keys)} extra)"
-        )
-    return items
+    """The fold items of a fold file (training.joint.load_folds: the same check, one place).
+    Raises ValueError when file and folders disagree."""
+    from training.joint import load_folds
+
+    return load_folds(path, samples)
 
 
 def split_holdout(
@@ -553,8 +549,6 @@ def report_main(args: argparse.Namespace) -> Path:
 
 
 # --- publishing a run's model ---------------------------------------------------------------------
-
-HEADLINE = ("accuracy", "malignant_auc", "malignant_sensitivity", "lesion_dice")
 
 
 def _public(fig: dict[str, Any]) -> dict[str, Any]:
