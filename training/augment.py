@@ -141,3 +141,32 @@ def lesion_free_band(
     if size < min_fraction * side or min(band.shape) < 8:
         return None
     return np.ascontiguousarray(band)
+
+
+def zoom_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    rng: random.Random,
+    scale: tuple[float, float] = (0.45, 1.0),
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random window of `image` and `mask`, each side `scale` of the frame's, that keeps the
+    whole lesion: the field of view of another scanner preset or a sonographer's zoom (one
+    site's lesions fill the frame, another's are a speck in deep tissue). The window grows to
+    the lesion's bounding box when the lesion is larger; a scan without a lesion is cropped
+    anywhere."""
+    height, width = image.shape
+    win_h = max(8, round(height * _uniform(rng, scale)))
+    win_w = max(8, round(width * _uniform(rng, scale)))
+    lesion = mask > 127
+    if lesion.any():
+        rows, cols = np.flatnonzero(lesion.any(axis=1)), np.flatnonzero(lesion.any(axis=0))
+        win_h = max(win_h, int(rows[-1] - rows[0] + 1))
+        win_w = max(win_w, int(cols[-1] - cols[0] + 1))
+        top_range = (max(0, int(rows[-1]) + 1 - win_h), min(int(rows[0]), height - win_h))
+        left_range = (max(0, int(cols[-1]) + 1 - win_w), min(int(cols[0]), width - win_w))
+    else:
+        top_range, left_range = (0, height - win_h), (0, width - win_w)
+    top = rng.randint(top_range[0], max(top_range[0], top_range[1]))
+    left = rng.randint(left_range[0], max(left_range[0], left_range[1]))
+    window = (slice(top, top + win_h), slice(left, left + win_w))
+    return np.ascontiguousarray(image[window]), np.ascontiguousarray(mask[window])

@@ -40,7 +40,7 @@ from shared.models.joint import JointFlipAverage, JointUNet
 from shared.postprocessing import dice_iou, softmax
 from shared.preprocessing import Preprocessing
 from training import cli, distributed, engine
-from training.augment import Appearance, appearance, lesion_free_band
+from training.augment import Appearance, appearance, lesion_free_band, zoom_crop
 from training.data import (
     LoadedSplit,
     Sample,
@@ -85,6 +85,7 @@ class JointPreset:
     # Site robustness (training.augment, training.sites); 0 keeps the single-site recipes as run.
     appearance_p: float = 0.0  # probability of gain/gamma/speckle/blur/resample/JPEG/marks
     normal_patch_p: float = 0.0  # lesion scan of a site without normals -> lesion-free band
+    zoom_p: float = 0.0  # probability of a zoomed-in window (0.45-1 of each side) keeping the lesion
     description: str = ""
 
 
@@ -111,6 +112,21 @@ PRESETS["joint-sites-lite0"] = replace(
         "blur, down-up resampling, JPEG, calliper marks and text; p=0.8) and lesion-free bands "
         "of lesion scans from sites without normal scans as normal tissue (p=0.25)"
     ),
+)
+# The sweep on the held-out sites (training/reports/sites/sweep.md): each variant changes one
+# thing of joint-sites-lite0, named for it.
+PRESETS["joint-sites-zoom-lite0"] = replace(
+    PRESETS["joint-sites-lite0"],
+    zoom_p=0.5,
+    description=(
+        "joint-sites-lite0 with zoomed-in windows (each side 0.45-1 of the frame, the lesion "
+        "kept whole; p=0.5): the field of view varies between sites and scanner presets"
+    ),
+)
+PRESETS["joint-sites-zoom-lite1"] = replace(
+    PRESETS["joint-sites-zoom-lite0"],
+    encoder="efficientnet_lite1",
+    description="joint-sites-zoom-lite0 with the EfficientNet-Lite1 encoder",
 )
 PRESETS["joint-lite1"] = replace(
     PRESETS["joint-lite0"],
@@ -282,6 +298,8 @@ class JointDataset(SegmentationDataset):
                 band = lesion_free_band(image, mask)
                 if band is not None:  # tissue away from the lesion, as a normal scan
                     image, mask, label = band, np.zeros_like(band), CLASS_NAMES.index("normal")
+            if self.rng.random() < self.preset.zoom_p:
+                image, mask = zoom_crop(image, mask, self.rng)
             image, mask = augment_pair(image, mask, self.rng)
             image = appearance(image, self.appearance, self.rng)
             image, mask = augment_geometry(image, mask, self.preset, self.rng)
