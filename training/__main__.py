@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return drift_reference.main(rest)
     elif command in ("calibrate", "ood", "shortcuts"):
-        from training import calibration, ood, shortcuts
+        from training.studies import calibration, ood, shortcuts
 
         module = {"calibrate": calibration, "ood": ood, "shortcuts": shortcuts}[command]
         module.main(module.parse_args(rest))

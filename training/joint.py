@@ -968,9 +968,10 @@ def publish(
     output = Path(args.output_dir)
     calibration: dict[str, Any] = {}
     if args.calibration:
-        from training.calibration import manifest_fields
+        from training.studies.calibration import manifest_fields
 
-        calibration = manifest_fields(args.calibration)  # validated; see training.calibration
+        # validated; see training.studies.calibration
+        calibration = manifest_fields(args.calibration)
     epochs_run = len(history.epochs)
     run = Run(
         args,

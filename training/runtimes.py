@@ -550,11 +550,12 @@ def fit_quality_check(
 ) -> tuple[FeatureOodDetector, dict[str, Any]]:
     """The quality check on the served network's own features: pooled encoder features of
     every image of the training sites' folders (training.sites) and of the non-ultrasound
-    evaluation set (training.ood), evaluated over the site folds and fitted on every image.
-    Raises ValueError when it does not hold (training.ood.evaluate_feature_check's floors)."""
+    evaluation set (training.studies.ood), evaluated over the site folds and fitted on every
+    image. Raises ValueError when it does not hold (the floors of
+    training.studies.ood.evaluate_feature_check)."""
     from training.data import data_fingerprint, load_image
-    from training.ood import FEATURE_QUANTILE, SHRINKAGE, evaluate_feature_check, ood_images
     from training.sites import DEFAULT_SITE_FOLDS, load_site_folds, scan_sites
+    from training.studies.ood import FEATURE_QUANTILE, SHRINKAGE, evaluate_feature_check, ood_images
 
     started = time.perf_counter()
     graph = ServedGraph(eager, GRAPH_CLASSIFY)

@@ -13,7 +13,7 @@ from shared.artifacts import GRAPH_CLASSIFY, RUNTIME_ONNX, verify_artifact
 from shared.labels import TASK_DIAGNOSIS
 from shared.quality import FeatureOodDetector
 from training import joint, runtimes
-from training.ood import evaluate_feature_check
+from training.studies.ood import evaluate_feature_check
 
 PRESET = joint.get_preset("joint-smoke")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from synthetic_scans import speckle_scan
 
-from training import shortcuts
+from training.studies import shortcuts
 
 
 def with_marks(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:

@@ -354,7 +354,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--folds-file",
         type=Path,
-        default=Path(__file__).parent / "splits" / "busi-5fold.json",
+        default=Path(__file__).parents[1] / "splits" / "busi-5fold.json",
         help="grouped fold file (default: training/splits/busi-5fold.json)",
     )
     parser.add_argument(

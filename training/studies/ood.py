@@ -44,7 +44,7 @@ from training.data import scan_dataset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FOLDS_FILE = Path(__file__).parent / "splits" / "busi-5fold.json"
+DEFAULT_FOLDS_FILE = Path(__file__).parents[1] / "splits" / "busi-5fold.json"
 QUANTILE = 0.995  # of the training scans' own distances: the flag threshold
 SHRINKAGE = 0.1
 
