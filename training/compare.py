@@ -27,7 +27,8 @@ from shared.inference import load_module
 from shared.labels import CLASS_NAMES
 from shared.postprocessing import class_probabilities, dice_iou, sigmoid
 from training.data import load_image, load_mask, scan_dataset
-from training.joint import CANVASES, METRIC_ROWS, group_bootstrap, place_on_canvas, summarise
+from training.joint import CANVASES, METRIC_ROWS, place_on_canvas, summarise
+from training.metrics import diagnosis_figures, group_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -138,40 +139,6 @@ CV_METRICS = (
 )
 
 
-def _cv_figures(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Headline figures of rows that may lack the class ("probs") or the mask ("dice") half."""
-    from training.metrics import _scalars
-
-    nan = float("nan")
-    out = dict.fromkeys((key for key, _ in CV_METRICS), nan)
-    scored = [r for r in rows if r.get("probs") is not None]
-    if scored:
-        y = np.asarray([r["label"] for r in scored])
-        scalars = _scalars(y, np.asarray([r["probs"] for r in scored]), CLASS_NAMES)
-        out["accuracy"] = scalars["accuracy"]
-        out["macro_f1"] = scalars["macro_f1"]
-        out["macro_auc"] = scalars.get("macro_auc", nan)
-        out["malignant_sensitivity"] = scalars["malignant_recall"]
-    segmented = [r for r in rows if r.get("dice") is not None]
-    lesion = [r["dice"] for r in segmented if r["label"] > 0]
-    normal = [r for r in segmented if r["label"] == 0]
-    if lesion:
-        out["lesion_dice"] = float(np.mean(lesion))
-    if normal:
-        out["normal_with_lesion_segment"] = float(np.mean([r["mask_pixels"] > 0 for r in normal]))
-        both = [r for r in normal if r.get("probs") is not None]
-        if both:
-            out["normal_with_lesion_diagnose"] = float(
-                np.mean([r["mask_pixels"] > 0 and int(np.argmax(r["probs"])) > 0 for r in both])
-            )
-    return out
-
-
-def _cv_bootstrap(rows: list[dict[str, Any]], n_resamples: int, seed: int = 0) -> dict[str, list]:
-    """95% percentile intervals of _cv_figures, resampling near-duplicate groups."""
-    return group_bootstrap(rows, n_resamples, seed, figures=_cv_figures)
-
-
 def _newest(pattern: str | None, fold: int, task: str) -> ArtifactInfo | None:
     """The newest verified `task` artifact in the model folder `pattern` (with `{fold}`)."""
     from shared.artifacts import verified_artifacts
@@ -276,10 +243,10 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
             "segmented_folds": sorted({r["fold"] for r in rows if r.get("dice") is not None}),
             "n_classified": sum(r.get("probs") is not None for r in rows),
             "n_segmented": sum(r.get("dice") is not None for r in rows),
-            "figures": _cv_figures(rows),
-            "ci95": _cv_bootstrap(rows, args.resamples),
-            "joint_same_images": _cv_figures(same),
-            "joint_same_images_ci95": _cv_bootstrap(same, args.resamples),
+            "figures": diagnosis_figures(rows),
+            "ci95": group_bootstrap(rows, args.resamples),
+            "joint_same_images": diagnosis_figures(same),
+            "joint_same_images_ci95": group_bootstrap(same, args.resamples),
         }
     all_joint = list(joint_rows.values())
     report = {
@@ -288,8 +255,8 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
         "joint": {
             "folds": sorted({int(r["fold"]) for r in all_joint}),
             "n": len(all_joint),
-            "figures": _cv_figures(all_joint),
-            "ci95": _cv_bootstrap(all_joint, args.resamples),
+            "figures": diagnosis_figures(all_joint),
+            "ci95": group_bootstrap(all_joint, args.resamples),
         },
         "recipes": recipes,
     }

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from training.data import (
     scan_dataset,
     subset_per_class,
 )
-from training.metrics import _scalars, confusion_matrix
+from training.metrics import confusion_matrix, diagnosis_figures, group_bootstrap
 from training.runner import Evaluation, Run, finish_run
 from training.segmentation import SegmentationDataset, augment_pair
 
@@ -386,7 +385,8 @@ def _collate(batch: list) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tenso
 class JointTask:
     """Predicts class logits and a (1, S, S) lesion logit map from one letterboxed scan;
     class-weighted, label-smoothed cross-entropy + mask_weight * (BCE + soft Dice); the
-    classification and lesion figures of `_figures`, pooled out of fold by the `cv` driver.
+    classification and lesion figures of training.metrics.diagnosis_figures, pooled out of fold
+    by the `cv` driver.
 
     No validation split: `fit` trains on every image and keeps the last epoch, and the figures
     that describe the recipe are its cross-validated ones (`cv`), carried in the manifest.
@@ -431,7 +431,7 @@ class JointTask:
 
     def metrics(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         """The figures of per-image rows (evaluate_images), as the service would score them."""
-        return _figures(rows)
+        return diagnosis_figures(rows)
 
     def report_section(self, document: dict[str, Any]) -> list[str]:
         cv = document.get("cross_validation")
@@ -603,57 +603,6 @@ def evaluate_images(
 # --- pooled figures with group-bootstrap intervals ----------------------------------------------
 
 
-def _figures(rows: list[dict[str, Any]]) -> dict[str, float]:
-    y = np.asarray([r["label"] for r in rows])
-    probs = np.asarray([r["probs"] for r in rows])
-    out = _scalars(y, probs, CLASS_NAMES) if len(rows) else {}
-    pred = probs.argmax(axis=1) if len(rows) else np.zeros(0, int)
-    lesion = y > 0
-    dice = np.asarray([r["dice"] for r in rows])
-    drawn = np.asarray([r["mask_pixels"] > 0 for r in rows])
-    normal = ~lesion
-    figures = {
-        "accuracy": out.get("accuracy", float("nan")),
-        "macro_f1": out.get("macro_f1", float("nan")),
-        "macro_auc": out.get("macro_auc", float("nan")),
-        "malignant_sensitivity": out.get("malignant_recall", float("nan")),
-        "lesion_dice": float(dice[lesion].mean()) if lesion.any() else float("nan"),
-        # /segment draws whatever the mask shows; /diagnose only when the class is not normal
-        "normal_with_lesion_segment": float(drawn[normal].mean()) if normal.any() else float("nan"),
-        "normal_with_lesion_diagnose": (
-            float((drawn & (pred > 0))[normal].mean()) if normal.any() else float("nan")
-        ),
-    }
-    return figures
-
-
-def group_bootstrap(
-    rows: list[dict[str, Any]],
-    n_resamples: int = 1000,
-    seed: int = 0,
-    figures: Callable[[list[dict[str, Any]]], dict[str, float]] | None = None,
-) -> dict[str, list[float]]:
-    """95% percentile intervals resampling near-duplicate groups (row["group"]) with replacement,
-    of each of `figures(rows)` (default: this module's headline figures); NaN draws are skipped."""
-    figures = figures or _figures
-    by_group: dict[Any, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_group.setdefault(row["group"], []).append(row)
-    groups = list(by_group)
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    for _ in range(n_resamples):
-        picked = rng.integers(0, len(groups), size=len(groups))
-        sample = [row for g in picked for row in by_group[groups[g]]]
-        for key, value in figures(sample).items():
-            if not math.isnan(value):
-                draws.setdefault(key, []).append(value)
-    return {
-        key: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))]
-        for key, v in draws.items()
-    }
-
-
 def summarise(rows_by_canvas: dict[str, list[dict[str, Any]]], n_resamples: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for canvas, rows in rows_by_canvas.items():
@@ -661,7 +610,7 @@ def summarise(rows_by_canvas: dict[str, list[dict[str, Any]]], n_resamples: int)
         pred = np.asarray([r["probs"] for r in rows]).argmax(axis=1)
         out[canvas] = {
             "n": len(rows),
-            **_figures(rows),
+            **diagnosis_figures(rows),
             "ci95": group_bootstrap(rows, n_resamples) if n_resamples else {},
             "confusion_matrix": confusion_matrix(y, pred, len(CLASS_NAMES)).tolist(),
         }
@@ -727,7 +676,7 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
         tmp.replace(path)
         torch.save(cpu_state(model), output / f"fold{fold}.pt")  # for later analyses
         (output / f"fold{fold}.ckpt").unlink(missing_ok=True)
-        log.info("fold %d: %s", fold, json.dumps(_figures(result["rows"]["plain"])))
+        log.info("fold %d: %s", fold, json.dumps(diagnosis_figures(result["rows"]["plain"])))
     if not distributed.is_main():
         return {"rank": distributed.rank()}
     done = sorted(output.glob("fold*.json"))
@@ -789,7 +738,7 @@ def write_cv_report(output: Path, preset_name: str, n_resamples: int = 1000) -> 
             {
                 "fold": f["fold"],
                 "train_seconds": f["train_seconds"],
-                **_figures(f["rows"]["plain"]),
+                **diagnosis_figures(f["rows"]["plain"]),
             }
             for f in folds
         ],

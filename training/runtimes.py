@@ -13,8 +13,9 @@ ONNX and validates it before publishing anything:
   every image is scored out-of-fold by the fold model that did not train on it, once as
   TorchScript fp32 (exported as `training fit` exports) and once in ONNX Runtime (the same fold
   model exported to ONNX): accuracy, macro AUC and lesion Dice of both, with the CV report's own
-  figure code (training.joint._figures). Without it, the artifact's own model.pt and ONNX are
-  compared on the data folder's images, which it may have been trained on: the validation says so.
+  figure code (training.metrics.diagnosis_figures). Without it, the artifact's own model.pt and
+  ONNX are compared on the data folder's images, which it may have been trained on: the
+  validation says so.
 - Either way the artifact's model.pt and its ONNX file answer the same images, and the largest
   differences of their class and mask logits and the number of images whose class differs are
   recorded.
@@ -343,9 +344,9 @@ def score_pair(
 
 def bar_figures(rows: list[dict[str, Any]]) -> dict[str, float]:
     """The figures of VALIDATION_BAR, computed as the CV report computes them."""
-    from training.joint import _figures
+    from training.metrics import diagnosis_figures
 
-    figures = _figures(rows)
+    figures = diagnosis_figures(rows)
     return {key: float(figures[key]) for key in VALIDATION_BAR}
 
 

@@ -38,17 +38,17 @@ from shared.postprocessing import probability_to_mask, sigmoid
 from shared.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from training import cli, engine
 from training.data import LoadedSplit
-from training.report import fmt
-from training.runner import Evaluation, Run, json_ready, run_task
-from training.seg_metrics import (
+from training.metrics import (
     best_threshold,
     min_area_sweep,
     score_masks,
+    segmentation_metrics,
     selection_score,
-    summarise,
     threshold_sweep,
 )
-from training.seg_plots import plot_iou_vs_threshold, plot_sample_predictions
+from training.plots import plot_iou_vs_threshold, plot_sample_predictions
+from training.report import fmt
+from training.runner import Evaluation, Run, json_ready, run_task
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class SegPreset:
     train_on: str  # "lesion": benign + malignant only | "all": normal scans (empty masks) too
     augment: str  # "none" | "full" (flip, rotation, scale, shift, brightness/contrast)
     threshold_from: str  # "train" | "val": the split whose scores choose the threshold
-    threshold_metric: str  # "lesion_iou" | "all_dice" (see training.seg_metrics)
+    threshold_metric: str  # "lesion_iou" | "all_dice" (see training.metrics)
     checkpoint: str  # "last" | "best_val" (highest val all-image Dice at threshold 0.5)
     flip_tta: bool = False  # also try logits averaged with the mirror image; kept if better on val
     channels: int = 3
@@ -419,14 +419,16 @@ class SegmentationTask:
             if preset.threshold_from == "val"
             else predict_probabilities(served, fixed_tensors(val, pre).tensors[0])
         )
-        val_summary = summarise(
+        val_summary = segmentation_metrics(
             score_masks(val_probs, val.masks, threshold), val.class_names, args.bootstrap, args.seed
         )
         # the test split, once
         test_inputs = fixed_tensors(test, pre).tensors[0]
         test_probs = predict_probabilities(served, test_inputs)
         test_scores = score_masks(test_probs, test.masks, threshold)
-        test_summary = summarise(test_scores, test.class_names, args.bootstrap, args.seed)
+        test_summary = segmentation_metrics(
+            test_scores, test.class_names, args.bootstrap, args.seed
+        )
         test_sweep = threshold_sweep(test_probs, test.masks)
         # analysis only: a minimum-area rule chosen on val, and what it would do on test
         val_area_sweep = min_area_sweep(val_probs, val.masks, threshold)

@@ -46,7 +46,7 @@ from training.data import (
     load_split_images,
     scan_dataset,
 )
-from training.metrics import roc_auc
+from training.metrics import group_bootstrap, roc_auc
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +277,6 @@ def figures_with_intervals(
     rows: list[dict[str, Any]], n_resamples: int, seed: int = 0
 ) -> dict[str, Any]:
     """`site_figures` with 95% intervals resampling groups (patients, near-duplicate groups)."""
-    from training.joint import group_bootstrap
-
     return {
         **site_figures(rows),
         "predicted": predicted_mix(rows),

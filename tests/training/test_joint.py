@@ -17,6 +17,7 @@ from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.models.joint import ENCODERS, JointFlipAverage, JointUNet, load_lite_imagenet_state_dict
 from training import joint
 from training.__main__ import main as training_main
+from training.metrics import group_bootstrap
 
 
 def test_folds_keep_every_group_in_one_fold_and_balance_the_classes():
@@ -39,10 +40,10 @@ def test_group_bootstrap_resamples_groups_not_images():
         for d in (0.2, 0.9, 0.5, 0.7)
     ]
     # one group: every resample is the same set of images, so the interval is the point
-    ci = joint.group_bootstrap(rows, n_resamples=50)
+    ci = group_bootstrap(rows, n_resamples=50)
     assert ci["lesion_dice"][0] == pytest.approx(0.575) == ci["lesion_dice"][1]
     # the same images as four groups: the interval opens up
-    spread = joint.group_bootstrap([{**r, "group": i} for i, r in enumerate(rows)], 200)
+    spread = group_bootstrap([{**r, "group": i} for i, r in enumerate(rows)], 200)
     assert spread["lesion_dice"][1] - spread["lesion_dice"][0] > 0.2
 
 

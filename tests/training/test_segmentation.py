@@ -14,7 +14,7 @@ from shared.artifacts import list_versions, verify_artifact
 from shared.labels import TASK_SEGMENTATION
 from shared.preprocessing import Preprocessing
 from training import segmentation
-from training.seg_metrics import bootstrap_mean_ci, score_masks, threshold_sweep
+from training.metrics import bootstrap_mean_ci, score_masks, threshold_sweep
 from training.segmentation import DiceBCELoss, augment_pair, get_preset
 
 
