@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,8 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -39,7 +36,15 @@ from shared.models.joint import JointFlipAverage, JointUNet
 from shared.postprocessing import dice_iou, softmax
 from shared.preprocessing import Preprocessing
 from training import cli, distributed, engine
-from training.augment import Appearance, appearance, lesion_free_band, zoom_crop
+from training.augment import (
+    Appearance,
+    appearance,
+    augment_geometry,
+    augment_pair,
+    burn_in_label,
+    lesion_free_band,
+    zoom_crop,
+)
 from training.data import (
     LoadedSplit,
     Sample,
@@ -50,9 +55,10 @@ from training.data import (
     scan_dataset,
     subset_per_class,
 )
+from training.losses import JointLoss, class_weights
 from training.metrics import confusion_matrix, diagnosis_figures, group_bootstrap
 from training.runner import Evaluation, Run, finish_run
-from training.segmentation import SegmentationDataset, augment_pair
+from training.segmentation import SegmentationDataset
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +209,6 @@ def load_folds(path: Path, samples: list[Sample]) -> dict[str, dict[str, int]]:
 # --- data --------------------------------------------------------------------------------------
 
 
-def burn_in_label(canvas: np.ndarray, top: int, left: int, rng: random.Random) -> None:
-    """Draw a block of bright "text" (like a scanner's burned-in annotation) in place."""
-    height, width = canvas.shape
-    h, w = max(2, height // 32), max(4, width // 10)
-    top, left = min(top, height - h), min(left, width - w)
-    block = np.asarray([[200 if rng.random() < 0.5 else 0 for _ in range(w)] for _ in range(h)])
-    canvas[top : top + h, left : left + w] = block.astype(np.uint8)
-
-
 def on_canvas(
     image: np.ndarray, mask: np.ndarray, aspect: float, label: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -237,29 +234,6 @@ def place_on_canvas(
     """`on_canvas` over lists of scans and their masks."""
     placed = [on_canvas(im, m, aspect) for im, m in zip(images, masks, strict=True)]
     return [p[0] for p in placed], [p[1] for p in placed]
-
-
-def augment_geometry(
-    image: np.ndarray, mask: np.ndarray, preset: JointPreset, rng: random.Random
-) -> tuple[np.ndarray, np.ndarray]:
-    """Aspect stretch and black margins, as non-square scanner frames bring them."""
-    if rng.random() < preset.aspect_p:
-        height, width = image.shape
-        factor = math.exp(rng.uniform(math.log(0.75), math.log(4 / 3)))
-        size = (max(8, round(width * factor)), height)
-        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-        mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-    if rng.random() < preset.margin_p:
-        height, width = image.shape
-        pad = [round(rng.uniform(0, 0.3) * side) for side in (height, height, width, width)]
-        canvas_i = np.zeros((height + pad[0] + pad[1], width + pad[2] + pad[3]), np.uint8)
-        canvas_m = np.zeros_like(canvas_i)
-        if rng.random() < 0.5 and min(pad) > 0:
-            burn_in_label(canvas_i, rng.randrange(pad[0]), rng.randrange(pad[2]), rng)
-        canvas_i[pad[0] : pad[0] + height, pad[2] : pad[2] + width] = image
-        canvas_m[pad[0] : pad[0] + height, pad[2] : pad[2] + width] = mask
-        image, mask = canvas_i, canvas_m
-    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
 def model_inputs(
@@ -337,29 +311,6 @@ def expected_labels(samples: list[Sample], preset: JointPreset) -> list[int]:
 # --- loss and model ----------------------------------------------------------------------------
 
 
-class JointLoss(nn.Module):
-    """Cross-entropy (class-weighted, label-smoothed) + mask_weight * (BCE + batch soft Dice)."""
-
-    def __init__(
-        self, class_weights: torch.Tensor | None, label_smoothing: float, mask_weight: float
-    ) -> None:
-        super().__init__()
-        self.ce = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
-        self.mask_weight = mask_weight
-
-    def forward(
-        self,
-        outputs: tuple[torch.Tensor, torch.Tensor],
-        targets: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        class_logits, mask_logits = outputs
-        labels, masks = targets
-        bce = F.binary_cross_entropy_with_logits(mask_logits, masks)
-        prob = torch.sigmoid(mask_logits)
-        dice = (2.0 * (prob * masks).sum() + 1.0) / (prob.sum() + masks.sum() + 1.0)
-        return self.ce(class_logits, labels) + self.mask_weight * (bce + 1.0 - dice)
-
-
 def build_model(preset: JointPreset, pretrained: bool) -> JointUNet:
     return JointUNet(
         preset.encoder,
@@ -368,12 +319,6 @@ def build_model(preset: JointPreset, pretrained: bool) -> JointUNet:
         freeze_stem_stages=preset.freeze_stem_stages,
         dropout=preset.dropout,
     )
-
-
-def class_weights(labels: list[int]) -> torch.Tensor:
-    counts = np.bincount(labels, minlength=len(CLASS_NAMES)).astype(np.float64)
-    weights = counts.sum() / (len(CLASS_NAMES) * np.maximum(counts, 1.0))
-    return torch.tensor(weights, dtype=torch.float32)
 
 
 def _collate(batch: list) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

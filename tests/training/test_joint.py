@@ -17,6 +17,7 @@ from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.models.joint import ENCODERS, JointFlipAverage, JointUNet, load_lite_imagenet_state_dict
 from training import joint
 from training.__main__ import main as training_main
+from training.augment import augment_geometry
 from training.metrics import group_bootstrap
 
 
@@ -80,7 +81,7 @@ def test_geometry_augmentation_keeps_image_and_mask_aligned():
     mask = np.where(image > 0, 255, 0).astype(np.uint8)
     preset = joint.replace(joint.get_preset("joint-smoke"), aspect_p=1.0, margin_p=1.0)
     for seed in range(5):
-        out_image, out_mask = joint.augment_geometry(image, mask, preset, random.Random(seed))
+        out_image, out_mask = augment_geometry(image, mask, preset, random.Random(seed))
         assert out_image.shape == out_mask.shape
         bright = out_image == 180
         assert (bright <= (out_mask > 0)).all()  # no lesion pixel outside the mask
