@@ -303,16 +303,9 @@ def time_forward(forwards: dict[str, Forward], example: torch.Tensor, rounds: in
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    from training.data import DEFAULT_FOLDS_FILE, load_folds, load_split_images, scan_dataset
     from training.export import export_torchscript
-    from training.joint import (
-        DEFAULT_FOLDS_FILE,
-        build_model,
-        get_preset,
-        load_folds,
-        load_split_images,
-        preprocessing_for,
-        scan_dataset,
-    )
+    from training.joint import build_model, get_preset, preprocessing_for
     from training.metrics import diagnosis_figures
 
     torch.set_flush_denormal(True)

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
         compare.main(compare.parse_args(rest))
     elif command == "fold-split":
-        from training.joint import DEFAULT_FOLDS_FILE, fold_split
+        from training.data import DEFAULT_FOLDS_FILE, fold_split
 
         parser = argparse.ArgumentParser(prog="python -m training fold-split")
         parser.add_argument("--fold", type=int, required=True, help="the fold to hold out")

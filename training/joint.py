@@ -46,14 +46,14 @@ from training.augment import (
     zoom_crop,
 )
 from training.data import (
+    DEFAULT_FOLDS_FILE,
     LoadedSplit,
     Sample,
-    data_fingerprint,
-    groups_largest_first,
-    load_image,
+    load_folds,
     load_split_images,
     scan_dataset,
     subset_per_class,
+    write_folds,
 )
 from training.losses import JointLoss, class_weights
 from training.metrics import confusion_matrix, diagnosis_figures, group_bootstrap
@@ -62,8 +62,6 @@ from training.segmentation import SegmentationDataset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FOLDS_FILE = Path(__file__).parent / "splits" / "busi-5fold.json"
-GROUPS_FILE = Path(__file__).parent / "splits" / "busi.json"
 CANVASES = {"plain": None, "4:3": 4 / 3, "16:9": 16 / 9}
 
 
@@ -160,50 +158,6 @@ def get_preset(name: str) -> JointPreset:
 
 def preprocessing_for(preset: JointPreset) -> Preprocessing:
     return Preprocessing(resize=preset.size, resize_mode="letterbox", trim_border=True)
-
-
-# --- folds -------------------------------------------------------------------------------------
-
-
-def make_folds(
-    keys: list[str], labels: list[int], groups: list[int], k: int = 5, seed: int = 0
-) -> dict[str, Any]:
-    """Grouped, class-stratified k folds: a near-duplicate group never straddles two folds.
-
-    A group counts under its most severe label; groups go largest first (ties shuffled by
-    `seed`) to the fold furthest below its share of that class, then of all images.
-    """
-    members, order = groups_largest_first(groups, seed)
-    filled = [[0] * len(CLASS_NAMES) for _ in range(k)]
-    sizes = [0] * k
-    fold_of: dict[int, int] = {}
-    for group in order:
-        label = max(labels[i] for i in members[group])
-        fold = min(range(k), key=lambda f: (filled[f][label], sizes[f], f))
-        fold_of[group] = fold
-        filled[fold][label] += len(members[group])
-        sizes[fold] += len(members[group])
-    return {
-        "k": k,
-        "seed": seed,
-        "items": {
-            key: {"fold": fold_of[g], "group": g} for key, g in zip(keys, groups, strict=True)
-        },
-        "per_fold": [
-            {CLASS_NAMES[c]: filled[f][c] for c in range(len(CLASS_NAMES))} for f in range(k)
-        ],
-    }
-
-
-def load_folds(path: Path, samples: list[Sample]) -> dict[str, dict[str, int]]:
-    items = json.loads(Path(path).read_text())["items"]
-    keys = {s.key for s in samples}
-    if set(items) != keys:
-        raise ValueError(
-            f"fold file {path} does not match the data folder "
-            f"({len(keys - set(items))} images not in it, {len(set(items) - keys)} extra)"
-        )
-    return items
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -750,42 +704,6 @@ def render_report(report: dict[str, Any]) -> str:
         )
     lines += ["", "Recipe: `" + json.dumps(report["recipe"]) + "`", ""]
     return "\n".join(lines)
-
-
-def write_folds(data_path: Path, path: Path, samples: list[Sample] | None = None) -> None:
-    """Make and save the grouped 5-fold split, reusing the groups of the committed split file
-    when it matches the folder (else computing them)."""
-    from training.data import group_near_duplicates
-
-    samples = samples or scan_dataset(data_path)
-    keys = [s.key for s in samples]
-    groups_doc = json.loads(GROUPS_FILE.read_text())["items"] if GROUPS_FILE.is_file() else {}
-    if set(groups_doc) == set(keys):
-        groups = [int(groups_doc[k]["group"]) for k in keys]
-    else:
-        groups = group_near_duplicates([load_image(s) for s in samples])
-    document = make_folds(keys, [s.label for s in samples], groups)
-    document["fingerprint"] = data_fingerprint(samples)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
-
-
-def fold_split(folds_doc: dict[str, Any], fold: int, val_fraction: float = 0.15) -> dict:
-    """A train / val / test split file (training.data's format) whose test split is CV fold
-    `fold`, so the separate classification and segmentation jobs can be scored on exactly the
-    images a joint fold model was scored on. Val is a grouped, stratified `val_fraction` of the
-    other folds (those jobs choose checkpoints and thresholds on it); train is the rest."""
-    from training.data import grouped_stratified_split
-
-    items = folds_doc["items"]
-    rest = sorted(k for k, v in items.items() if v["fold"] != fold)
-    labels = [CLASS_NAMES.index(k.split("/", 1)[0]) for k in rest]
-    groups = [int(items[k]["group"]) for k in rest]
-    splits = grouped_stratified_split(labels, groups, (1 - val_fraction, val_fraction, 0.0))
-    out = {k: {"split": "test", "group": v["group"]} for k, v in items.items() if v["fold"] == fold}
-    for key, split, group in zip(rest, splits, groups, strict=True):
-        out[key] = {"split": split, "group": group}
-    return {"seed": 0, "from_folds": {"fold": fold, "val_fraction": val_fraction}, "items": out}
 
 
 # --- refit on all the data and publish -----------------------------------------------------------

@@ -772,9 +772,14 @@ def export_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
     command cannot rebuild and FileNotFoundError for missing data or fold weights."""
     import onnxruntime
 
-    from training.data import data_fingerprint, load_split_images, scan_dataset
+    from training.data import (
+        DEFAULT_FOLDS_FILE,
+        data_fingerprint,
+        load_folds,
+        load_split_images,
+        scan_dataset,
+    )
     from training.engine import configure_threads
-    from training.joint import DEFAULT_FOLDS_FILE, load_folds
     from training.runner import display_path
 
     configure_threads(args.threads)

@@ -42,6 +42,7 @@ from training.data import (
     data_fingerprint,
     group_near_duplicates,
     groups_largest_first,
+    load_folds,
     load_image,
     load_split_images,
     scan_dataset,
@@ -191,10 +192,8 @@ def make_site_folds(samples: list[Sample], k: int = 5, seed: int = 0) -> dict[st
 
 
 def load_site_folds(path: Path, samples: list[Sample]) -> dict[str, dict[str, Any]]:
-    """The fold items of a fold file (training.joint.load_folds: the same check, one place).
+    """The fold items of a fold file (training.data.load_folds: the same check, one place).
     Raises ValueError when file and folders disagree."""
-    from training.joint import load_folds
-
     return load_folds(path, samples)
 
 

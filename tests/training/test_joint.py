@@ -18,6 +18,7 @@ from shared.models.joint import ENCODERS, JointFlipAverage, JointUNet, load_lite
 from training import joint
 from training.__main__ import main as training_main
 from training.augment import augment_geometry
+from training.data import fold_split, make_folds
 from training.metrics import group_bootstrap
 
 
@@ -26,7 +27,7 @@ def test_folds_keep_every_group_in_one_fold_and_balance_the_classes():
     labels = [int(v) for v in rng.integers(0, 3, size=200)]
     groups = [i // 3 if i < 60 else i for i in range(200)]  # 20 groups of three near-copies
     keys = [f"k{i}" for i in range(200)]
-    folds = joint.make_folds(keys, labels, groups, k=5)["items"]
+    folds = make_folds(keys, labels, groups, k=5)["items"]
     fold_of_group: dict[int, set[int]] = {}
     for key, group in zip(keys, groups, strict=True):
         fold_of_group.setdefault(group, set()).add(folds[key]["fold"])
@@ -159,8 +160,8 @@ def test_fold_split_tests_on_exactly_one_fold_and_keeps_groups_whole():
     labels = [int(v) for v in rng.integers(0, 3, size=120)]
     keys = [f"{CLASS_NAMES[label]}/img{i}.png" for i, label in enumerate(labels)]
     groups = [i // 2 for i in range(120)]  # pairs of near-copies
-    folds = joint.make_folds(keys, labels, groups, k=5)
-    split = joint.fold_split(folds, fold=2)["items"]
+    folds = make_folds(keys, labels, groups, k=5)
+    split = fold_split(folds, fold=2)["items"]
     test = {k for k, v in split.items() if v["split"] == "test"}
     assert test == {k for k, v in folds["items"].items() if v["fold"] == 2}
     split_of_group: dict[int, set[str]] = {}

@@ -40,11 +40,10 @@ from shared.quality import (
     OodDetector,
     image_statistics,
 )
-from training.data import scan_dataset
+from training.data import DEFAULT_FOLDS_FILE, scan_dataset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FOLDS_FILE = Path(__file__).parents[1] / "splits" / "busi-5fold.json"
 QUANTILE = 0.995  # of the training scans' own distances: the flag threshold
 SHRINKAGE = 0.1
 

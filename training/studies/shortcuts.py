@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from shared.labels import CLASS_NAMES
+from training.data import DEFAULT_FOLDS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,7 @@ def fold_predictions(
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from training.data import load_image, load_mask, scan_dataset
-    from training.joint import load_folds
+    from training.data import load_folds, load_image, load_mask, scan_dataset
 
     samples = scan_dataset(args.data_path)
     labels = np.asarray([s.label for s in samples])
@@ -354,7 +354,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--folds-file",
         type=Path,
-        default=Path(__file__).parents[1] / "splits" / "busi-5fold.json",
+        default=DEFAULT_FOLDS_FILE,
         help="grouped fold file (default: training/splits/busi-5fold.json)",
     )
     parser.add_argument(
