@@ -244,6 +244,7 @@ class ClassificationTask:
     presets = PRESETS
     default_output = "runs/classification/{preset}"
     smoke_per_class = 3
+    validation_split = True
 
     def resolve_preset(self, args: argparse.Namespace) -> Preset:
         preset = get_preset(args.preset)

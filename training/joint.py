@@ -1,14 +1,18 @@
 """The joint task: one network that classifies the scan and outlines the lesion, trained on both
 losses at once, cross-validated on grouped folds and published as one `diagnosis` artifact.
 
+`JOINT` is its plug-in of the engine (training.runner.Task, without a validation split, plus the
+cross-validation hooks of training.crossval); its commands are the engine's drivers:
+
     python -m training cv --preset joint-lite0 --data-path D [--folds 0 1] [--output-dir R]
-        trains one model per fold (all folds unless --folds), evaluates each on its held-out
-        fold and writes `R/fold<k>.json` (out-of-fold predictions); once every fold is there,
-        `R/oof.json` and `R/report.md` with pooled figures and group-bootstrap intervals.
+        (training.crossval) trains one model per fold (all folds unless --folds), evaluates
+        each on its held-out fold and writes `R/fold<k>.json` (out-of-fold predictions); once
+        every fold is there, `R/oof.json` and `R/report.md` with pooled figures and
+        group-bootstrap intervals.
     python -m training fit --preset joint-lite0 --data-path D --model-dir M [--cv-report R]
-        trains the same recipe on every image (no held-out data), exports TorchScript with the
-        flip averaging baked in and publishes it as `M/diagnosis/<version>`, carrying the
-        cross-validated figures of R in its manifest.
+        (training.runner.run_task) trains the same recipe on every image (no held-out data),
+        exports TorchScript with the flip averaging baked in and publishes it as
+        `M/diagnosis/<version>`, carrying the cross-validated figures of R in its manifest.
 
 Geometry: THE preprocessing is `letterbox` with `trim_border` (shared.preprocessing): the dark
 margins are trimmed, the scan keeps its aspect ratio and is padded to a square. Training adds
@@ -22,14 +26,14 @@ import argparse
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.models.joint import JointFlipAverage, JointUNet
@@ -45,6 +49,7 @@ from training.augment import (
     lesion_free_band,
     zoom_crop,
 )
+from training.crossval import cross_validate
 from training.data import (
     DEFAULT_FOLDS_FILE,
     LoadedSplit,
@@ -53,14 +58,15 @@ from training.data import (
     load_split_images,
     scan_dataset,
     subset_per_class,
-    write_folds,
 )
 from training.losses import JointLoss, class_weights
 from training.metrics import confusion_matrix, diagnosis_figures, group_bootstrap
-from training.runner import Evaluation, Run, finish_run
+from training.runner import Evaluation, Run, finish_run, run_task
 from training.segmentation import SegmentationDataset
 
 log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
 
 CANVASES = {"plain": None, "4:3": 4 / 3, "16:9": 16 / 9}
 
@@ -285,7 +291,7 @@ class JointTask:
     """Predicts class logits and a (1, S, S) lesion logit map from one letterboxed scan;
     class-weighted, label-smoothed cross-entropy + mask_weight * (BCE + soft Dice); the
     classification and lesion figures of training.metrics.diagnosis_figures, pooled out of fold
-    by the `cv` driver.
+    by the cross-validation driver (training.crossval).
 
     No validation split: `fit` trains on every image and keeps the last epoch, and the figures
     that describe the recipe are its cross-validated ones (`cv`), carried in the manifest.
@@ -296,6 +302,7 @@ class JointTask:
     presets = PRESETS
     default_output = "training/reports/fit/{preset}"
     smoke_per_class = 3
+    validation_split = False
 
     def resolve_preset(self, args: argparse.Namespace) -> JointPreset:
         return resolve_preset(args)
@@ -303,18 +310,38 @@ class JointTask:
     def preprocessing(self, preset: JointPreset) -> Preprocessing:
         return preprocessing_for(preset)
 
-    def build_model(self, preset: JointPreset, pretrained: bool) -> JointUNet:
-        return build_model(preset, pretrained)
+    def datasets(self, run: Run) -> tuple[JointDataset, None]:
+        # Under torchrun each rank draws its own augmentation (training.distributed.rank_seed).
+        seed = distributed.rank_seed(run.seed)
+        return JointDataset(run.data["train"], run.preprocessing, run.preset, seed=seed), None
 
-    def loss(self, preset: JointPreset, labels: list[int]) -> JointLoss:
+    def train_loader(self, run: Run, dataset: JointDataset, sampler: Sampler | None) -> DataLoader:
+        """The batches the joint recipes were trained with: full batches only, the shuffle
+        drawn from torch's global generator, (input, (class, mask)) collated as tuples."""
+        return DataLoader(
+            dataset,
+            batch_size=distributed.per_rank_batch(run.preset.batch_size),
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=_collate,
+        )
+
+    def build_model(self, run: Run) -> JointUNet:
+        return build_model(run.preset, pretrained=not run.args.no_pretrained)
+
+    def build_loss(self, run: Run) -> JointLoss:
+        preset = run.preset
+        labels = expected_labels(run.data["train"].samples, preset)
         weights = class_weights(labels) if preset.class_weighted else None
         return JointLoss(weights, preset.label_smoothing, preset.mask_weight)
 
-    def optimizer(
-        self, preset: JointPreset, net: nn.Module, steps_per_epoch: int
-    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+    def build_optimizer(
+        self, run: Run, model: nn.Module, steps_per_epoch: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR, str]:
         """AdamW over the trainable parameters, one-cycle to preset.lr, stepped per batch."""
-        params = [p for p in net.parameters() if p.requires_grad]
+        preset = run.preset
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
@@ -323,14 +350,30 @@ class JointTask:
             steps_per_epoch=steps_per_epoch,
             pct_start=preset.pct_start,
         )
-        return optimizer, scheduler
+        return optimizer, scheduler, "step"
 
     def selection(self, preset: JointPreset) -> engine.Selection:
         return engine.Selection(None)  # the last epoch: no held-out data inside a fit
 
-    def metrics(self, rows: list[dict[str, Any]]) -> dict[str, float]:
-        """The figures of per-image rows (evaluate_images), as the service would score them."""
-        return diagnosis_figures(rows)
+    def validate(self, out: engine.EvalOutput, data: LoadedSplit) -> dict[str, float]:
+        return {}  # no validation split: never asked
+
+    def evaluate(self, run: Run, model: nn.Module) -> Evaluation:
+        """What `fit` publishes: the served network (flip-averaged when the recipe says so)
+        with the cross-validated figures of --cv-report in its manifest."""
+        args = run.args
+        if args.cv_report and not Path(args.cv_report).is_file():
+            log.warning("no cross-validation report at %s: publishing without it", args.cv_report)
+            args.cv_report = None
+        cv = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
+        return joint_evaluation(
+            args,
+            run.preset,
+            model,
+            len(run.data["train"].samples),
+            metrics=cross_validated_metrics(cv),
+            extra={"cross_validation": {"k": cv["k"], "pooled": cv["pooled"]} if cv else None},
+        )
 
     def report_section(self, document: dict[str, Any]) -> list[str]:
         cv = document.get("cross_validation")
@@ -345,79 +388,26 @@ class JointTask:
         ]
         return lines
 
+    # --- cross-validation (training.crossval) ---
+
+    def score(self, run: Run, model: nn.Module, data: LoadedSplit) -> dict[str, list[Row]]:
+        """Per-image rows of held-out images as served, plain and on each wider canvas."""
+        return {
+            name: evaluate_images(model, run.preset, data, aspect)
+            for name, aspect in CANVASES.items()
+        }
+
+    def figures(self, rows: list[Row]) -> dict[str, float]:
+        return diagnosis_figures(rows)
+
+    def summarise(self, rows_by_view: dict[str, list[Row]], n_resamples: int) -> dict[str, Any]:
+        return summarise(rows_by_view, n_resamples)
+
+    def render_cv_report(self, report: dict[str, Any]) -> str:
+        return render_report(report)
+
 
 JOINT = JointTask()
-
-
-def train(
-    preset: JointPreset,
-    data: LoadedSplit,
-    *,
-    seed: int,
-    pretrained: bool,
-    checkpoint: Path | None = None,
-    resume: Path | None = None,
-    progress: bool = False,
-    device: torch.device | None = None,
-) -> tuple[JointUNet, engine.History, float]:
-    """Train the recipe on `data` (engine.fit, no validation: the last epoch is kept); returns
-    the model (eval mode, on `device`), its history and the training seconds.
-
-    With `checkpoint`, a checkpoint is written after every epoch; `resume` (default: the
-    checkpoint when it exists) continues from one.
-    """
-    device = device or engine.resolve_device("cpu")
-    engine.seed_everything(seed)
-    preprocessing = preprocessing_for(preset)
-    model = build_model(preset, pretrained)
-    # Under torchrun (training.distributed): every rank starts from rank 0's weights, draws its
-    # own dropout and augmentation, loads batch / N of each global batch from its own shard and
-    # DDP averages the gradients. Outside torchrun each helper below is the identity.
-    if distributed.rank() > 0:
-        engine.seed_everything(distributed.rank_seed(seed))
-    net = distributed.wrap(model) if distributed.is_active() else model.to(device)
-    dataset = JointDataset(data, preprocessing, preset, seed=distributed.rank_seed(seed))
-    sampler = distributed.sampler(dataset, seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=distributed.per_rank_batch(preset.batch_size),
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=_collate,
-    )
-    loss_fn = JOINT.loss(preset, expected_labels(data.samples, preset)).to(device)
-    optimizer, scheduler = JOINT.optimizer(preset, net, max(1, len(loader)))
-    if resume is None and checkpoint is not None and Path(checkpoint).is_file():
-        resume = checkpoint
-
-    def before_epoch(epoch: int) -> None:
-        dataset.set_epoch(epoch)
-        distributed.set_epoch(sampler, epoch)
-
-    result = engine.fit(
-        net,
-        loss_fn,
-        optimizer,
-        loader,
-        epochs=preset.epochs,
-        scheduler=scheduler,
-        step_every="step",
-        selection=JOINT.selection(preset),
-        checkpoint=checkpoint,
-        resume=resume,
-        before_epoch=before_epoch,
-        progress=progress,
-        device=device,
-    )
-    distributed.unwrap(net, into=model)
-    model.eval()
-    return model, result.history, result.seconds
-
-
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights on the CPU (what the saved .pt files hold, whatever it trained on)."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 # --- evaluation --------------------------------------------------------------------------------
@@ -520,69 +510,8 @@ def summarise(rows_by_canvas: dict[str, list[dict[str, Any]]], n_resamples: int)
 
 
 def cv_main(args: argparse.Namespace) -> dict[str, Any]:
-    preset = resolve_preset(args)
-    samples = _samples(args)
-    folds_file = Path(args.split_file)
-    if not folds_file.is_file() and distributed.is_main():
-        log.warning("no fold file: making grouped 5-fold split at %s", folds_file)
-        write_folds(args.data_path, folds_file, samples)
-    distributed.barrier()  # under torchrun the other ranks read the file rank 0 wrote
-    items = load_folds(folds_file, samples)
-    k = int(json.loads(folds_file.read_text())["k"])
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    engine.configure_threads(args.threads)
-    device = engine.resolve_device(args.device)
-    todo = args.folds if args.folds is not None else list(range(k))
-    data = load_split_images(samples) if todo and not args.report_only else None
-    for fold in [] if args.report_only else todo:
-        path = output / f"fold{fold}.json"
-        if path.is_file():
-            log.info("fold %d already done (%s)", fold, path)
-            continue
-        train_idx = [i for i, s in enumerate(samples) if items[s.key]["fold"] != fold]
-        test_idx = [i for i, s in enumerate(samples) if items[s.key]["fold"] == fold]
-        log.info("fold %d: training on %d, testing on %d", fold, len(train_idx), len(test_idx))
-        model, history, seconds = train(
-            preset,
-            data.pick(train_idx),
-            seed=args.seed + fold,
-            pretrained=not args.no_pretrained,
-            checkpoint=output / f"fold{fold}.ckpt",
-            progress=not args.no_progress,
-            device=device,
-        )
-        if not distributed.is_main():
-            continue  # rank 0 evaluates and writes; the others go on to the next fold
-        held_out = data.pick(test_idx)
-        result = {
-            "fold": fold,
-            "preset": args.preset,
-            "recipe": asdict(preset),
-            "train_seconds": round(seconds, 1),
-            "threads": torch.get_num_threads(),
-            "history": history.to_dict(),
-            "rows": {
-                name: [
-                    {**row, "fold": fold, "group": items[row["key"]]["group"]}
-                    for row in evaluate_images(model, preset, held_out, aspect)
-                ]
-                for name, aspect in CANVASES.items()
-            },
-        }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result) + "\n")
-        tmp.replace(path)
-        torch.save(cpu_state(model), output / f"fold{fold}.pt")  # for later analyses
-        (output / f"fold{fold}.ckpt").unlink(missing_ok=True)
-        log.info("fold %d: %s", fold, json.dumps(diagnosis_figures(result["rows"]["plain"])))
-    if not distributed.is_main():
-        return {"rank": distributed.rank()}
-    done = sorted(output.glob("fold*.json"))
-    if len(done) < k:
-        log.info("%d of %d folds done; the pooled report waits for the rest", len(done), k)
-        return {"folds_done": len(done)}
-    return write_cv_report(output, args.preset, args.bootstrap)
+    """`python -m training cv`: the generic cross-validation driver on the joint plug-in."""
+    return cross_validate(JOINT, args)
 
 
 def oof_main(args: argparse.Namespace) -> Path:
@@ -623,35 +552,6 @@ def oof_main(args: argparse.Namespace) -> Path:
     path = Path(args.output_dir) / "oof_logits.json"
     path.write_text(json.dumps({"preset": args.preset, "rows": rows}) + "\n")
     return path
-
-
-def write_cv_report(output: Path, preset_name: str, n_resamples: int = 1000) -> dict[str, Any]:
-    folds = [json.loads(p.read_text()) for p in sorted(output.glob("fold*.json"))]
-    pooled = {c: [r for f in folds for r in f["rows"][c]] for c in CANVASES}
-    report = {
-        "preset": preset_name,
-        "recipe": folds[0]["recipe"],
-        "k": len(folds),
-        "pooled": summarise(pooled, n_resamples),
-        "per_fold": [
-            {
-                "fold": f["fold"],
-                "train_seconds": f["train_seconds"],
-                **diagnosis_figures(f["rows"]["plain"]),
-            }
-            for f in folds
-        ],
-        "bootstrap": {
-            "resamples": n_resamples,
-            "unit": "near-duplicate group",
-            "method": "percentile",
-        },
-    }
-    (output / "oof.json").write_text(json.dumps(pooled) + "\n")
-    (output / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (output / "report.md").write_text(render_report(report))
-    log.info("pooled out-of-fold figures: %s", json.dumps(report["pooled"]["plain"]))
-    return report
 
 
 METRIC_ROWS = (
@@ -710,42 +610,58 @@ def render_report(report: dict[str, Any]) -> str:
 
 
 def fit_main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train the recipe on every image (or take --weights), then the engine's finishing step:
-    export with the flip averaging baked in, publish as `diagnosis`, metrics.json, report.md."""
+    """Train the recipe on every image (the engine's no-validation run: the last epoch is kept;
+    a stopped fit resumes when rerun), then the engine's finishing step: export with the flip
+    averaging baked in, publish as `diagnosis`, metrics.json, report.md. With --weights, publish
+    those weights again without training."""
+    if args.weights:
+        return publish_weights(args)
+    output = Path(args.output_dir)
+    checkpoint = output / engine.CHECKPOINT_NAME
+    legacy = output / "fit.ckpt"  # the name before the engine: a run stopped then resumes
+    if args.resume is None:
+        args.resume = engine.resume_point(checkpoint, legacy)
+    document = run_task(JOINT, args)
+    if not distributed.is_main():
+        return document
+    checkpoint.unlink(missing_ok=True)  # finished: the same command trains afresh
+    legacy.unlink(missing_ok=True)
+    artifact = document["artifact"] or {"version": None, "path": document.get("torchscript")}
+    return {
+        "version": artifact["version"],
+        "path": artifact["path"],
+        "seconds": document["training"]["train_seconds"],
+    }
+
+
+def publish_weights(args: argparse.Namespace) -> dict[str, Any]:
+    """`fit --weights`: publish the weights of a finished fit again (e.g. with a calibration),
+    with the history and training time of the run that trained them."""
     preset = resolve_preset(args)
     samples = _samples(args)
     engine.configure_threads(args.threads)
-    device = engine.resolve_device(args.device)
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    if args.weights and not distributed.is_main():
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():
         return {"rank": distributed.rank()}  # publishing a finished run is rank 0's alone
-    checkpoint = output / engine.CHECKPOINT_NAME
-    if args.weights:  # publish a finished run again (e.g. with its calibration), no training
-        model = build_model(preset, pretrained=False)
-        history, seconds = load_weights(Path(args.weights), model)
-        model.eval()
-    else:
-        legacy = output / "fit.ckpt"  # the name before the engine: a run stopped then resumes
-        resume = args.resume or (legacy if legacy.is_file() and not checkpoint.is_file() else None)
-        model, history, seconds = train(
-            preset,
-            load_split_images(samples),
-            seed=args.seed,
-            pretrained=not args.no_pretrained,
-            checkpoint=checkpoint,
-            resume=resume,
-            progress=not args.no_progress,
-            device=device,
-        )
-        if not distributed.is_main():
-            return {"rank": distributed.rank()}  # rank 0 exports, reports and publishes
-        torch.save(cpu_state(model), output / engine.BEST_NAME)
+    model = build_model(preset, pretrained=False)
+    history, seconds = load_weights(Path(args.weights), model)
+    model.eval()
     if args.cv_report and not Path(args.cv_report).is_file():
         log.warning("no cross-validation report at %s: publishing without it", args.cv_report)
         args.cv_report = None
     cv = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
-    metrics = {
+    extra = {"cross_validation": {"k": cv["k"], "pooled": cv["pooled"]} if cv else None}
+    document = publish(
+        args, preset, model, history, seconds, samples, cross_validated_metrics(cv), extra
+    )
+    artifact = document["artifact"]
+    return {"version": artifact["version"], "path": artifact["path"], "seconds": seconds}
+
+
+def cross_validated_metrics(cv: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's metrics of a refit: the recipe's pooled out-of-fold figures (report.json
+    of `cv`), or none."""
+    return {
         "kind": "cross-validated" if cv else "none",
         "note": (
             "pooled out-of-fold figures of this recipe (grouped 5-fold cross-validation); "
@@ -755,47 +671,27 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
         ),
         **({"cross_validation": cv["pooled"], "k": cv["k"]} if cv else {}),
     }
-    extra = {"cross_validation": {"k": cv["k"], "pooled": cv["pooled"]} if cv else None}
-    document = publish(args, preset, model, history, seconds, samples, metrics, extra)
-    checkpoint.unlink(missing_ok=True)  # finished: the same command trains afresh
-    (output / "fit.ckpt").unlink(missing_ok=True)
-    artifact = document["artifact"]
-    return {"version": artifact["version"], "path": artifact["path"], "seconds": seconds}
 
 
-def publish(
+def joint_evaluation(
     args: argparse.Namespace,
     preset: JointPreset,
     model: nn.Module,
-    history: engine.History,
-    seconds: float,
-    samples: list[Sample],
+    n_images: int,
     metrics: dict[str, Any],
     extra: dict[str, Any],
     intended_use: str | None = None,
-) -> dict[str, Any]:
-    """The engine's finishing step for trained joint weights: export with the flip averaging
-    baked in (and the calibration of --calibration), publish as `diagnosis` with `metrics` in
-    the manifest, write metrics.json and report.md. Returns the metrics.json document."""
-    output = Path(args.output_dir)
+) -> Evaluation:
+    """What the finishing step exports and publishes for trained joint weights: the network
+    with the flip averaging baked in (and the calibration of --calibration) as `diagnosis`,
+    `metrics` in the manifest."""
     calibration: dict[str, Any] = {}
     if args.calibration:
         from training.studies.calibration import manifest_fields
 
         # validated; see training.studies.calibration
         calibration = manifest_fields(args.calibration)
-    epochs_run = len(history.epochs)
-    run = Run(
-        args,
-        preset,
-        output,
-        engine.resolve_device(args.device),
-        torch.get_num_threads(),
-        preprocessing_for(preset),
-        data={"train": LoadedSplit(samples, [], [])},
-        fit=engine.FitResult(history, epochs_run, None, seconds),
-    )
-    evaluation = Evaluation(
+    return Evaluation(
         served=JointFlipAverage(model) if preset.flip_tta else model,
         example=torch.zeros((1, 3, preset.size, preset.size)),
         name=args.name or args.preset,
@@ -811,8 +707,37 @@ def publish(
         },
         metrics=metrics,
         extra=extra,
-        training={"flip_tta": preset.flip_tta, "n_images": len(samples)},
+        training={"flip_tta": preset.flip_tta, "n_images": n_images},
         intended_use=intended_use,
+    )
+
+
+def publish(
+    args: argparse.Namespace,
+    preset: JointPreset,
+    model: nn.Module,
+    history: engine.History,
+    seconds: float,
+    samples: list[Sample],
+    metrics: dict[str, Any],
+    extra: dict[str, Any],
+    intended_use: str | None = None,
+) -> dict[str, Any]:
+    """The engine's finishing step for joint weights trained before (`fit --weights`,
+    `sites-publish`): joint_evaluation, then finish_run. Returns the metrics.json document."""
+    epochs_run = len(history.epochs)
+    run = Run(
+        args,
+        preset,
+        Path(args.output_dir),
+        engine.resolve_device(args.device),
+        torch.get_num_threads(),
+        preprocessing_for(preset),
+        data={"train": LoadedSplit(samples, [], [])},
+        fit=engine.FitResult(history, epochs_run, None, seconds),
+    )
+    evaluation = joint_evaluation(
+        args, preset, model, len(samples), metrics, extra, intended_use=intended_use
     )
     return finish_run(JOINT, run, evaluation)
 

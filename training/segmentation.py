@@ -265,6 +265,7 @@ class SegmentationTask:
     presets = PRESETS
     default_output = "runs/segment-{preset}"
     smoke_per_class = 4
+    validation_split = True
 
     def resolve_preset(self, args: argparse.Namespace) -> SegPreset:
         return resolve_preset(args)

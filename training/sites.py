@@ -317,7 +317,8 @@ def score(model: torch.nn.Module, preset: Any, data: LoadedSplit) -> list[dict[s
 
 def sites_main(args: argparse.Namespace) -> dict[str, Any]:
     """Train the recipe on every image not held out, score the held-out ones, write the run."""
-    from training.joint import cpu_state, resolve_preset, train
+    from training.joint import JOINT, preprocessing_for, resolve_preset
+    from training.runner import Run, train_model
 
     preset = resolve_preset(args)
     samples = scan_sites(args.data_path)
@@ -345,15 +346,13 @@ def sites_main(args: argparse.Namespace) -> dict[str, Any]:
         json.dumps(describe(trained_on.samples)),
         len(test_idx),
     )
-    model, history, seconds = train(
-        preset,
-        trained_on,
-        seed=args.seed,
-        pretrained=not args.no_pretrained,
-        checkpoint=output / engine.CHECKPOINT_NAME,
-        progress=not args.no_progress,
-        device=device,
+    run = Run(args, preset, output, device, threads, preprocessing_for(preset))
+    run.data = {"train": trained_on}
+    checkpoint = output / engine.CHECKPOINT_NAME
+    model, fit = train_model(
+        JOINT, run, seed=args.seed, checkpoint=checkpoint, resume=engine.resume_point(checkpoint)
     )
+    history, seconds = fit.history, fit.seconds
     if not distributed.is_main():
         return {"rank": distributed.rank()}
     started = time.perf_counter()
@@ -378,7 +377,7 @@ def sites_main(args: argparse.Namespace) -> dict[str, Any]:
     }
     _write_json(output / "rows.json", {"holdout": args.holdout, "rows": rows})
     _write_json(output / "result.json", result)
-    torch.save(cpu_state(model), output / "weights.pt")
+    torch.save(engine.cpu_state(model), output / "weights.pt")
     (output / engine.CHECKPOINT_NAME).unlink(missing_ok=True)
     for site, fig in result["figures"].items():
         log.info("held out %s, site %s: %s", args.holdout, site, _brief(fig))
