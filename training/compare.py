@@ -26,6 +26,7 @@ from shared.artifacts import ArtifactInfo, verify_artifact
 from shared.inference import load_module
 from shared.labels import CLASS_NAMES
 from shared.postprocessing import class_probabilities, dice_iou, sigmoid
+from training import cli
 from training.data import load_image, load_mask, scan_dataset
 from training.joint import CANVASES, METRIC_ROWS, place_on_canvas, summarise
 from training.metrics import diagnosis_figures, group_bootstrap
@@ -114,15 +115,15 @@ def render(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training compare", description=__doc__)
-    parser.add_argument("--data-path", type=Path, required=True, help="folder in BUSI layout")
+    parser = cli.command_parser("compare", __doc__)
+    cli.add_flag(parser, "--data-path", required=True)
     parser.add_argument("--classifier", type=Path, required=True, help="classification version dir")
     parser.add_argument("--segmenter", type=Path, required=True, help="segmentation version dir")
     parser.add_argument("--oof", type=Path, required=True, help="oof.json of the joint CV")
     parser.add_argument("--split-file", type=Path, default=Path("training/splits/busi.json"))
     parser.add_argument("--split", default="test", help="which split to score (default: test)")
-    parser.add_argument("--output-dir", type=Path, default=Path("training/reports/compare"))
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    cli.add_flag(parser, "--output-dir", default=Path("training/reports/compare"))
+    cli.add_flag(parser, "--resamples", default=1000)
     return parser.parse_args(argv)
 
 
@@ -312,13 +313,13 @@ def render_cv(report: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def parse_cv_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m training compare-cv",
-        description="Score recipes' per-fold artifacts on their held-out folds beside the "
-        "joint model's out-of-fold predictions.",
+    parser = cli.command_parser(
+        "compare-cv",
+        "Score recipes' per-fold artifacts on their held-out folds beside the joint model's "
+        "out-of-fold predictions.",
     )
-    parser.add_argument("--data-path", type=Path, required=True, help="folder in BUSI layout")
-    parser.add_argument("--folds-file", type=Path, default=Path("training/splits/busi-5fold.json"))
+    cli.add_flag(parser, "--data-path", required=True)
+    cli.add_flag(parser, "--folds-file", default=Path("training/splits/busi-5fold.json"))
     parser.add_argument("--oof", type=Path, required=True, help="oof.json of the joint CV")
     parser.add_argument(
         "--recipe",
@@ -327,9 +328,9 @@ def parse_cv_args(argv: list[str]) -> argparse.Namespace:
         help='"NAME=CLASSIFIER_DIR,SEGMENTER_DIR": model folders with {fold} for the fold '
         "number (either may be empty); the newest verified artifact of each fold is scored",
     )
-    parser.add_argument("--output-dir", type=Path, default=Path("training/reports/compare"))
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    cli.add_flag(parser, "--output-dir", default=Path("training/reports/compare"))
+    cli.add_flag(parser, "--resamples", default=1000)
+    cli.add_flag(parser, "--threads", default=1)
     args = parser.parse_args(argv)
     args.argv = argv
     return args

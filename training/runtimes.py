@@ -69,6 +69,7 @@ from shared.onnx_runtime import OnnxSessions
 from shared.postprocessing import dice_iou, softmax
 from shared.preprocessing import Preprocessing
 from shared.quality import FEATURE_QUALITY_OUTPUT, FeatureOodDetector
+from training import cli
 
 log = logging.getLogger(__name__)
 
@@ -707,19 +708,15 @@ def derived_metadata(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training export-onnx",
-        description="Publish a model again with the same network for ONNX Runtime, validated "
-        "against TorchScript fp32 (not promoted).",
+    parser = cli.command_parser(
+        "export-onnx",
+        "Publish a model again with the same network for ONNX Runtime, validated against "
+        "TorchScript fp32 (not promoted).",
     )
-    parser.add_argument(
-        "--model-dir", type=Path, default=Path("models"), help="the source's (default: models)"
-    )
+    cli.add_flag(parser, "--model-dir", default=Path("models"))
     parser.add_argument("--task", choices=TASKS, default=TASK_DIAGNOSIS, help="default: diagnosis")
     parser.add_argument("--version", required=True, help="the source version (folder name)")
-    parser.add_argument(
-        "--data-path", type=Path, required=True, help="folder in BUSI layout to validate on"
-    )
+    cli.add_flag(parser, "--data-path", required=True, help="the images to validate on")
     parser.add_argument(
         "--cv-dir",
         type=Path,
@@ -727,11 +724,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fold<k>.pt of `python -m training cv` for the same recipe: validate out-of-fold "
         "(default: none; the artifact's own model on the data folder, not held out)",
     )
-    parser.add_argument(
+    cli.add_flag(
+        parser,
         "--folds-file",
-        type=Path,
         default=None,
-        help="the k-fold file of --cv-dir (default: training/splits/busi-5fold.json)",
+        help="of --cv-dir; none: training/splits/busi-5fold.json",
     )
     parser.add_argument(
         "--output-model-dir",
@@ -761,8 +758,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="site folds of those images (default: training/splits/sites-5fold.json)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="scoring batch (default: 8)")
-    parser.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads "
-                        "(default: 0, torch's default)")  # fmt: skip
+    cli.add_flag(parser, "--threads", default=0)
     return parser
 
 
