@@ -86,15 +86,7 @@ class _DirectForward:
         """The candidate's forward of `graph`, as ModelRegistry.forward answers it."""
         batcher = self.registry.batcher
         assert batcher is not None
-        threads = batcher.config.threads_alone
-        runner = model.runner(graph)
-        if runner is not None:
-            with batcher.lock:
-                return runner(batch, threads)
-        import torch
-
-        with batcher.lock:
-            return batcher.run_module(model.module, torch.from_numpy(batch))
+        return batcher.run(model, batch, graph, batcher.config.threads_alone)
 
 
 class ShadowScorer:

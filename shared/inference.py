@@ -21,6 +21,7 @@ where a TorchScript or eager module runs: a process that runs ONNX Runtime never
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,6 +46,8 @@ from shared.quality import FEATURE_QUALITY_OUTPUT
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 RUNTIME_TORCHSCRIPT = "torchscript"
 RUNTIMES = ("auto", RUNTIME_TORCHSCRIPT, RUNTIME_ONNX)
@@ -114,11 +117,13 @@ def warm_up(
 
 
 def module_outputs(module: Any, batch: np.ndarray) -> tuple[np.ndarray, ...]:
-    """One forward of a TorchScript or eager module on a (N, C, S, S) batch (on the module's
-    device, under inference mode): its float32 outputs on the CPU, as a tuple."""
+    """One forward of a TorchScript or eager module (or any callable from a tensor to tensors)
+    on a (N, C, S, S) batch, on the module's device, under inference mode: its float32 outputs
+    on the CPU, as a tuple."""
     import torch
 
-    parameter = next(iter(module.parameters()), None)
+    parameters = getattr(module, "parameters", None)
+    parameter = next(iter(parameters()), None) if callable(parameters) else None
     x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     if parameter is not None and parameter.device.type != "cpu":
         x = x.to(parameter.device)
@@ -283,8 +288,8 @@ def probabilities(logits: np.ndarray, calibration: Calibration | None = None) ->
 def lesion_map(
     row: np.ndarray, layout: Layout, preprocessing: Preprocessing, mask_type: str | None = "logits"
 ) -> np.ndarray:
-    """A model-sized (S, S) lesion map (logits, or probability when `mask_type` says so) -> the
-    frame's (H, W) float32 lesion probability."""
+    """A model-sized (S, S) lesion map -> the frame's (H, W) float32 lesion probability. The
+    map is a probability when `mask_type` is "probability", else logits."""
     probability = row if mask_type == "probability" else sigmoid(row)
     return preprocessing.frame_map(probability.astype(np.float32), layout)
 
@@ -301,15 +306,17 @@ def findings_of(
     segment: Literal["always", "lesion"] = "always",
 ) -> list[Findings]:
     """One forward's outputs -> one Findings per frame. With `segment="lesion"` (as /diagnose
-    answers) a frame labelled neither benign nor malignant gets no map and no mask."""
+    answers) a frame the model labels neither benign nor malignant gets no map and no mask."""
     found = []
     for j, layout in enumerate(layouts):
         logits = probs = frame = mask = None
         if outputs.classes is not None:
             logits = np.asarray(outputs.classes[j], dtype=np.float64)
             probs = probabilities(outputs.classes[j], spec.calibration)
-        lesion = segment == "always" or (
-            probs is not None and spec.class_names[int(np.argmax(probs))] in LESION_CLASSES
+        lesion = (
+            segment == "always"
+            or probs is None
+            or spec.class_names[int(np.argmax(probs))] in LESION_CLASSES
         )
         if outputs.masks is not None and lesion:
             frame = lesion_map(outputs.masks[j], layout, spec.preprocessing, spec.mask_type)
@@ -358,6 +365,9 @@ def load_artifact(
             sessions = onnx_graph(info, graph, (threads,), spinning=False)
         except ImportError:
             sessions = None
+            if manifest.runtime(RUNTIME_ONNX, graph) is not None:
+                log.warning("onnxruntime is not installed: %s version %s runs model.pt",
+                            info.task, info.version)  # fmt: skip
         if sessions is not None:
             declared = (OUTPUT_CLASSES,) if graph == GRAPH_CLASSIFY else spec.outputs
             outputs = graph_output_names(declared, sessions.output_names)
