@@ -28,16 +28,13 @@ PRE = Preprocessing(resize=64, resize_mode="letterbox", trim_border=True)
 
 
 class Joint(nn.Module):
-    """Class logits from the mean grey value, lesion logit 20 (x - 0.5) per pixel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("rig", torch.tensor([-4.0, 0.0, 4.0]))
-        self.register_buffer("bias", torch.tensor([-2.0, 0.0, -2.0]))
+    """Class logits linear in the mean grey value (dark: normal), lesion logits from the grey
+    value of each pixel."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = x.mean(dim=(1, 2, 3)).unsqueeze(1)
-        return s * self.rig + self.bias, 20.0 * (x.mean(dim=1, keepdim=True) - 0.5)
+        classes = torch.cat([-3.0 * s - 1.0, 0.5 * s, 3.0 * s - 1.5], dim=1)
+        return classes, 12.0 * (x[:, :1] - 0.4)
 
 
 def metadata(onnx: bool = False) -> dict:
