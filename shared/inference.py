@@ -14,8 +14,8 @@ in batches; the service runs the same steps with its batcher between them (servi
 
 Loading: `load_module` (model.pt), `warm_up` (the forwards a loaded module answers before
 anything relies on it, checked against the manifest), `onnx_graph` (a runtime file that holds),
-`load_artifact` (the runtime the service would pick). torch is imported only
-where a TorchScript or eager module runs: a process that runs ONNX Runtime never imports it.
+`load_artifact` (the runtime the service would pick). torch is imported only where a TorchScript
+or eager module runs: a process that runs ONNX Runtime never imports it.
 """
 
 from __future__ import annotations
@@ -240,9 +240,8 @@ def model_input(
     trim_border) is more than that many times longer than wide.
     """
     layout = preprocessing.layout(pixels)
-    if max_aspect_ratio is not None and max(layout.resized) > max_aspect_ratio * (
-        preprocessing.resize
-    ):
+    longest = max_aspect_ratio * preprocessing.resize if max_aspect_ratio is not None else None
+    if longest is not None and max(layout.resized) > longest:
         # trim_border can leave a thin strip of a frame that passed the decoder's aspect cap;
         # scaling its shorter side up would cost memory without bound.
         raise ImageTooLargeError(
