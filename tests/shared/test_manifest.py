@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 from tiny_manifests import classification_metadata, segmentation_metadata
 
-from shared.artifacts import (
-    MANIFEST_FILE,
-    STATUS_CANDIDATE,
-    STATUS_SMOKE,
-    Manifest,
-    ManifestError,
-    list_versions,
-    verify_artifact,
-)
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
+from shared.manifest import STATUS_CANDIDATE, STATUS_SMOKE, Manifest, ManifestError
+from shared.store import MANIFEST_FILE, list_versions, verify_artifact
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models"
 FILLED = {  # the fields publish_artifact fills in
@@ -66,15 +59,16 @@ def test_shipped_manifests_expose_their_typed_fields():
     assert joint.output.shapes == [(3,), (1, 224, 224)]
     assert joint.output.classes.calibration.calibrated
     assert joint.class_names == CLASS_NAMES
-    assert joint.evaluation.source == "cross_validation" and joint.evaluation.n_images == 500
+    figures = joint.headline_figures
+    assert figures.source == "cross_validation" and figures.n_images == 500
     assert joint.training.preset == "joint-sites-lite0" and joint.training.epochs == 8
     segmenter = by_task[TASK_SEGMENTATION]
     assert segmenter.output.mask.threshold == 0.5 and segmenter.output.classes is None
-    assert segmenter.evaluation.lesion_dice == pytest.approx(0.7317, abs=1e-4)
-    assert segmenter.evaluation.n_images == 94
+    assert segmenter.headline_figures.lesion_dice == pytest.approx(0.7317, abs=1e-4)
+    assert segmenter.headline_figures.n_images == 94
     classifier = by_task[TASK_CLASSIFICATION]
-    assert classifier.evaluation.accuracy == pytest.approx(0.7766, abs=1e-4)
-    assert classifier.evaluation.malignant_sensitivity == pytest.approx(8 / 9)
+    assert classifier.headline_figures.accuracy == pytest.approx(0.7766, abs=1e-4)
+    assert classifier.headline_figures.malignant_sensitivity == pytest.approx(8 / 9)
     assert classifier.input.shape == (3, 160, 160) and not classifier.input_problems()
 
 
