@@ -15,7 +15,7 @@ The recipe, fixed before any of its validation figures were seen (issue 20):
   `--fold` of the site folds, both sites);
 - validated on the images of `--fold`, which neither the weights nor the calibration saw, per
   site and pooled: accuracy, macro AUC (pooled), malignant AUC and lesion Dice of the int8 graph
-  against the fp32 graph on the same images must lie within shared.artifacts.VALIDATION_BAR
+  against the fp32 graph on the same images must lie within shared.variants.VALIDATION_BAR
   (0.5 points of accuracy, 0.005 AUC, 0.005 Dice), and the classify-only int8 graph must give
   the full int8 graph's label on every image.
 
@@ -38,10 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifacts import GRAPH_CLASSIFY, GRAPH_FULL, VALIDATION_BAR, ArtifactInfo
 from shared.calibration import Calibration
 from shared.labels import CLASS_NAMES
 from shared.preprocessing import Preprocessing
+from shared.store import ArtifactInfo
+from shared.variants import GRAPH_CLASSIFY, GRAPH_FULL, VALIDATION_BAR
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def _median_ms(session: Any, x: np.ndarray, runs: int) -> float:
 
 
 def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.artifacts import verify_artifact
+    from shared.store import verify_artifact
     from training.data import load_split_images
     from training.runtimes import spread
     from training.sites import load_site_folds, scan_sites
