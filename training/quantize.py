@@ -131,26 +131,19 @@ def _rows(
             prob = 1.0 / (1.0 + np.exp(-np.asarray(out[names[1]][0, 0], dtype=np.float64)))
             pred = preprocessing.frame_map(prob.astype(np.float32), layout) > threshold
             row["dice"] = float(dice_iou(pred, mask > 127)[0])
+            row["mask_pixels"] = int(pred.sum())
             row["mask_logits"] = np.asarray(out[names[1]][0, 0], dtype=np.float32)
         rows.append(row)
     return rows
 
 
 def _figures(rows: list[dict[str, Any]], labels: list[int]) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
+    """The sites report's figures (training.sites.site_figures) of these rows, less the
+    undefined ones."""
+    from training.sites import site_figures
 
-    probs = np.asarray([r["probs"] for r in rows])
-    y = np.asarray(labels)
-    malignant = CLASS_NAMES.index("malignant")
-    figures = {"n": float(len(rows)), "accuracy": float((probs.argmax(1) == y).mean())}
-    if len(set(y.tolist())) == len(CLASS_NAMES):
-        figures["macro_auc"] = float(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
-    if 0 < (y == malignant).sum() < len(y):
-        figures["malignant_auc"] = float(roc_auc_score(y == malignant, probs[:, malignant]))
-    dices = [r["dice"] for r, label in zip(rows, labels, strict=True) if label != 0 and "dice" in r]
-    if dices:
-        figures["lesion_dice"] = float(np.mean(dices))
-    return figures
+    labelled = [{**r, "label": label} for r, label in zip(rows, labels, strict=True)]
+    return {k: v for k, v in site_figures(labelled).items() if not np.isnan(v)}
 
 
 def _bar_failures(reference: dict[str, float], variant: dict[str, float], bar: dict[str, float],
@@ -275,7 +268,7 @@ def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "artifact": {"task": "diagnosis", "version": info.version},
         "recipe": RECIPE,
-        "validated_on": f"fold {args.fold} of {args.split_file}: {len(held)} images "
+        "validated_on": f"fold {args.fold} of {_relative(args.split_file)}: {len(held)} images "
         "(neither trained on nor used for calibration)",
         "bar": {"pooled": dict(VALIDATION_BAR), "per_site": SITE_BAR},
         "figures": figures,
@@ -294,6 +287,13 @@ def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
     (output / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (output / "report.md").write_text(render(report))
     return report
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def render(report: dict[str, Any]) -> str:
