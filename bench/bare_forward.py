@@ -34,10 +34,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shared.artifacts import ArtifactInfo, verify_artifact  # noqa: E402
 from shared.decoding import decode_image  # noqa: E402
 from shared.inference import load_module, model_input  # noqa: E402
 from shared.onnx_runtime import OnnxSessions  # noqa: E402
+from shared.store import ArtifactInfo, verify_artifact  # noqa: E402
 
 RUNTIMES = ("torchscript", "onnxruntime")
 _SETTLE = 3  # untimed forwards after a thread-count switch

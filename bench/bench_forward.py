@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.settings import available_cpus  # noqa: E402
-from shared.artifacts import resolve_artifact  # noqa: E402
 from shared.errors import ArtifactError  # noqa: E402
 from shared.inference import load_module, model_input, warm_up  # noqa: E402
 from shared.labels import TASKS  # noqa: E402
+from shared.store import resolve_artifact  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

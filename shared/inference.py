@@ -28,21 +28,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from shared.artifacts import (
-    GRAPH_CLASSIFY,
-    GRAPH_FULL,
-    RUNTIME_ONNX,
-    ArtifactInfo,
-    ArtifactIntegrityError,
-    Manifest,
-)
 from shared.calibration import Calibration
-from shared.errors import ImageTooLargeError
+from shared.errors import ArtifactIntegrityError, ImageTooLargeError
 from shared.labels import LESION_CLASSES
+from shared.manifest import Manifest
 from shared.onnx_runtime import OnnxSessions
 from shared.postprocessing import sigmoid, softmax
 from shared.preprocessing import Layout, Preprocessing
 from shared.quality import FEATURE_QUALITY_OUTPUT
+from shared.store import ArtifactInfo
+from shared.variants import GRAPH_CLASSIFY, GRAPH_FULL, RUNTIME_ONNX
 
 if TYPE_CHECKING:
     import torch
@@ -147,7 +142,7 @@ def onnx_graph(
     info: ArtifactInfo, graph: str = GRAPH_FULL, threads: Sequence[int] = (), spinning: bool = True
 ) -> OnnxSessions | None:
     """The artifact's ONNX file of `graph` in ONNX Runtime when the manifest carries one that
-    holds (its figures within shared.artifacts.VALIDATION_BAR of TorchScript's); None otherwise.
+    holds (its figures within shared.variants.VALIDATION_BAR of TorchScript's); None otherwise.
 
     Raises ImportError when onnxruntime is missing, OSError or onnxruntime's errors when the
     file cannot be loaded.

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.artifacts import RUNTIME_AGREEMENT_ATOL, RUNTIME_ONNX, ArtifactInfo
 from shared.errors import ArtifactIntegrityError
 from shared.inference import load_module, onnx_graph, warm_up
+from shared.store import ArtifactInfo
+from shared.variants import RUNTIME_AGREEMENT_ATOL, RUNTIME_ONNX
 
 
 @dataclass(frozen=True)

@@ -211,8 +211,8 @@ def predict_masks(segmenter_dir: Path, images: list[np.ndarray]) -> list[np.ndar
     """Lesion masks (uint8 0/255, image size) predicted by the newest verified segmentation
     artifact under `segmenter_dir` (a model directory), exactly as the service would
     (shared.inference: its model.pt, one image per forward)."""
-    from shared.artifacts import resolve_artifact
     from shared.inference import RUNTIME_TORCHSCRIPT, load_artifact, predict
+    from shared.store import resolve_artifact
 
     info = resolve_artifact(Path(segmenter_dir), "segmentation")
     model = load_artifact(info, runtime=RUNTIME_TORCHSCRIPT)

@@ -32,12 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifacts import (
-    ArtifactInfo,
-    new_version_name,
-    publish_artifact,
-    verify_artifact,
-)
 from shared.drift import (
     HEIGHT,
     LESION_AREA,
@@ -51,6 +45,7 @@ from shared.inference import InferenceModel, load_artifact, predict
 from shared.labels import TASK_DIAGNOSIS, TASKS
 from shared.postprocessing import lesion_geometry
 from shared.quality import DEFAULT_DETECTOR_FILE, feature_quality, load_detector
+from shared.store import ArtifactInfo, new_version_name, publish_artifact, verify_artifact
 
 log = logging.getLogger(__name__)
 

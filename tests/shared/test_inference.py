@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from shared.artifacts import RUNTIME_ONNX, publish_artifact, verify_artifact
 from shared.calibration import Calibration
 from shared.inference import (
     RUNTIME_TORCHSCRIPT,
@@ -23,6 +22,8 @@ from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.models import available_models
 from shared.postprocessing import softmax
 from shared.preprocessing import Preprocessing
+from shared.store import publish_artifact, verify_artifact
+from shared.variants import RUNTIME_ONNX
 
 PRE = Preprocessing(resize=64, resize_mode="letterbox", trim_border=True)
 
