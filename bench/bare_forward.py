@@ -3,10 +3,10 @@
 A separate process from the service and from the load generator, one per runtime
 (`--runtime`, default torchscript), one preprocessed batch-1 input per model:
 
-- torchscript: plain `torch.jit.load`, `eval()`, `torch.inference_mode()`, flush-denormal on,
-  `torch.set_num_threads(threads)`;
-- onnxruntime: a plain `onnxruntime.InferenceSession(model.onnx, SessionOptions(
-  intra_op_num_threads=threads, inter_op_num_threads=1), providers=["CPUExecutionProvider"])`
+- torchscript: model.pt as shared.inference.load_module loads it (`torch.jit.load`, `eval()`),
+  `torch.inference_mode()`, flush-denormal on, `torch.set_num_threads(threads)`;
+- onnxruntime: the session shared.onnx_runtime makes of model.onnx (intra-op threads
+  `threads`, one inter-op thread, CPUExecutionProvider, spinning on as onnxruntime's default)
   and `session.run` (a session's thread pool is sized when it is made: one session per thread
   count; torch is not imported).
 
@@ -15,9 +15,9 @@ bench/bench_service.py starts it, then sends one JSON object per line and reads 
     {"model": "<path>", "threads": 2, "forwards": 20}  ->  {"latencies": [seconds, ...]}
     {"quit": true}
 
-`model` is the artifact's model.pt or model.onnx; metadata.json beside it gives the
-preprocessing. Nothing else runs in this process while the service is being measured: it blocks
-on stdin.
+`model` is the model.pt or model.onnx of a verified artifact; its manifest gives the
+preprocessing (shared.inference.model_input). Nothing else runs in this process while the
+service is being measured: it blocks on stdin.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from shared.decoding import decode_image  # noqa: E402
-from shared.preprocessing import Preprocessing  # noqa: E402
+from shared.inference import load_module, model_input  # noqa: E402
+from shared.onnx_runtime import OnnxSessions  # noqa: E402
+from shared.store import ArtifactInfo, verify_artifact  # noqa: E402
 
 RUNTIMES = ("torchscript", "onnxruntime")
 _SETTLE = 3  # untimed forwards after a thread-count switch
@@ -43,11 +45,16 @@ _SETTLE = 3  # untimed forwards after a thread-count switch
 Forward = Callable[[], object]
 
 
-def preprocessed(model_path: Path, png: bytes) -> np.ndarray:
+def artifact_of(model_path: Path) -> ArtifactInfo:
+    """The verified artifact whose version folder holds `model_path`."""
+    version = model_path.parent
+    return verify_artifact(version.parent.parent, version.parent.name, version.name)
+
+
+def preprocessed(info: ArtifactInfo, png: bytes) -> np.ndarray:
     """The batch-1 input its own manifest's preprocessing makes of `png`."""
-    metadata = json.loads((model_path.parent / "metadata.json").read_text())
-    preprocessing = Preprocessing.from_metadata(metadata["preprocessing"])
-    return np.ascontiguousarray(preprocessing(decode_image(png).pixels)[None], dtype=np.float32)
+    x, _ = model_input(info.manifest.preprocessing, decode_image(png).pixels)
+    return x[None]
 
 
 class TorchScriptForwards:
@@ -64,8 +71,9 @@ class TorchScriptForwards:
     def forward(self, path: str, threads: int) -> Forward:
         torch = self.torch
         if path not in self.loaded:
-            module = torch.jit.load(path, map_location="cpu").eval()
-            batch = torch.from_numpy(preprocessed(Path(path), self.png))
+            info = artifact_of(Path(path))
+            module = load_module(info)
+            batch = torch.from_numpy(preprocessed(info, self.png))
             self.loaded[path] = lambda: module(batch)
             with torch.inference_mode():
                 for _ in range(_SETTLE):  # the profiling executor specialises on the second call
@@ -84,26 +92,27 @@ class TorchScriptForwards:
 
 
 class OnnxRuntimeForwards:
-    """One session per file and thread count, made (and settled) on first use."""
+    """One session per file and thread count (shared.onnx_runtime), made and settled on first
+    use."""
 
     def __init__(self, png: bytes) -> None:
-        import onnxruntime
-
-        self.ort, self.png = onnxruntime, png
-        self.sessions: dict[tuple[str, int], Forward] = {}
+        self.png = png
+        self.models: dict[str, tuple[OnnxSessions, np.ndarray]] = {}
+        self.settled: set[tuple[str, int]] = set()
 
     def forward(self, path: str, threads: int) -> Forward:
-        if (path, threads) not in self.sessions:
-            ort = self.ort
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-            feed = {session.get_inputs()[0].name: preprocessed(Path(path), self.png)}
-            self.sessions[path, threads] = lambda: session.run(None, feed)
+        if path not in self.models:
+            info = artifact_of(Path(path))
+            self.models[path] = (OnnxSessions.from_file(Path(path)), preprocessed(info, self.png))
+        sessions, batch = self.models[path]
+        session, name = sessions.session(threads)
+        feed = {name: batch}
+        forward: Forward = lambda: session.run(None, feed)  # noqa: E731
+        if (path, threads) not in self.settled:
+            self.settled.add((path, threads))
             for _ in range(_SETTLE):
-                self.sessions[path, threads]()
-        return self.sessions[path, threads]
+                forward()
+        return forward
 
     def timed(self, forward: Forward, forwards: int) -> list[float]:
         return timed(forward, forwards)

@@ -1,10 +1,11 @@
 """Bare batch-1 forward time of every artifact in a model folder: the latency budget's yardstick.
 
-Loads each served artifact exactly as the service does (verified, TorchScript, warmed up), then
-times `module(batch)` under `torch.inference_mode()` with flush-denormal on, at 1 thread and at
-all usable CPUs, alternating the two settings in rounds so that drift on a shared machine hits
-both alike. Reports the median p50 over rounds per setting, and the best one. /diagnose on a
-joint (diagnosis) artifact is that one forward; on a separate pair it is the sum of the two.
+Loads each served artifact's model.pt as the service does (verified, then shared.inference's
+load and warm-up), then times `module(batch)` under `torch.inference_mode()` with flush-denormal
+on, at 1 thread and at all usable CPUs, alternating the two settings in rounds so that drift on a
+shared machine hits both alike. Reports the median p50 over rounds per setting, and the best
+one. /diagnose on a joint (diagnosis) artifact is that one forward; on a separate pair it is the
+sum of the two.
 
     .venv/bin/python bench/bench_forward.py                        # the embedded models/
     .venv/bin/python bench/bench_forward.py --model-dir DIR --rounds 5 --json out.json
@@ -24,11 +25,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.registry import load_model  # noqa: E402
 from service.settings import available_cpus  # noqa: E402
-from shared.artifacts import resolve_artifact  # noqa: E402
 from shared.errors import ArtifactError  # noqa: E402
+from shared.inference import load_module, model_input, warm_up  # noqa: E402
 from shared.labels import TASKS  # noqa: E402
+from shared.store import resolve_artifact  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,22 +65,24 @@ def main(args: argparse.Namespace) -> int:
             info = resolve_artifact(args.model_dir, task)
         except ArtifactError:
             continue
-        model = load_model(info)
+        module = load_module(info)
+        warm_up(module, info.manifest)
         rng = np.random.default_rng(0)
         frame = rng.integers(0, 256, size=(480, 640), dtype=np.uint8)
-        batch = torch.from_numpy(model.preprocessing(frame)[None])
+        x, _ = model_input(info.manifest.preprocessing, frame)
+        batch = torch.from_numpy(x[None])
         per_setting: dict[int, list[float]] = {n: [] for n in settings}
         for _ in range(args.rounds):
             for threads in settings:
                 torch.set_num_threads(threads)
-                time_forwards(model.module, batch, 3)  # settle after the switch
-                per_setting[threads].append(time_forwards(model.module, batch, args.forwards))
+                time_forwards(module, batch, 3)  # settle after the switch
+                per_setting[threads].append(time_forwards(module, batch, args.forwards))
         p50 = {n: statistics.median(v) for n, v in per_setting.items()}
         best = min(p50, key=p50.__getitem__)
         figures[task] = {
             "version": info.version,
             "name": info.name,
-            "input": list(model.input_shape),
+            "input": list(info.manifest.input.shape),
             "p50_ms_by_threads": {str(n): round(v, 2) for n, v in p50.items()},
             "best_threads": best,
             "best_p50_ms": round(p50[best], 2),

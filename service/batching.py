@@ -15,7 +15,7 @@ with Retry-After) instead of letting latency grow without bound; a request whose
 (REQUEST_DEADLINE_MS after the predictor began it, its body received) passes before its forward
 starts gets DeadlineExceededError (504) and its forward is skipped.
 
-A model whose validated model.onnx runs in ONNX Runtime (service.onnx_forward, INFERENCE_RUNTIME)
+A model whose validated model.onnx runs in ONNX Runtime (shared.onnx_runtime, INFERENCE_RUNTIME)
 is called through its sessions, one per thread count. A TorchScript model can be prepared for
 serving on the forward thread when it is idle: frozen and
 optimised for inference (torch.jit.freeze + optimize_for_inference, the same fp32 arithmetic with
@@ -40,6 +40,7 @@ import numpy as np
 
 from service.metrics import ServiceMetrics
 from shared.errors import DeadlineExceededError, ServiceOverloadedError
+from shared.inference import module_outputs
 
 if TYPE_CHECKING:  # imported where a TorchScript module runs: ONNX Runtime serves without it
     import torch
@@ -269,16 +270,9 @@ class Batcher:
             config = self.config
             threads = config.threads_alone if rows == 1 else config.threads_batched
             inputs = np.concatenate([p.batch for p in batch]) if len(batch) > 1 else batch[0].batch
-            runner = model.runner(batch[0].graph)
-            if runner is not None:  # model.onnx / classify.onnx in ONNX Runtime
-                with self.lock:
-                    outputs = runner(inputs, threads)
-            else:
-                import torch
-
-                self._set_threads(threads)
-                with self.lock:
-                    outputs = self.run_module(self._module_for(model), torch.from_numpy(inputs))
+            if model.runner(batch[0].graph) is None:
+                self._set_threads(threads)  # torch's pool, sized on this thread
+            outputs = self.run(model, inputs, batch[0].graph, threads)
         except BaseException as exc:  # every waiting request gets the forward's error
             self._forward_started = None
             for pending in batch:
@@ -298,10 +292,22 @@ class Batcher:
             start = stop
             pending.done.set()
 
-    def run_module(
-        self, module: torch.jit.ScriptModule, tensor: torch.Tensor
+    def run(
+        self, model: Any, inputs: np.ndarray, graph: str, threads: int
     ) -> np.ndarray | tuple[np.ndarray, ...]:
-        """One forward at the configured precision; float32 numpy outputs."""
+        """One forward of `model`'s `graph` on `inputs` under the forwards' lock, now, on the
+        calling thread: model.onnx / classify.onnx in ONNX Runtime on `threads` threads, else
+        the (prepared) TorchScript module on the calling thread's torch threads."""
+        runner = model.runner(graph)
+        with self.lock:
+            if runner is not None:
+                return runner(inputs, threads)
+            return self.run_module(self._module_for(model), inputs)
+
+    def run_module(
+        self, module: torch.jit.ScriptModule, inputs: np.ndarray
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
+        """One forward at the configured precision (shared.inference); float32 numpy outputs."""
         import torch
 
         autocast = (
@@ -309,11 +315,9 @@ class Batcher:
             if self.config.precision == "bf16"
             else contextlib.nullcontext()
         )
-        with torch.inference_mode(), autocast:
-            output = module(tensor)
-        if isinstance(output, tuple | list):
-            return tuple(o.float().numpy() for o in output)
-        return output.float().numpy()
+        with autocast:
+            outputs = module_outputs(module, inputs)
+        return outputs[0] if len(outputs) == 1 else outputs
 
     def _set_threads(self, threads: int) -> None:
         # torch's intra-op pool is sized per calling thread (OpenMP): set it on this one.
@@ -354,17 +358,16 @@ class Batcher:
             if self.config.freeze:
                 with self.lock:
                     candidate = torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
-            example = torch.from_numpy(example_input(model.input_shape))
-            with self.lock, torch.inference_mode():
-                reference = module(example)
-            reference = reference if isinstance(reference, tuple | list) else (reference,)
+            example = example_input(model.input_shape)
+            with self.lock:
+                reference = module_outputs(module, example)
             for _ in range(2):  # the profiling executor specialises on the second call
                 with self.lock:
                     got = self.run_module(candidate, example)
             got = got if isinstance(got, tuple) else (got,)
             atol = _CHECK_ATOL[self.config.precision]
             for expected, actual in zip(reference, got, strict=True):
-                if not np.allclose(expected.float().numpy(), actual, atol=atol, rtol=0):
+                if not np.allclose(expected, actual, atol=atol, rtol=0):
                     raise ValueError("the prepared module disagrees with the plain one")
         except Exception:
             log.exception(

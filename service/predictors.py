@@ -21,7 +21,6 @@ from service.batching import last_forward, request_started
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import DEFAULT_MAX_CINE_FRAMES
-from shared.artifacts import GRAPH_CLASSIFY, GRAPH_FULL
 from shared.decoding import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_DECODED_BYTES,
@@ -32,10 +31,12 @@ from shared.decoding import (
 )
 from shared.dicom_policy import check_ultrasound_image
 from shared.errors import ImageTooLargeError
+from shared.inference import lesion_map, lesion_mask, model_input, split_outputs
 from shared.labels import LESION_CLASSES, TASK_CLASSIFICATION, TASK_SEGMENTATION
-from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
+from shared.postprocessing import class_probabilities, lesion_geometry
 from shared.preprocessing import Layout
 from shared.quality import OodDetector, Quality, feature_quality
+from shared.variants import GRAPH_CLASSIFY, GRAPH_FULL
 
 ALL_FRAMES = "all"  # ?frame=all: every frame of a cine loop
 # Frames per forward with ?frame=all, and the decoded pixels held at once (large frames make
@@ -253,20 +254,13 @@ class Predictor:
         return decoded
 
     def input_batch(self, model: LoadedModel, image: DecodedImage) -> tuple[np.ndarray, Layout]:
-        """The (1, C, S, S) float32 batch `model` gets for `image`, and where the frame went."""
+        """The (1, C, S, S) float32 batch `model` gets for `image`, and where the frame went.
+
+        Raises ImageTooLargeError for content longer than MAX_ASPECT_RATIO times its width."""
         started = time.perf_counter()
-        layout = model.preprocessing.layout(image.pixels)
-        if max(layout.resized) > self.max_aspect_ratio * model.preprocessing.resize:
-            # trim_border can leave a thin strip of a frame that passed the decoder's aspect cap;
-            # scaling its shorter side up would cost memory without bound.
-            raise ImageTooLargeError(
-                f"The image's content is more than {self.max_aspect_ratio:g} times longer than "
-                "it is wide; it was not analysed."
-            )
-        resized = model.preprocessing.resize_image(image.pixels, layout)
-        batch = model.preprocessing.normalise(resized)[None]
+        x, layout = model_input(model.preprocessing, image.pixels, self.max_aspect_ratio)
         self._observe("preprocess", model.task, started)
-        return batch, layout
+        return x[None], layout
 
     def _batch(
         self, model: LoadedModel, images: Sequence[DecodedImage]
@@ -287,10 +281,8 @@ class Predictor:
         forward = {"busi.model_version": model.version, "busi.queue_wait_s": queue_wait,
                    "busi.batch_size": rows, "busi.graph": graph}  # fmt: skip
         self._observe("inference", model.task, started, forward)
-        names = model.output_names(graph)
-        named = dict(zip(names, output if isinstance(output, tuple) else (output,), strict=True))
-        masks = named.get("masks")
-        return named.get("classes"), None if masks is None else masks[:, 0], named.get("quality")
+        outputs = split_outputs(model.output_names(graph), output)
+        return outputs.classes, outputs.masks, outputs.quality
 
     def _classification(self, model: LoadedModel, logits: np.ndarray) -> Classification:
         calibration = model.calibration
@@ -317,9 +309,8 @@ class Predictor:
 
     def _segmentation(self, model: LoadedModel, output: np.ndarray, layout: Layout) -> Segmentation:
         """A model-sized map (logits or probability) -> the frame-sized mask and its geometry."""
-        probability = output if model.output_type == "probability" else sigmoid(output)
-        frame = model.preprocessing.frame_map(probability.astype(np.float32), layout)
-        mask = np.where(frame > model.threshold, np.uint8(255), np.uint8(0))  # no int64 copy
+        frame = lesion_map(output, layout, model.preprocessing, model.output_type)
+        mask = lesion_mask(frame, model.threshold)
         geometry = lesion_geometry(mask)
         return Segmentation(
             mask=mask,

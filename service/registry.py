@@ -31,18 +31,7 @@ import numpy as np
 
 from service.batching import Batcher, BatchingConfig, example_input
 from service.metrics import ServiceMetrics
-from service.onnx_forward import OnnxForward, onnxruntime_available, torchscript_outputs
 from service.settings import available_cpus
-from shared.artifacts import (
-    GRAPH_CLASSIFY,
-    GRAPH_FULL,
-    RUNTIME_AGREEMENT_ATOL,
-    RUNTIME_ONNX,
-    ArtifactInfo,
-    list_versions,
-    resolve_artifact,
-    verify_artifact,
-)
 from shared.calibration import Calibration
 from shared.errors import (
     ArtifactError,
@@ -50,10 +39,21 @@ from shared.errors import (
     ArtifactNotFoundError,
     ModelUnavailableError,
 )
+from shared.inference import (
+    OUTPUT_CLASSES,
+    RUNTIME_TORCHSCRIPT,
+    RUNTIMES,
+    check_output_shapes,
+    declared_outputs,
+    graph_output_names,
+    load_module,
+    warm_up,
+)
 from shared.labels import (
     TASK_DIAGNOSIS,
     TASKS,
 )
+from shared.onnx_runtime import OnnxSessions, onnxruntime_available, torchscript_outputs
 from shared.preprocessing import Preprocessing
 from shared.promotion import (
     PROMOTIONS_FILE,
@@ -62,15 +62,15 @@ from shared.promotion import (
     gate_refusals,
     read_promotions,
 )
+from shared.store import ArtifactInfo, list_versions, resolve_artifact, verify_artifact
+from shared.variants import GRAPH_CLASSIFY, GRAPH_FULL, RUNTIME_AGREEMENT_ATOL, RUNTIME_ONNX
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-_WARMUP_FORWARDS = 2  # TorchScript's profiling executor specialises the graph on the 2nd call
-RUNTIME_TORCHSCRIPT = "torchscript"
-INFERENCE_RUNTIMES = ("auto", RUNTIME_TORCHSCRIPT, RUNTIME_ONNX)
+INFERENCE_RUNTIMES = RUNTIMES  # "auto", "torchscript", "onnxruntime" (shared.inference)
 
 
 _torch_threads: int | None = None  # TORCH_THREADS, applied when torch is first needed
@@ -137,13 +137,13 @@ class LoadedModel:
     threshold: float = 0.5  # segmentation and diagnosis
     mask_shape: tuple[int, ...] = ()  # diagnosis only: the second output, without the batch axis
     calibration: Calibration = Calibration()  # of the class logits; identity when not declared
-    onnx: OnnxForward | None = None  # set when model.onnx runs the forwards (service.onnx_forward)
+    onnx: OnnxSessions | None = None  # set when model.onnx runs the forwards
     # The classify-only graph (classify.onnx: encoder + class head) when the artifact carries one
     # that holds and agrees with model.onnx; /classify runs it instead of the whole network.
-    classify_onnx: OnnxForward | None = None
+    classify_onnx: OnnxSessions | None = None
     loaded_at: float = field(default_factory=time.time)
 
-    def runner(self, graph: str = GRAPH_FULL) -> OnnxForward | None:
+    def runner(self, graph: str = GRAPH_FULL) -> OnnxSessions | None:
         """The ONNX Runtime forward of `graph` (None: the TorchScript module runs it)."""
         if graph == GRAPH_CLASSIFY and self.classify_onnx is not None:
             return self.classify_onnx
@@ -152,17 +152,13 @@ class LoadedModel:
     def output_names(self, graph: str = GRAPH_FULL) -> tuple[str, ...]:
         """The names of what a forward of `graph` returns, in order: "classes", "masks" and,
         where the graph computes the quality check on its features, "quality"."""
-        if self.mask_shape:
-            names: tuple[str, ...] = ("classes", "masks")
-        else:
-            names = ("masks",) if self.task == "segmentation" else ("classes",)
+        names = declared_outputs(self.info.manifest)
         runner = self.runner(graph)
         if runner is None:
             return names
         if runner is self.classify_onnx:
-            names = ("classes",)
-        # model.pt's outputs come first, whatever the graph calls them; then the graph's own
-        return names + runner.output_names[len(names) :]
+            names = (OUTPUT_CLASSES,)
+        return graph_output_names(names, runner.output_names)
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -196,7 +192,7 @@ def load_model(
     """Load a verified artifact on the CPU, check it against its manifest and warm it up.
 
     `lock` serialises the warm-up forwards with the requests being served. `runtime` is
-    INFERENCE_RUNTIME (service.onnx_forward): with "auto" or "onnxruntime", an artifact whose
+    INFERENCE_RUNTIME: with "auto" or "onnxruntime", an artifact whose
     manifest carries a validated model.onnx runs its forwards in ONNX Runtime, with a session
     for each of `threads` (default: torch's thread count). Raises ArtifactIntegrityError when
     the manifest is inconsistent, the file is not TorchScript, or a forward fails or returns
@@ -235,40 +231,13 @@ def load_model(
     )
 
 
-def _check_shapes(shapes: list, expected: list[tuple[int, ...]]) -> None:
-    """Raises ArtifactIntegrityError when a warm-up forward's output shapes are not the
-    manifest's."""
-    if shapes != [list(e) for e in expected]:
-        got = shapes[0] if len(shapes) == 1 else shapes
-        declared = list(expected[0]) if len(expected) == 1 else [list(e) for e in expected]
-        raise ArtifactIntegrityError(
-            f"the warm-up forward returned {got}, the manifest declares {declared}"
-        )
-
-
 def _torchscript_module(info: ArtifactInfo, lock: threading.Lock | None) -> torch.jit.ScriptModule:
-    """model.pt, loaded in this process and warmed up. Raises ArtifactIntegrityError when it is
-    not TorchScript, or a forward fails or returns another shape than the manifest declares."""
-    torch = _torch()
-    manifest = info.manifest
-    try:
-        module = torch.jit.load(str(info.model_path), map_location="cpu")
-    except Exception as exc:  # torch raises RuntimeError, ValueError, zip errors, ...
-        raise ArtifactIntegrityError("the model file is not a loadable TorchScript file") from exc
-    module.eval()
-    dummy = torch.zeros((1, *manifest.input.shape), dtype=torch.float32)
-    expected = [(1, *shape) for shape in manifest.output.shapes]
-    for _ in range(_WARMUP_FORWARDS):
-        try:
-            with lock or _NO_LOCK, torch.inference_mode():
-                output = module(dummy)
-        except Exception as exc:
-            raise ArtifactIntegrityError("the warm-up forward failed") from exc
-        outputs = list(output) if isinstance(output, tuple | list) else [output]
-        _check_shapes(
-            [list(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in outputs],
-            expected,
-        )
+    """model.pt, loaded in this process and warmed up (shared.inference). Raises
+    ArtifactIntegrityError when it is not TorchScript, or a forward fails or returns another
+    shape than the manifest declares."""
+    _torch()  # configured before its first forward
+    module = load_module(info)
+    warm_up(module, info.manifest, lock)
     return module
 
 
@@ -277,12 +246,13 @@ def _onnx_forward(
     lock: threading.Lock | None,
     threads: tuple[int, ...],
     runtime: str,
-) -> OnnxForward | None:
+) -> OnnxSessions | None:
     """model.onnx in ONNX Runtime when the artifact carries one that holds and agrees with
     model.pt; None (TorchScript serves) otherwise, logged when it is not the expected case.
 
     model.pt's answers on the check inputs come from a short-lived process
-    (onnx_forward.torchscript_outputs), so that serving ONNX Runtime never imports torch here.
+    (shared.onnx_runtime.torchscript_outputs), so that serving ONNX Runtime never imports torch
+    here.
     """
     manifest = info.manifest
     variant = manifest.runtime(RUNTIME_ONNX)
@@ -305,11 +275,12 @@ def _onnx_forward(
     shape = manifest.input.shape
     batches = [np.zeros((2, *shape), np.float32), example_input(shape, 2)]
     try:
-        forward = OnnxForward(info.runtime_path(variant), threads)
+        # spinning off: an idle intra-op thread would busy-wait on the cores the HTTP work needs
+        forward = OnnxSessions.from_file(info.runtime_path(variant), threads, spinning=False)
         with lock or _NO_LOCK:
             outputs = forward.run(np.zeros((1, *shape), np.float32), threads[0])
         expected = [(1, *s) for s in manifest.output.shapes]
-        _check_shapes([list(o.shape) for o in outputs[: len(expected)]], expected)
+        check_output_shapes([list(o.shape) for o in outputs[: len(expected)]], expected)
         references = torchscript_outputs(info.model_path, batches, threads[0])
         worst = 0.0
         for batch, reference in zip(batches, references, strict=True):
@@ -336,8 +307,8 @@ def _onnx_forward(
 
 
 def _classify_forward(
-    info: ArtifactInfo, full: OnnxForward, lock: threading.Lock | None, threads: tuple[int, ...]
-) -> OnnxForward | None:
+    info: ArtifactInfo, full: OnnxSessions, lock: threading.Lock | None, threads: tuple[int, ...]
+) -> OnnxSessions | None:
     """classify.onnx when the artifact carries one that holds and gives model.onnx's class
     logits (and quality score) on the warm-up inputs; None (logged) otherwise: the full graph
     then answers /classify too."""
@@ -353,7 +324,7 @@ def _classify_forward(
         )  # fmt: skip
         return None
     try:
-        forward = OnnxForward(info.runtime_path(variant), threads)
+        forward = OnnxSessions.from_file(info.runtime_path(variant), threads, spinning=False)
         wanted = forward.output_names
         shape = info.manifest.input.shape
         worst = 0.0

@@ -1,18 +1,35 @@
-"""An ONNX model in ONNX Runtime's CPU provider, used by the service, the training jobs and the
-precision bench alike.
+"""An ONNX model in ONNX Runtime's CPU provider: the one wrapper the service, the training jobs,
+the export's validation and the benches use.
 
 ONNX Runtime sizes a session's intra-op thread pool when the session is made, so a caller that
 varies its thread count (the service's batcher: a lone request's threads and a batch's; a timing
 sweep over 1 and all threads) gets one session per count, made when first asked for. onnxruntime
 is imported only here, and only when a model is loaded.
+
+A graph is checked against model.pt before anything relies on it (`disagreement`). Where the
+caller must not import torch (the service serving ONNX Runtime: torch's import alone is hundreds
+of MiB resident), model.pt's answers come from a short-lived process (`torchscript_outputs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def onnxruntime_available() -> bool:
+    """Whether onnxruntime can be imported in this environment."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class OnnxSessions:
@@ -20,7 +37,9 @@ class OnnxSessions:
 
     `threads` makes those sessions up front (a service pays at load, not at its first request).
     `spinning=False` stops idle intra-op threads busy-waiting between operators, which would take
-    the cores other work of the process needs (the service's decoding and HTTP).
+    the cores other work of the process needs (the service's decoding and HTTP; a batch job's
+    neighbours on a shared host). Raises ImportError when onnxruntime is not installed and
+    onnxruntime's own errors for a file it cannot load.
     """
 
     def __init__(self, model: bytes, threads: Iterable[int] = (), spinning: bool = True) -> None:
@@ -34,9 +53,21 @@ class OnnxSessions:
         for count in threads:
             self.session(count)
 
+    @classmethod
+    def from_file(
+        cls, path: Path, threads: Iterable[int] = (), spinning: bool = True
+    ) -> OnnxSessions:
+        """The ONNX file at `path`. Raises OSError when it cannot be read."""
+        return cls(Path(path).read_bytes(), threads, spinning)
+
     @property
     def thread_counts(self) -> list[int]:
         return sorted(self._sessions)
+
+    @property
+    def default_threads(self) -> int:
+        """The first thread count a session was made for (1 when none was made yet)."""
+        return self.thread_counts[0] if self._sessions else 1
 
     def session(self, threads: int) -> tuple[Any, str]:
         """(session, its input's name) with `threads` intra-op threads."""
@@ -53,8 +84,81 @@ class OnnxSessions:
             self._sessions[threads] = (session, session.get_inputs()[0].name)
         return self._sessions[threads]
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The graph's output names, in the order a forward returns them."""
+        session, _ = self.session(self.default_threads)
+        return tuple(o.name for o in session.get_outputs())
+
     def run(self, batch: np.ndarray, threads: int) -> list[np.ndarray]:
         """The model's float32 outputs for a (N, C, H, W) batch, on `threads` threads."""
         session, name = self.session(threads)
         outputs = session.run(None, {name: np.ascontiguousarray(batch, np.float32)})
         return [np.asarray(o, dtype=np.float32) for o in outputs]
+
+    def __call__(self, batch: np.ndarray, threads: int) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Outputs for a (N, C, H, W) float32 batch, like the TorchScript module's: one array
+        for a single output, else a tuple."""
+        outputs = self.run(batch, threads)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def disagreement(
+        self, reference: Iterable[np.ndarray], batch: np.ndarray, threads: int | None = None
+    ) -> float:
+        """Largest absolute difference from `reference` (model.pt's outputs for `batch`, or
+        another graph's): this graph's first outputs are compared; it may add outputs after them
+        (the quality score). inf when it gives fewer outputs or other shapes."""
+        got = self.run(batch, threads or self.default_threads)
+        reference = tuple(reference)
+        if len(got) < len(reference):
+            return float("inf")
+        worst = 0.0
+        for expected, actual in zip(reference, got[: len(reference)], strict=True):
+            expected = np.asarray(expected, dtype=np.float32)
+            if expected.shape != actual.shape:
+                return float("inf")
+            worst = max(worst, float(np.max(np.abs(expected - actual), initial=0.0)))
+        return worst
+
+
+# Run by `torchscript_outputs` in a child process: model.pt's outputs for each saved batch.
+_REFERENCE_SCRIPT = """
+import sys
+import numpy as np
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+torch.set_flush_denormal(True)
+module = torch.jit.load(sys.argv[1], map_location="cpu").eval()
+batches = np.load(sys.argv[2])
+out = {}
+with torch.inference_mode():
+    for i in range(len(batches.files)):
+        o = module(torch.from_numpy(batches[f"b{i}"]))
+        for j, t in enumerate(o if isinstance(o, (tuple, list)) else (o,)):
+            out[f"b{i}_{j}"] = t.float().numpy()
+np.savez(sys.argv[4], **out)
+"""
+
+
+def torchscript_outputs(
+    model_path: Path, batches: Sequence[np.ndarray], threads: int, timeout_s: float = 300.0
+) -> list[list[np.ndarray]]:
+    """model.pt's float32 outputs for each batch, computed in a child process (torch is imported
+    there, not here). Raises RuntimeError when the child fails or times out."""
+    with tempfile.TemporaryDirectory(prefix="torchscript-reference-") as tmp:
+        inputs, outputs = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(inputs, **{f"b{i}": np.asarray(b, np.float32) for i, b in enumerate(batches)})
+        argv = [sys.executable, "-c", _REFERENCE_SCRIPT, str(model_path), str(inputs),
+                str(max(1, threads)), str(outputs)]  # fmt: skip
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"model.pt's reference forwards took over {timeout_s:g} s") from exc
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            raise RuntimeError(f"model.pt's reference forwards failed: {last}")
+        with np.load(outputs) as saved:
+            return [
+                [saved[f"b{i}_{j}"] for j in range(sum(k.startswith(f"b{i}_") for k in saved))]
+                for i in range(len(batches))
+            ]

@@ -16,12 +16,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from shared.artifacts import RUNTIME_AGREEMENT_ATOL, RUNTIME_ONNX, ArtifactInfo
 from shared.errors import ArtifactIntegrityError
-
-WARMUP_FORWARDS = 2
+from shared.inference import load_module, onnx_graph, warm_up
+from shared.store import ArtifactInfo
+from shared.variants import RUNTIME_AGREEMENT_ATOL, RUNTIME_ONNX
 
 
 @dataclass(frozen=True)
@@ -33,37 +32,17 @@ class WarmUp:
     onnx_note: str | None = None  # why model.onnx would not serve, when it is there
 
 
-def _outputs(output: object) -> list[torch.Tensor]:
-    return list(output) if isinstance(output, tuple | list) else [output]  # type: ignore[list-item]
-
-
 def check_loads(info: ArtifactInfo) -> WarmUp:
-    """Load and warm up `info` as the service would. Raises ArtifactIntegrityError saying why
-    it would not serve (ManifestError for an invalid manifest)."""
+    """Load and warm up `info` as the service would (shared.inference). Raises
+    ArtifactIntegrityError saying why it would not serve (ManifestError for an invalid
+    manifest)."""
     started = time.perf_counter()
     manifest = info.manifest
     problems = manifest.input_problems()
     if problems:
         raise ArtifactIntegrityError("; ".join(problems))
-    try:
-        module = torch.jit.load(str(info.model_path), map_location="cpu")
-    except Exception as exc:  # torch raises RuntimeError, ValueError, zip errors, ...
-        raise ArtifactIntegrityError("the model file is not a loadable TorchScript file") from exc
-    module.eval()
-    dummy = torch.zeros((1, *manifest.input.shape), dtype=torch.float32)
-    expected = [[1, *shape] for shape in manifest.output.shapes]
-    reference: list[torch.Tensor] = []
-    for _ in range(WARMUP_FORWARDS):
-        try:
-            with torch.inference_mode():
-                reference = _outputs(module(dummy))
-        except Exception as exc:
-            raise ArtifactIntegrityError("the warm-up forward failed") from exc
-        shapes = [list(o.shape) if isinstance(o, torch.Tensor) else None for o in reference]
-        if shapes != expected:
-            raise ArtifactIntegrityError(
-                f"the warm-up forward returned {shapes}, the manifest declares {expected}"
-            )
+    module = load_module(info)
+    reference = warm_up(module, manifest)
     runtime, note = "torchscript", None
     variant = manifest.runtime(RUNTIME_ONNX)
     if variant is not None:
@@ -71,14 +50,11 @@ def check_loads(info: ArtifactInfo) -> WarmUp:
             note = "its model.onnx was not validated within the bar"
         else:
             try:
-                from shared.onnx_runtime import OnnxSessions
-
-                sessions = OnnxSessions(info.runtime_path(variant).read_bytes(), (1,))
+                sessions = onnx_graph(info, threads=(1,))
+                assert sessions is not None  # the variant holds
                 # model.pt's outputs come first; a graph may add its quality score after them
-                got = sessions.run(dummy.numpy(), 1)[: len(reference)]
-                worst = max(
-                    float(np.abs(r.numpy() - g).max()) for r, g in zip(reference, got, strict=True)
-                )
+                dummy = np.zeros((1, *manifest.input.shape), np.float32)
+                worst = sessions.disagreement(reference, dummy)
                 if worst <= RUNTIME_AGREEMENT_ATOL:
                     runtime = RUNTIME_ONNX
                 else:

@@ -172,21 +172,16 @@ class ClassificationDataset(Dataset):
 
 def predict_masks(segmenter_dir: Path, images: list[np.ndarray]) -> list[np.ndarray]:
     """Lesion masks (uint8 0/255, image size) predicted by the newest verified segmentation
-    artifact under `segmenter_dir` (a model directory), exactly as the service would."""
-    from shared.artifacts import resolve_artifact
-    from shared.postprocessing import probability_to_mask, sigmoid
+    artifact under `segmenter_dir` (a model directory), exactly as the service would
+    (shared.inference: its model.pt, one image per forward)."""
+    from shared.inference import RUNTIME_TORCHSCRIPT, load_artifact, predict
+    from shared.store import resolve_artifact
 
     info = resolve_artifact(Path(segmenter_dir), "segmentation")
-    model = torch.jit.load(str(info.model_path), map_location="cpu").eval()
-    pre = Preprocessing.from_metadata(info.metadata["preprocessing"])
-    threshold = float(info.metadata["output"].get("threshold", 0.5))
-    masks = []
-    with torch.no_grad():
-        for image in images:
-            logits = model(torch.from_numpy(pre(image))[None])[0, 0].numpy()
-            masks.append(probability_to_mask(sigmoid(logits), threshold, *image.shape))
+    model = load_artifact(info, runtime=RUNTIME_TORCHSCRIPT)
+    masks = [finding.mask for finding in predict(model, images, batch_size=1)]
     log.info("predicted %d masks with segmenter %s %s", len(masks), info.name, info.version)
-    return masks
+    return masks  # type: ignore[return-value]
 
 
 # --- training pieces -------------------------------------------------------------------------

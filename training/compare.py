@@ -22,10 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifacts import ArtifactInfo, verify_artifact
-from shared.inference import load_module
+from shared.inference import (
+    RUNTIME_TORCHSCRIPT,
+    InferenceModel,
+    load_artifact,
+    model_input,
+    predict,
+    probabilities,
+    split_outputs,
+)
 from shared.labels import CLASS_NAMES
-from shared.postprocessing import class_probabilities, dice_iou, sigmoid
+from shared.postprocessing import dice_iou
+from shared.store import ArtifactInfo, verify_artifact
 from training import cli
 from training.data import load_image, load_mask, scan_dataset
 from training.joint import CANVASES, METRIC_ROWS, place_on_canvas, summarise
@@ -43,11 +51,11 @@ def score_pair(
     classifier_dir: Path, segmenter_dir: Path, images: list, masks: list, samples: list
 ) -> list[dict[str, Any]]:
     cls_info, seg_info = _artifact(classifier_dir), _artifact(segmenter_dir)
-    cls_mod, seg_mod = load_module(cls_info), load_module(seg_info)
+    classifier, segmenter = _load(cls_info), _load(seg_info)
     rows = []
     for sample, image, truth in zip(samples, images, masks, strict=True):
-        probs = dict(zip(CLASS_NAMES, _class_probs(cls_info, cls_mod, image, None), strict=True))
-        pred = _predict_mask(seg_info, seg_mod, image)
+        probs = dict(zip(CLASS_NAMES, _class_probs(cls_info, classifier, image, None), strict=True))
+        pred = _predict_mask(segmenter, image)
         rows.append(
             {
                 "key": sample.key,
@@ -142,7 +150,7 @@ CV_METRICS = (
 
 def _newest(pattern: str | None, fold: int, task: str) -> ArtifactInfo | None:
     """The newest verified `task` artifact in the model folder `pattern` (with `{fold}`)."""
-    from shared.artifacts import verified_artifacts
+    from shared.store import verified_artifacts
 
     if not pattern:
         return None
@@ -151,36 +159,40 @@ def _newest(pattern: str | None, fold: int, task: str) -> ArtifactInfo | None:
     return found[-1] if found else None
 
 
-def _predict_mask(info: ArtifactInfo, module: Any, image: np.ndarray) -> np.ndarray:
-    import torch
+def _load(info: ArtifactInfo) -> InferenceModel:
+    """model.pt, the file the recipes' figures were measured with (shared.inference)."""
+    return load_artifact(info, runtime=RUNTIME_TORCHSCRIPT)
 
+
+def _predict_mask(model: InferenceModel, image: np.ndarray) -> np.ndarray:
+    """The served mask on the frame's pixels (bool), one image per forward."""
+    (finding,) = predict(model, [image], batch_size=1)
+    assert finding.mask is not None
+    return finding.mask > 0
+
+
+def _class_probs(
+    info: ArtifactInfo, model: InferenceModel, image: np.ndarray, mask: np.ndarray | None
+) -> list[float]:
+    """Class probabilities (of the logits, uncalibrated) in CLASS_NAMES; a 4-channel classifier
+    gets `mask` (the paired segmenter's prediction, the only mask a service has) as its fourth
+    channel."""
     pre = info.manifest.preprocessing
-    layout = pre.layout(image)
-    x = pre.normalise(pre.resize_image(image, layout))[None]
-    with torch.inference_mode():
-        out = module(torch.from_numpy(x))[0, 0].numpy()
-    mask_spec = info.manifest.output.mask
-    prob = out if mask_spec.type == "probability" else sigmoid(out)
-    frame = pre.frame_map(prob.astype(np.float32), layout)
-    return frame > mask_spec.threshold
-
-
-def _class_probs(info: ArtifactInfo, module: Any, image: np.ndarray, mask: np.ndarray | None):
-    """Class probabilities in CLASS_NAMES; a 4-channel classifier gets `mask` (the paired
-    segmenter's prediction, the only mask a service has) as its fourth channel."""
-    import torch
-
-    pre = info.manifest.preprocessing
-    x = pre(image)
-    if info.manifest.input.channels == x.shape[0] + 1:
+    if info.manifest.input.channels == pre.channels + 1:
         if mask is None:
             raise ValueError(f"{info.path} takes a mask channel; the recipe has no segmenter")
+        x, _ = model_input(pre, image)
         m = (pre.resize_image(mask.astype(np.uint8) * 255) > 127).astype(np.float32)
         x = np.concatenate([x, m[None]], axis=0)
-    with torch.inference_mode():
-        logits = module(torch.from_numpy(x[None].astype(np.float32)))[0].numpy()
-    probs = class_probabilities(logits, info.manifest.class_names)
-    return [probs[name] for name in CLASS_NAMES]
+        logits = split_outputs(model.spec.outputs, model.forward(x[None])).classes
+        assert logits is not None
+        row = logits[0]
+    else:
+        (finding,) = predict(model, [image], batch_size=1)
+        assert finding.logits is not None
+        row = finding.logits
+    probs = dict(zip(info.manifest.class_names, probabilities(row), strict=True))
+    return [float(probs[name]) for name in CLASS_NAMES]
 
 
 def score_recipe(
@@ -194,19 +206,19 @@ def score_recipe(
         seg_info = _newest(segmenter, fold, "segmentation")
         if cls_info is None and seg_info is None:
             continue
-        cls_mod = load_module(cls_info) if cls_info else None
-        seg_mod = load_module(seg_info) if seg_info else None
+        cls_model = _load(cls_info) if cls_info else None
+        seg_model = _load(seg_info) if seg_info else None
         keys = [k for k, f in folds.items() if f == fold]
         log.info("%s, fold %d: %d held-out images", name, fold, len(keys))
         for key in keys:
             image, truth, label, group = data[key]
             row: dict[str, Any] = {"key": key, "label": label, "group": group, "fold": fold}
-            pred = _predict_mask(seg_info, seg_mod, image) if seg_info else None
+            pred = _predict_mask(seg_model, image) if seg_model else None
             if pred is not None:
                 row["dice"] = dice_iou(pred, truth > 127)[0]
                 row["mask_pixels"] = int(pred.sum())
-            if cls_info is not None:
-                row["probs"] = _class_probs(cls_info, cls_mod, image, pred)
+            if cls_info is not None and cls_model is not None:
+                row["probs"] = _class_probs(cls_info, cls_model, image, pred)
             rows.append(row)
     return rows
 

@@ -7,9 +7,9 @@ of what it sees and says on its training sites (shared.drift), for the service's
 
 Each data folder is a site (training.sites.site_name: `bus-bra` for a folder with BUS-BRA's
 table, else the folder's name). Every image is decoded, preprocessed, run and post-processed as
-the service answers it (the shared decoding, preprocessing, calibration, frame map and OOD
-detector; model.onnx in ONNX Runtime when the artifact carries a validated one, as the service
-would, else model.pt), and its quantities are binned per site: each class's calibrated
+the service answers it (shared.inference: the decoding, preprocessing, calibration, frame map
+and OOD detector; model.onnx in ONNX Runtime when the artifact carries a validated one, as the
+service would, else model.pt), and its quantities are binned per site: each class's calibrated
 probability, the OOD score, the served lesion area fraction (0 when the label is normal, as
 /diagnose answers) and the frame's width and height.
 
@@ -32,13 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifacts import (
-    RUNTIME_ONNX,
-    ArtifactInfo,
-    new_version_name,
-    publish_artifact,
-    verify_artifact,
-)
 from shared.drift import (
     HEIGHT,
     LESION_AREA,
@@ -48,14 +41,14 @@ from shared.drift import (
     DriftReference,
     probability_quantity,
 )
-from shared.labels import LESION_CLASSES, TASK_DIAGNOSIS, TASKS
-from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
+from shared.inference import InferenceModel, load_artifact, predict
+from shared.labels import TASK_DIAGNOSIS, TASKS
+from shared.postprocessing import lesion_geometry
 from shared.quality import DEFAULT_DETECTOR_FILE, feature_quality, load_detector
+from shared.store import ArtifactInfo, new_version_name, publish_artifact, verify_artifact
 from training import cli
 
 log = logging.getLogger(__name__)
-
-Forward = Callable[[np.ndarray], list[np.ndarray]]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -88,87 +81,43 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def model_forward(info: ArtifactInfo, threads: int) -> tuple[Forward, str]:
-    """The artifact's forward as the service would run it, and the runtime's name."""
-    import torch
-
-    variant = info.manifest.runtime(RUNTIME_ONNX)
-    if variant is not None and variant.holds:
-        try:
-            from shared.onnx_runtime import OnnxSessions
-
-            # no spinning: a batch job on a shared host should not busy-wait between forwards
-            data = info.runtime_path(variant).read_bytes()
-            sessions = OnnxSessions(data, (threads,), spinning=False)
-            return (lambda x: sessions.run(x, threads)), RUNTIME_ONNX
-        except ImportError:
-            log.warning("onnxruntime is not installed: scoring with model.pt")
-    module = torch.jit.load(str(info.model_path), map_location="cpu").eval()
-
-    def forward(x: np.ndarray) -> list[np.ndarray]:
-        with torch.inference_mode():
-            out = module(torch.from_numpy(x))
-        return [o.float().numpy() for o in (out if isinstance(out, tuple | list) else (out,))]
-
-    return forward, "torchscript"
-
-
 def site_values(
     info: ArtifactInfo,
-    forward: Forward,
+    model: InferenceModel,
     images: Sequence[Any],
     batch_size: int,
     detector: Any,
     load: Callable[[Any], np.ndarray] = lambda image: image,
 ) -> dict[str, list[float]]:
-    """{quantity: values} of `images` answered as the service answers them; `load` turns an item
-    of `images` into its (H, W) uint8 frame, a batch at a time (a site is never held decoded)."""
+    """{quantity: values} of `images` answered as the service answers them (shared.inference:
+    /diagnose segments only frames labelled a lesion); `load` turns an item of `images` into its
+    (H, W) uint8 frame, a batch at a time (a site is never held decoded)."""
     manifest = info.manifest
-    pre = manifest.preprocessing
-    classes = manifest.output.classes
-    mask = manifest.output.mask
-    names = manifest.class_names
+    names = manifest.class_names if manifest.output.classes else ()
     values: dict[str, list[float]] = {q: [] for q in (OOD_SCORE, WIDTH, HEIGHT, LESION_AREA)}
     for name in names:
         values[probability_quantity(name)] = []
     for start in range(0, len(images), batch_size):
         chunk = [load(image) for image in images[start : start + batch_size]]
-        layouts = [pre.layout(im) for im in chunk]
-        x = np.stack([
-            pre.normalise(pre.resize_image(im, lay)) for im, lay in zip(chunk, layouts, strict=True)
-        ]).astype(np.float32)  # fmt: skip
-        outputs = forward(x)
-        logits = outputs[0] if names else None
-        maps = None
-        if mask is not None:
-            maps = outputs[1 if names else 0][:, 0]
-        # a graph that computes the quality check on its own features returns its score last,
-        # after the declared outputs; the service answers with that score, so the reference does
-        declared = (1 if names else 0) + (1 if mask is not None else 0)
-        graph_quality = outputs[declared] if len(outputs) > declared else None
-        for j, (pixels, layout) in enumerate(zip(chunk, layouts, strict=True)):
+        found = predict(model, chunk, batch_size, segment="lesion")
+        for pixels, finding in zip(chunk, found, strict=True):
             height, width = pixels.shape
             values[WIDTH].append(float(width))
             values[HEIGHT].append(float(height))
-            if graph_quality is not None:
-                values[OOD_SCORE].append(float(feature_quality(float(graph_quality[j])).score))
+            if finding.quality is not None:
+                # a graph that computes the quality check on its own features: the service
+                # answers with that score, so the reference does
+                values[OOD_SCORE].append(float(feature_quality(finding.quality).score))
             else:
                 values[OOD_SCORE].append(float(detector.assess(pixels).score))
-            label = None
-            if logits is not None and classes is not None:
-                probabilities = class_probabilities(classes.calibration.apply(logits[j]), names)
-                label = max(probabilities, key=probabilities.__getitem__)
-                for name, p in probabilities.items():
+            if finding.probabilities is not None:
+                for name, p in zip(names, finding.probabilities, strict=True):
                     values[probability_quantity(name)].append(float(p))
-            if maps is not None and mask is not None:
-                if label is not None and label not in LESION_CLASSES:
-                    values[LESION_AREA].append(0.0)  # /diagnose does not segment it
-                    continue
-                row = maps[j]
-                probability = row if mask.type == "probability" else sigmoid(row)
-                frame = pre.frame_map(probability.astype(np.float32), layout)
-                binary = np.where(frame > mask.threshold, np.uint8(255), np.uint8(0))
-                values[LESION_AREA].append(float(lesion_geometry(binary).area_fraction))
+            if manifest.output.mask is not None:
+                area = 0.0  # /diagnose does not segment a frame labelled normal
+                if finding.mask is not None:
+                    area = lesion_geometry(finding.mask).area_fraction
+                values[LESION_AREA].append(float(area))
     return values
 
 
@@ -197,7 +146,8 @@ def drift_reference_main(args: argparse.Namespace, command: str) -> dict[str, An
 
     threads = configure_threads(args.threads)
     info = verify_artifact(args.model_dir, args.task, args.version)
-    forward, runtime = model_forward(info, threads)
+    model = load_artifact(info, threads=threads)
+    runtime = model.runtime
     detector = load_detector(args.detector_file)
     started = time.perf_counter()
     per_site: dict[str, dict[str, list[float]]] = {}
@@ -210,7 +160,7 @@ def drift_reference_main(args: argparse.Namespace, command: str) -> dict[str, An
         samples = scan_dataset(root)
         picked = [samples[i] for i in spread(len(samples), args.limit)]
         per_site[site] = site_values(
-            info, forward, picked, args.batch_size, detector, load=load_image
+            info, model, picked, args.batch_size, detector, load=load_image
         )
         fingerprints[site] = {**data_fingerprint(samples), "scored": len(picked)}
         n_images += len(picked)

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from shared import inference, models
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.models.joint import JointFlipAverage, JointUNet
-from shared.postprocessing import dice_iou, softmax
+from shared.postprocessing import dice_iou
 from shared.preprocessing import Preprocessing
 from training import cli, distributed, engine
 from training.augment import (
@@ -272,8 +273,9 @@ def expected_labels(samples: list[Sample], preset: JointPreset) -> list[int]:
 
 
 def build_model(preset: JointPreset, pretrained: bool) -> JointUNet:
-    return JointUNet(
-        preset.encoder,
+    return models.build_model(
+        "joint_unet",
+        encoder=preset.encoder,
         num_classes=len(CLASS_NAMES),
         pretrained=pretrained,
         freeze_stem_stages=preset.freeze_stem_stages,
@@ -432,32 +434,26 @@ def predict(
     batch_size: int = 16,
     features: bool = False,
 ) -> Predictions:
-    """Class logits and probabilities and frame-sized lesion probability maps, as served; with
-    `features`, also the pooled deepest encoder features (one more encoder pass per batch)."""
+    """Class logits and probabilities and frame-sized lesion probability maps, as served
+    (shared.inference.predict); with `features`, also the pooled deepest encoder features (one
+    more encoder pass per batch)."""
     net = JointFlipAverage(model) if flip_tta else model
     net.eval()
-    device = engine.model_device(model)
-    logits_out, maps, pooled = [], [], []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        layouts = [preprocessing.layout(im) for im in chunk]
-        x = torch.from_numpy(
-            np.stack(
-                [
-                    preprocessing.normalise(preprocessing.resize_image(im, lay))
-                    for im, lay in zip(chunk, layouts, strict=True)
-                ]
-            )
-        ).to(device)
-        class_logits, mask_logits = net(x)
-        logits_out.append(class_logits.float().cpu().numpy().astype(np.float64))
+    served = inference.module_forward(net)
+    pooled: list[np.ndarray] = []
+
+    def forward(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        outputs = served(batch)
         if features:
+            x = torch.from_numpy(batch).to(engine.model_device(model))
             pooled.append(model.encoder(x)[-1].mean(dim=(2, 3)).float().cpu().numpy())
-        for logits, lay in zip(mask_logits.float().cpu().numpy(), layouts, strict=True):
-            prob = 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64)))
-            maps.append(preprocessing.frame_map(prob.astype(np.float32), lay))
-    logits = np.concatenate(logits_out)
-    probs = np.stack([softmax(row) for row in logits])
+        return outputs
+
+    spec = inference.ModelSpec(preprocessing, CLASS_NAMES)
+    found = inference.predict(inference.InferenceModel(forward, spec), images, batch_size)
+    logits = np.stack([f.logits for f in found])
+    probs = np.stack([f.probabilities for f in found])
+    maps = [f.lesion_map for f in found]
     return Predictions(logits, probs, maps, np.concatenate(pooled) if pooled else None)
 
 

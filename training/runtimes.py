@@ -21,8 +21,8 @@ ONNX and validates it before publishing anything:
   recorded.
 
 It publishes a NEW version (model.pt byte for byte, the source manifest with `derived_from` and a
-`runtimes` entry for model.onnx; shared.artifacts.RuntimeVariant) only when the ONNX figures lie
-within shared.artifacts.VALIDATION_BAR of TorchScript's and the artifact's two files agree (no
+`runtimes` entry for model.onnx; shared.variants.RuntimeVariant) only when the ONNX figures lie
+within shared.variants.VALIDATION_BAR of TorchScript's and the artifact's two files agree (no
 class differs, no logit by more than RUNTIME_AGREEMENT_ATOL); otherwise it exits with status 1
 and says why. It does not promote: `python -m training promote` stays the operator's step.
 """
@@ -36,7 +36,7 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +46,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.artifacts import (
+from shared import inference
+from shared.calibration import Calibration
+from shared.errors import ArtifactError
+from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS, TASKS
+from shared.models.joint import JointFlipAverage
+from shared.onnx_runtime import OnnxSessions
+from shared.postprocessing import dice_iou
+from shared.preprocessing import Preprocessing
+from shared.quality import FEATURE_QUALITY_OUTPUT, FeatureOodDetector
+from shared.store import ArtifactInfo, new_version_name, publish_artifact, verify_artifact
+from shared.variants import (
     GRAPH_CLASSIFY,
     GRAPH_FULL,
     GRAPHS,
@@ -54,21 +64,9 @@ from shared.artifacts import (
     RUNTIME_AGREEMENT_ATOL,
     RUNTIME_ONNX,
     VALIDATION_BAR,
-    ArtifactInfo,
     RuntimeVariant,
-    new_version_name,
-    publish_artifact,
     runtime_file_name,
-    verify_artifact,
 )
-from shared.calibration import Calibration
-from shared.errors import ArtifactError
-from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS, TASKS
-from shared.models.joint import JointFlipAverage
-from shared.onnx_runtime import OnnxSessions
-from shared.postprocessing import dice_iou, softmax
-from shared.preprocessing import Preprocessing
-from shared.quality import FEATURE_QUALITY_OUTPUT, FeatureOodDetector
 from training import cli
 
 log = logging.getLogger(__name__)
@@ -227,32 +225,30 @@ class ServedGraph(nn.Module):
 # --- scoring --------------------------------------------------------------------------------
 
 
-def _batches(
-    preprocessing: Preprocessing, images: list, batch_size: int
-) -> Iterator[tuple[int, torch.Tensor, list]]:
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        layouts = [preprocessing.layout(im) for im in chunk]
-        x = torch.from_numpy(np.stack([
-            preprocessing.normalise(preprocessing.resize_image(im, lay))
-            for im, lay in zip(chunk, layouts, strict=True)
-        ]))  # fmt: skip
-        yield start, x, layouts
+def _spec(preprocessing: Preprocessing, threshold: float) -> inference.ModelSpec:
+    """A joint network's outputs, uncalibrated: the figures are the network's own."""
+    return inference.ModelSpec(preprocessing, CLASS_NAMES, threshold=threshold)
+
+
+def _joint_outputs(forward: Forward) -> inference.Forward:
+    """A torch forward (a module, an ONNX Runtime one, a variant of the bench) as the shared
+    inference path runs it: its class and mask logits, whatever it adds after them."""
+    run = inference.module_forward(forward)
+    return lambda batch: run(batch)[:2]
 
 
 def _rows(
-    start: int, class_logits: torch.Tensor, mask_logits: torch.Tensor, layouts: list,
-    preprocessing: Preprocessing, masks: list, labels: list, keys: list, threshold: float,
-) -> list[dict[str, Any]]:  # fmt: skip
+    start: int, found: list[inference.Findings], masks: list, labels: list, keys: list
+) -> list[dict[str, Any]]:
     rows = []
-    for j, (logits, lay) in enumerate(zip(mask_logits.float().numpy(), layouts, strict=True)):
+    for j, finding in enumerate(found):
         i = start + j
-        prob = 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64)))
-        pred = preprocessing.frame_map(prob.astype(np.float32), lay) > threshold
+        assert finding.mask is not None and finding.probabilities is not None
+        pred = finding.mask > 0
         dice, _ = dice_iou(pred, masks[i] > 127)
-        probs = softmax(class_logits[j].float().numpy().astype(np.float64))
         rows.append({
-            "key": keys[i], "label": labels[i], "probs": [float(v) for v in probs],
+            "key": keys[i], "label": labels[i],
+            "probs": [float(v) for v in finding.probabilities],
             "dice": float(dice), "mask_pixels": int(pred.sum()),
         })  # fmt: skip
     return rows
@@ -262,14 +258,11 @@ def score(
     forward: Forward, preprocessing: Any, images: list, masks: list, labels: list, keys: list,
     batch_size: int, threshold: float,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Per-image rows as training.joint.evaluate_images makes them (probs, dice, mask_pixels)."""
-    rows = []
-    for start, x, layouts in _batches(preprocessing, images, batch_size):
-        with torch.inference_mode():
-            class_logits, mask_logits = forward(x)[:2]
-        rows += _rows(start, class_logits, mask_logits, layouts, preprocessing, masks, labels,
-                      keys, threshold)  # fmt: skip
-    return rows
+    """Per-image rows as training.joint.evaluate_images makes them (probs, dice, mask_pixels),
+    from the findings of shared.inference.predict."""
+    model = inference.InferenceModel(_joint_outputs(forward), _spec(preprocessing, threshold))
+    found = inference.predict(model, images, batch_size)
+    return _rows(0, found, masks, labels, keys)
 
 
 @dataclass
@@ -282,9 +275,9 @@ class Agreement:
     max_abs_mask_logit_diff: float = 0.0
     class_disagreements: int = 0
 
-    def add(self, reference: tuple[torch.Tensor, ...], variant: tuple[torch.Tensor, ...]) -> None:
-        ref_classes, ref_masks = (t.float().numpy().astype(np.float64) for t in reference[:2])
-        var_classes, var_masks = (t.float().numpy().astype(np.float64) for t in variant[:2])
+    def add(self, reference: Sequence[np.ndarray], variant: Sequence[np.ndarray]) -> None:
+        ref_classes, ref_masks = (np.asarray(a, dtype=np.float64) for a in reference[:2])
+        var_classes, var_masks = (np.asarray(a, dtype=np.float64) for a in variant[:2])
         self.n_images += len(ref_classes)
         self.max_abs_class_logit_diff = max(
             self.max_abs_class_logit_diff, float(np.abs(ref_classes - var_classes).max())
@@ -332,14 +325,20 @@ def score_pair(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows of both forwards on the same batches (see `score`); their differences go to
     `agreement`."""
-    reference_rows, variant_rows = [], []
-    for start, x, layouts in _batches(preprocessing, data.images, batch_size):
-        with torch.inference_mode():
-            ref, var = reference(x), variant(x)
+    spec = _spec(preprocessing, threshold)
+    runs = (_joint_outputs(reference), _joint_outputs(variant))
+    reference_rows: list[dict[str, Any]] = []
+    variant_rows: list[dict[str, Any]] = []
+    for start in range(0, len(data.images), batch_size):
+        batch, layouts = inference.model_inputs(
+            preprocessing, data.images[start : start + batch_size]
+        )
+        ref, var = (run(batch) for run in runs)
         agreement.add(ref, var)
-        common = (layouts, preprocessing, data.masks, data.labels, data.keys, threshold)
-        reference_rows += _rows(start, *ref[:2], *common)
-        variant_rows += _rows(start, *var[:2], *common)
+        for rows, outputs in ((reference_rows, ref), (variant_rows, var)):
+            found = inference.findings_of(spec, inference.split_outputs(spec.outputs, outputs),
+                                          layouts)  # fmt: skip
+            rows += _rows(start, found, data.masks, data.labels, data.keys)
     return reference_rows, variant_rows
 
 
@@ -390,7 +389,7 @@ def eager_model(info: ArtifactInfo) -> tuple[nn.Module, Any]:
             f"{info.version} is not one (its network would need its task's model builder)"
         )
     preset = joint_preset(info.metadata.get("training") or {})
-    scripted = torch.jit.load(str(info.model_path), map_location="cpu")
+    scripted = inference.load_module(info)
     try:
         return eager_network(preset, scripted.state_dict()), preset
     except RuntimeError as exc:  # load_state_dict: missing, unexpected or mis-shaped weights
@@ -454,7 +453,7 @@ def validate(
                      time.perf_counter() - started)  # fmt: skip
     started = time.perf_counter()
     agreement = Agreement(calibration)
-    artifact_pt = torch.jit.load(str(info.model_path), map_location="cpu").eval()
+    artifact_pt = inference.load_module(info)
     ref, var = score_pair(artifact_pt, OnnxRuntimeForward(artifact_onnx), preprocessing, data,
                           threshold, agreement, batch_size)  # fmt: skip
     log.info("the artifact: %d images in %.0f s", len(data.keys), time.perf_counter() - started)
@@ -482,15 +481,16 @@ def validate_classify(
     """The classify-only graph against the full graph it was cut from, on the same images: the
     class figures of both (accuracy, macro AUC: VALIDATION_BAR's that a label has), and their
     agreement (largest class-logit and quality-score differences, images whose label differs)."""
-    full_run, classify_run = OnnxRuntimeForward(full), OnnxRuntimeForward(classify)
+    full_run = inference.module_forward(OnnxRuntimeForward(full))
+    classify_run = inference.module_forward(OnnxRuntimeForward(classify))
     agreement = {"n_images": 0, "max_abs_class_logit_diff": 0.0, "class_disagreements": 0}
     reference_rows, variant_rows = [], []
     worst_quality: float | None = None
-    for start, x, _ in _batches(preprocessing, data.images, batch_size):
-        with torch.inference_mode():
-            ref, var = full_run(x), classify_run(x)
-        ref_classes = ref[0].numpy().astype(np.float64)
-        var_classes = var[0].numpy().astype(np.float64)
+    for start in range(0, len(data.images), batch_size):
+        batch, _ = inference.model_inputs(preprocessing, data.images[start : start + batch_size])
+        ref, var = full_run(batch), classify_run(batch)
+        ref_classes = ref[0].astype(np.float64)
+        var_classes = var[0].astype(np.float64)
         agreement["n_images"] += len(ref_classes)
         agreement["max_abs_class_logit_diff"] = max(
             agreement["max_abs_class_logit_diff"], float(np.abs(ref_classes - var_classes).max())
@@ -501,13 +501,13 @@ def validate_classify(
         ).argmax(1)
         agreement["class_disagreements"] += int(differs.sum())
         if len(ref) == 3 and len(var) == 2:  # both compute the quality score
-            diff = float(np.abs(ref[2].numpy() - var[1].numpy()).max())
+            diff = float(np.abs(ref[2] - var[1]).max())
             worst_quality = max(worst_quality or 0.0, diff)
         for j in range(len(ref_classes)):
             i = start + j
             for rows, logits in ((reference_rows, ref_classes), (variant_rows, var_classes)):
                 rows.append({"key": data.keys[i], "label": data.labels[i],
-                             "probs": [float(v) for v in softmax(logits[j])],
+                             "probs": [float(v) for v in inference.probabilities(logits[j])],
                              "dice": float("nan"), "mask_pixels": 0})  # fmt: skip
     if worst_quality is not None:
         agreement["max_abs_quality_diff"] = worst_quality
@@ -624,16 +624,17 @@ def pooled_features(
 ) -> np.ndarray:
     """(N, D) ServedGraph.features of decoded frames, preprocessed as the service does."""
     out = []
-    for _, x, _ in _batches(preprocessing, images, batch_size):
+    for start in range(0, len(images), batch_size):
+        batch, _ = inference.model_inputs(preprocessing, images[start : start + batch_size])
         with torch.inference_mode():
-            out.append(graph.features(x).numpy())
+            out.append(graph.features(torch.from_numpy(batch)).numpy())
     return np.concatenate(out).astype(np.float64)
 
 
 def refusals(validation: Mapping[str, Any]) -> list[str]:
     """Why the ONNX variant must not be published (none: it may).
 
-    It must hold (shared.artifacts.RuntimeVariant.holds: every figure within VALIDATION_BAR of
+    It must hold (shared.variants.RuntimeVariant.holds: every figure within VALIDATION_BAR of
     TorchScript fp32's) with all of VALIDATION_BAR's figures measured, and the artifact's own two
     files must agree: no class differs and no logit by more than RUNTIME_AGREEMENT_ATOL.
     """

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from shared.models import attention_unet, classifiers, unet
+from shared.models import attention_unet, classifiers, joint, unet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     # classification
@@ -24,6 +24,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "attention_unet": attention_unet.AttentionUNet,
     "unet_effnet_lite0": unet.UNetEffLite0,
     "gated_unet_effnet_lite0": unet.GatedUNetEffLite0,
+    # both at once: class logits and lesion logits from one forward
+    "joint_unet": joint.JointUNet,
 }
 
 
