@@ -23,9 +23,9 @@ from service.middleware import (
 )
 from service.registry import ReloadPoller, configure_torch
 from service.routes import dicomweb, inference, models, ops, page
-from service.runtime import Runtime
 from service.schemas import error_responses
 from service.settings import Settings, get_settings
+from service.state import AppState
 from service.tracing import TracingMiddleware, configure_tracing, install_trace_ids
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Both raise AccessConfigError (the service refuses to start), so before any thread starts.
     keyring = load_keyring(settings.API_KEYS_FILE)
     audit = AuditLog(settings.AUDIT_LOG_FILE) if settings.AUDIT_LOG_FILE else None
-    runtime = Runtime.from_settings(settings)
+    runtime = AppState.from_settings(settings)
     if audit is not None:
         audit.metrics = runtime.metrics
     delivery = None

@@ -12,7 +12,7 @@ from service.audit import RecordingPredictor
 from service.errors import MissingFileError, UnsupportedMediaTypeError
 from service.predictors import ImageRequest, Predictor
 from service.registry import ModelRegistry
-from service.runtime import Runtime
+from service.state import AppState
 
 # The declared format of each accepted media type; octet-stream (or none) means "sniff".
 MEDIA_TYPE_FORMATS = {
@@ -46,22 +46,22 @@ def _text_part_bytes(value: str) -> bytes:
     return value.encode("utf-8")
 
 
-def get_runtime(request: Request) -> Runtime:
+def get_app_state(request: Request) -> AppState:
     return request.app.state.runtime
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+AppStateDep = Annotated[AppState, Depends(get_app_state)]
 
 
-def get_predictor(request: Request, runtime: RuntimeDep) -> Predictor:
+def get_predictor(request: Request, app_state: AppStateDep) -> Predictor:
     """The predictor, recording each input and result for the audit log and the drift metrics."""
     audited = request.app.state.audit is not None
     state = request.scope["state"] if audited else None
-    return cast(Predictor, RecordingPredictor(runtime.predictor, runtime.metrics, state))
+    return cast(Predictor, RecordingPredictor(app_state.predictor, app_state.metrics, state))
 
 
-def get_registry(runtime: RuntimeDep) -> ModelRegistry:
-    return runtime.registry
+def get_registry(app_state: AppStateDep) -> ModelRegistry:
+    return app_state.registry
 
 
 def get_request_id(request: Request) -> str:

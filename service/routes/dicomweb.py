@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from service.audit import audit_uid
 from service.delivery import ResultsDelivery
-from service.deps import PredictorDep, RuntimeDep
+from service.deps import AppStateDep, PredictorDep
 from service.dicom_output import DicomResults, DicomResultsDep
 from service.dicom_results import DICOM_MEDIA_TYPE, to_bytes
 from service.errors import BodyTooLargeError, UnsupportedMediaTypeError
@@ -365,9 +365,9 @@ async def _stow(
     study: str | None,
     predictor: PredictorDep,
     dicom: DicomResultsDep,
-    runtime: RuntimeDep,
+    app_state: AppStateDep,
 ) -> JSONResponse:
-    settings = runtime.settings
+    settings = app_state.settings
     delivery: ResultsDelivery | None = getattr(request.app.state, "delivery", None)
     if delivery is not None:
         delivery.check_capacity()  # before the body is even read
@@ -375,7 +375,7 @@ async def _stow(
     state = request.scope.setdefault("state", {})
     body = await request.body()
     instances = _received(body, boundary, settings, state)
-    work = _Stow(instances, study, predictor, dicom, delivery, runtime.metrics)
+    work = _Stow(instances, study, predictor, dicom, delivery, app_state.metrics)
     gone: list[bool] = []
     try:
         async with anyio.create_task_group() as watch:
@@ -405,7 +405,7 @@ async def _stow(
     answer = StowResponse()
     for instance in instances:
         outcome = "analysed" if instance.reason is None else "failed"
-        runtime.metrics.dicomweb_instances.labels(outcome).inc()
+        app_state.metrics.dicomweb_instances.labels(outcome).inc()
         if instance.reason is None:
             answer.stored.append((instance.sop_class, instance.sop_instance))
         else:
@@ -417,10 +417,10 @@ async def _stow(
 
 @router.post("/studies", responses=STOW_RESPONSES, openapi_extra=STOW_REQUEST_BODY)
 async def store_instances(
-    request: Request, predictor: PredictorDep, dicom: DicomResultsDep, runtime: RuntimeDep
+    request: Request, predictor: PredictorDep, dicom: DicomResultsDep, app_state: AppStateDep
 ) -> JSONResponse:
     """STOW-RS: analyse each DICOM instance and send its SEG and SR to RESULTS_STOW_URL."""
-    return await _stow(request, None, predictor, dicom, runtime)
+    return await _stow(request, None, predictor, dicom, app_state)
 
 
 @router.post("/studies/{study}", responses=STOW_RESPONSES, openapi_extra=STOW_REQUEST_BODY)
@@ -428,10 +428,10 @@ async def store_study_instances(
     request: Request,
     predictor: PredictorDep,
     dicom: DicomResultsDep,
-    runtime: RuntimeDep,
+    app_state: AppStateDep,
     study: Annotated[
         str, Path(pattern=r"^[0-9.]{1,64}$", description="Study Instance UID the instances share")
     ],
 ) -> JSONResponse:
     """STOW-RS for one study: instances of another study fail with reason 0xA900."""
-    return await _stow(request, study, predictor, dicom, runtime)
+    return await _stow(request, study, predictor, dicom, app_state)
