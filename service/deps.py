@@ -10,6 +10,7 @@ from starlette.datastructures import UploadFile
 
 from service.audit import RecordingPredictor
 from service.errors import MissingFileError, UnsupportedMediaTypeError
+from service.media_types import parse_media_type
 from service.predictors import ImageRequest, Predictor
 from service.registry import ModelRegistry
 from service.state import AppState
@@ -21,10 +22,6 @@ MEDIA_TYPE_FORMATS = {
     "application/dicom": "dicom",
 }
 SNIFFED_MEDIA_TYPES = frozenset({"application/octet-stream", ""})
-
-
-def _media_type(value: str | None) -> str:
-    return (value or "").split(";", 1)[0].strip().lower()
 
 
 def _text_part_bytes(value: str) -> bytes:
@@ -79,7 +76,7 @@ async def read_image(
     ] = 0,
 ) -> ImageRequest:
     """The image of the request: the multipart field `file`, or else the raw body."""
-    media_type = _media_type(request.headers.get("content-type"))
+    media_type = parse_media_type(request.headers.get("content-type")).essence
     if media_type == "multipart/form-data":
         # The body limit already bounds every part; Starlette's own 1 MiB cap on parts without
         # a file name would refuse a `filename*=` upload (see _text_part_bytes).
@@ -89,7 +86,7 @@ async def read_image(
             if isinstance(upload, UploadFile):
                 data = await upload.read()
                 # A part's type comes from the client's file name, so any other type is sniffed.
-                declared = MEDIA_TYPE_FORMATS.get(_media_type(upload.content_type))
+                declared = MEDIA_TYPE_FORMATS.get(parse_media_type(upload.content_type).essence)
             elif isinstance(upload, str) and upload:
                 data, declared = _text_part_bytes(upload), None
             else:

@@ -12,11 +12,11 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from email.message import Message
 
 import httpx
 
 from service.dicom_results import DICOM_MEDIA_TYPE, multipart_related
+from service.media_types import parse_media_type
 from shared.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,6 @@ class Part:
     data: bytes
 
 
-def media_type_params(value: str) -> tuple[str, dict[str, str]]:
-    """`multipart/related; type="application/dicom"; boundary=x` -> (media type, parameters)."""
-    message = Message()
-    message["content-type"] = value
-    params = {k.lower(): v for k, v in message.get_params(failobj=[])[1:]}
-    return message.get_content_type(), params
-
-
 def iter_multipart(body: bytes, boundary: str) -> Iterator[Part]:
     """The parts of a PS3.18 8.6.1.2 / RFC 2046 multipart body, each part's bytes exact, one at a
     time: a caller that counts them can stop at a cap before the rest of the body is split.
@@ -86,7 +78,7 @@ def iter_multipart(body: bytes, boundary: str) -> Iterator[Part]:
         for line in piece[:header_end].decode("latin-1").split("\r\n"):
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-type":
-                media_type = media_type_params(value.strip())[0]
+                media_type = parse_media_type(value).essence
         found = True
         yield Part(media_type, piece[header_end + 4 :])
         if end < 0:

@@ -42,6 +42,7 @@ from service.deps import AppStateDep, PredictorDep
 from service.dicom_output import DicomResults, DicomResultsDep
 from service.dicom_results import DICOM_MEDIA_TYPE, to_bytes
 from service.errors import BodyTooLargeError, UnsupportedMediaTypeError
+from service.media_types import parse_media_type
 from service.metrics import ServiceMetrics
 from service.predictors import ALL_FRAMES, ImageRequest, Predictor, TooManyFramesError
 from service.schemas import error_responses
@@ -57,7 +58,6 @@ from service.stow import (
     Part,
     StowResponse,
     iter_multipart,
-    media_type_params,
 )
 from shared import errors as domain
 
@@ -137,8 +137,12 @@ def _failure_reason(exc: domain.BusiError) -> int:
 
 
 def _boundary(request: Request) -> str:
-    media_type, params = media_type_params(request.headers.get("content-type", ""))
-    if media_type != "multipart/related" or params.get("type", "").lower() != DICOM_MEDIA_TYPE:
+    media_type = parse_media_type(request.headers.get("content-type"))
+    params = media_type.params
+    if (
+        media_type.essence != "multipart/related"
+        or params.get("type", "").lower() != DICOM_MEDIA_TYPE
+    ):
         raise UnsupportedMediaTypeError(
             'send multipart/related; type="application/dicom" (PS3.18 STOW-RS); DICOM JSON and '
             "bulk data are not accepted"
