@@ -26,14 +26,12 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from hashlib import sha256
-from io import BytesIO
 from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
-from pydicom import dcmread
 from starlette.requests import ClientDisconnect
 
 from service.audit import audit_uid
@@ -60,6 +58,7 @@ from service.stow import (
     iter_multipart,
 )
 from shared import errors as domain
+from shared.decoding import read_dicom_header
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +173,17 @@ class _Instance:
         return "stored" if self.reason is None else "failed"
 
 
+# What STOW-RS ingest reads of each part before analysing any: its identity and its size.
+_HEADER_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+)
+
+
 def _int(value: Any, default: int) -> int:
     try:
         return int(value)
@@ -182,27 +192,18 @@ def _int(value: Any, default: int) -> int:
 
 
 def _read_header(instance: _Instance) -> None:
-    """The UIDs and pixel count from the part's header, without its pixels; unreadable: none."""
+    """The UIDs and pixel count from the part's header, without its pixels; unreadable: none
+    (the instance fails with 0xC000, nothing is logged)."""
+    ds = read_dicom_header(instance.part.data, _HEADER_KEYWORDS)
+    if ds is None:
+        return
     try:
-        ds = dcmread(
-            BytesIO(instance.part.data),
-            force=False,
-            stop_before_pixels=True,
-            specific_tags=[
-                "SOPClassUID",
-                "SOPInstanceUID",
-                "StudyInstanceUID",
-                "Rows",
-                "Columns",
-                "NumberOfFrames",
-            ],
-        )
         instance.sop_class = str(ds.get("SOPClassUID", ""))
         instance.sop_instance = str(ds.get("SOPInstanceUID", ""))
         instance.study = str(ds.get("StudyInstanceUID", ""))
         rows, columns = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
         frames = max(1, _int(ds.get("NumberOfFrames"), 1))
-    except Exception:  # any unreadable header: the instance fails with 0xC000, nothing is logged
+    except Exception:  # a value pydicom cannot convert: unreadable too
         return
     instance.readable = True
     instance.pixels = max(0, rows) * max(0, columns) * frames
