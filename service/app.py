@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 from service.apidocs import complete_openapi, install_docs
 from service.audit import AuditLog
 from service.auth import SCOPE_INFER, load_keyring, require_scope
-from service.delivery import ResultsDelivery
+from service.dicom.delivery import ResultsDelivery
 from service.errors import install_error_handlers
 from service.metrics import DeliveryMetrics
 from service.middleware import (

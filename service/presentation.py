@@ -36,15 +36,15 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from service import tracing
-from service.dicom.fhir import FHIR_MEDIA_TYPE
-from service.dicom_output import MULTIPART_DICOM, DicomResults, get_dicom_results
-from service.dicom_results import (
+from service.dicom.builders import (
     DICOM_MEDIA_TYPE,
     NEEDS_DICOM_MESSAGE,
     DicomOutputNeedsDicomInputError,
-    multipart_related,
     to_bytes,
 )
+from service.dicom.fhir import FHIR_MEDIA_TYPE
+from service.dicom.multipart import multipart_related
+from service.dicom.results import MULTIPART_DICOM, DicomResults, get_dicom_results
 from service.media_types import MediaRange, MediaType, parse_accept, parse_media_type
 from service.predictors import Analysis, Classification, ImageFacts, ImageRequest, Segmentation
 from service.registry import LoadedModel

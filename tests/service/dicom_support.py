@@ -20,8 +20,8 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import generate_uid
 from service_inputs import dicom
 
+from service.dicom.multipart import split_multipart
 from service.media_types import parse_media_type
-from service.stow import split_multipart
 
 US_MULTIFRAME_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from service_inputs import jpeg, png, scan, uniform
 
-from service.dicom_results import DicomOutputNeedsDicomInputError
+from service.dicom.builders import DicomOutputNeedsDicomInputError
 from service.predictors import ImageRequest
 from service.presentation import (
     CLASSIFY_OFFERS,
