@@ -15,6 +15,7 @@
     python -m training ood --data-path D [--detector-out J]  evaluate and fit the OOD check
     python -m training shortcuts --cv-dir R --data-path D    predictions with marks inpainted
     python -m training export-onnx --version V --data-path D  republish with model.onnx, validated
+    python -m training quantize-onnx --version V --data-path D1 D2  int8 graphs, validated
     python -m training drift-reference --version V --data-path D1 D2  republish with the drift
                                                              reference of its training sites
     python -m training sites --data-path D1 D2 --holdout site:S  train without a site/scanner/fold,
@@ -57,6 +58,7 @@ COMMANDS = (
     "promote",
     "demote",
     "export-onnx",
+    "quantize-onnx",
     "drift-reference",
     "sites",
     "sites-report",
@@ -168,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         from training import runtimes
 
         return runtimes.main(rest)
+    elif command == "quantize-onnx":
+        from training import quantize
+
+        return quantize.main(rest)
     elif command == "drift-reference":
         from training import drift_reference
 

@@ -85,7 +85,7 @@ class JointPreset:
     # Site robustness (training.augment, training.sites); 0 keeps the single-site recipes as run.
     appearance_p: float = 0.0  # probability of gain/gamma/speckle/blur/resample/JPEG/marks
     normal_patch_p: float = 0.0  # lesion scan of a site without normals -> lesion-free band
-    zoom_p: float = 0.0  # probability of a zoomed-in window (0.45-1 of each side) keeping the lesion
+    zoom_p: float = 0.0  # zoomed-in window (each side 0.45-1 of the frame), lesion kept whole
     description: str = ""
 
 

@@ -444,6 +444,69 @@ def _cell(fig: dict[str, Any], key: str) -> str:
     return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+SELECTION_FIGURES = (
+    ("malignant_auc", "malignant AUC"),
+    ("malignant_sensitivity", "malignant sensitivity"),
+    ("lesion_dice", "lesion Dice"),
+)
+
+
+def held_out_site_figures(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """preset -> held-out site -> the figures recipes are selected on: those of the site's
+    lesion images when the site has normal scans (a training set without them never saw a
+    normal from it), else all its images."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        kind, _, site = r["holdout"].partition(":")
+        if kind != "site" or site not in r["figures"]:
+            continue
+        fig = r.get("lesion_images", {}).get(site) or r["figures"][site]
+        out.setdefault(r["preset"], {})[site] = fig
+    return out
+
+
+def recipe_table(results: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines comparing recipes on the sites they did not train on, best first by
+    the worst held-out site's malignant AUC (the selection rule, fixed before any sweep ran);
+    empty for fewer than two recipes."""
+    by_recipe = held_out_site_figures(results)
+    if len(by_recipe) < 2:
+        return []
+    every_site = sorted({site for sites in by_recipe.values() for site in sites})
+
+    def worst(sites: dict[str, dict[str, Any]], key: str) -> float:
+        return min(fig.get(key, float("nan")) for fig in sites.values())
+
+    ranked = sorted(
+        by_recipe.items(),
+        key=lambda item: (-len(item[1]), -worst(item[1], "malignant_auc")),
+    )
+    lines = [
+        "## Recipes on the held-out sites",
+        "",
+        "Each recipe trained without a site and scored on it (lesion images of a site with "
+        "normal scans). Recipes are ranked by the malignant AUC of their worst held-out site, "
+        "the rule fixed before the sweep; a recipe not yet run on every site is ranked after "
+        "those that were, and its worst is over the sites it was run on.",
+        "",
+        "| recipe | "
+        + " | ".join(
+            f"{label} on {site}" for site in every_site for _, label in SELECTION_FIGURES[:2]
+        )
+        + " | worst-site malignant AUC | worst-site malignant sensitivity | worst-site Dice |",
+        "|---|" + "---|" * (2 * len(every_site) + 3),
+    ]
+    for preset, sites in ranked:
+        cells = [
+            _cell(sites[site], key) if site in sites else "not run"
+            for site in every_site
+            for key, _ in SELECTION_FIGURES[:2]
+        ]
+        cells += [f"{worst(sites, key):.3f}" for key, _ in SELECTION_FIGURES]
+        lines.append(f"| `{preset}` | " + " | ".join(cells) + " |")
+    return [*lines, "", "## Every run", ""]
+
+
 def render_sites_report(results: list[dict[str, Any]]) -> str:
     """Markdown: held-out sites first, then scanners, then folds; per site scored."""
     order = {"site": 0, "device": 1, "fold": 2}
@@ -451,6 +514,11 @@ def render_sites_report(results: list[dict[str, Any]]) -> str:
         results, key=lambda r: (order.get(r["holdout"].split(":")[0], 9), r["holdout"])
     )
     columns = [(r, site) for r in results for site in r["figures"]]
+    several = len({r["preset"] for r in results}) > 1
+
+    def head(r: dict[str, Any]) -> str:
+        return f"{r['preset']}: {r['holdout']}" if several else r["holdout"]
+
     lines = [
         "# Generalisation across sites",
         "",
@@ -460,7 +528,8 @@ def render_sites_report(results: list[dict[str, Any]]) -> str:
         "groups (BUSI). Class decisions are the argmax of the flip-averaged probabilities, the "
         "operating point the service answers with.",
         "",
-        "| figure | " + " | ".join(f"{r['holdout']} → {site}" for r, site in columns) + " |",
+        *recipe_table(results),
+        "| figure | " + " | ".join(f"{head(r)} → {site}" for r, site in columns) + " |",
         "|---|" + "---|" * len(columns),
         "| images scored | "
         + " | ".join(str(int(r["figures"][s]["n"])) for r, s in columns)
@@ -486,7 +555,7 @@ def render_sites_report(results: list[dict[str, Any]]) -> str:
             "training set without normals is judged):",
             "",
             "| figure | "
-            + " | ".join(f"{r['holdout']} → {site} lesions" for r, site in lesion_columns)
+            + " | ".join(f"{head(r)} → {site} lesions" for r, site in lesion_columns)
             + " |",
             "|---|" + "---|" * len(lesion_columns),
         ]
@@ -503,7 +572,7 @@ def render_sites_report(results: list[dict[str, Any]]) -> str:
     for r, site in columns:
         for device, fig in r["figures"][site]["devices"].items():
             lines.append(
-                f"| {r['holdout']} → {site}, {device} | {int(fig['n'])} | "
+                f"| {head(r)} → {site}, {device} | {int(fig['n'])} | "
                 f"{_cell(fig, 'accuracy')} | {_cell(fig, 'malignant_sensitivity')} | "
                 f"{_cell(fig, 'lesion_dice')} | "
                 + " / ".join(str(fig["predicted"][c]) for c in CLASS_NAMES)

@@ -190,3 +190,44 @@ def test_a_fold_run_publishes_with_per_site_and_held_out_site_figures(two_sites,
     assert manifest["data_fingerprint"]["n_images"] == sum(
         d["images"] for d in metrics["scope"]["trained_on"].values()
     )
+
+
+def _site_result(preset: str, site: str, auc: float, sensitivity: float) -> dict:
+    fig = {"malignant_auc": auc, "malignant_sensitivity": sensitivity, "lesion_dice": 0.5}
+    return {"preset": preset, "holdout": f"site:{site}", "figures": {site: fig}}
+
+
+def test_recipes_are_ranked_by_their_worst_held_out_site() -> None:
+    results = [
+        # a: the better of the two on bus-bra, the worse on busi: its worst site is busi (0.70)
+        _site_result("a", "bus-bra", 0.90, 0.8),
+        _site_result("a", "busi", 0.70, 0.7),
+        _site_result("b", "bus-bra", 0.80, 0.6),
+        _site_result("b", "busi", 0.85, 0.9),
+        # c: best single figure, but run on one site only: ranked after those run on both
+        _site_result("c", "bus-bra", 0.99, 0.9),
+    ]
+    lines = sites.recipe_table(results)
+    rows = [line for line in lines if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == ["b", "a", "c"]
+    assert rows[0].endswith("| 0.800 | 0.600 | 0.500 |")
+    assert "| not run | not run |" in rows[2]
+    assert sites.recipe_table(results[:2]) == []  # one recipe: nothing to compare
+
+
+def test_zoom_crop_keeps_the_whole_lesion_and_zooms_normal_tissue() -> None:
+    rng = random.Random(3)
+    image = np.arange(300 * 200, dtype=np.uint32).reshape(300, 200).astype(np.uint8)
+    mask = np.zeros_like(image)
+    mask[100:150, 50:120] = 255
+    shapes = set()
+    for _ in range(100):
+        out_image, out_mask = augment.zoom_crop(image, mask, rng)
+        assert out_image.shape == out_mask.shape
+        assert (out_mask > 0).sum() == (mask > 0).sum()  # the whole lesion, every time
+        shapes.add(out_image.shape)
+    assert len(shapes) > 50 and min(h for h, _ in shapes) < 200  # zoomed in, not just copied
+    huge = np.full_like(mask, 255)  # a lesion filling the frame: the frame itself
+    assert augment.zoom_crop(image, huge, rng)[0].shape == image.shape
+    normal = augment.zoom_crop(image, np.zeros_like(mask), random.Random(0))[0]
+    assert normal.shape[0] <= 300 and normal.shape[1] <= 200
