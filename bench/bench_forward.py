@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))
 
 from service.registry import load_model  # noqa: E402
 from service.settings import available_cpus  # noqa: E402
-from shared.artifacts import resolve_artifact  # noqa: E402
 from shared.errors import ArtifactError  # noqa: E402
 from shared.labels import TASKS  # noqa: E402
+from shared.store import resolve_artifact  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

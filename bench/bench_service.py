@@ -52,14 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.settings import available_cpus  # noqa: E402
-from shared.artifacts import (  # noqa: E402
-    GRAPH_CLASSIFY,
-    GRAPH_FULL,
-    MANIFEST_FILE,
-    RUNTIME_ONNX,
-    ArtifactInfo,
-)
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION, TASKS  # noqa: E402
+from shared.store import MANIFEST_FILE, ArtifactInfo  # noqa: E402
+from shared.variants import GRAPH_CLASSIFY, GRAPH_FULL, RUNTIME_ONNX  # noqa: E402
 
 ENDPOINTS = ("/classify", "/segment", "/diagnose")
 # The targets, as ratios of the interleaved bench on the shipped models, against the best

@@ -3,7 +3,7 @@
 #
 # For each task in SEED_SOURCE (default /app/models, the api image's embedded models/) that has no
 # version yet in MODEL_DIR (default /models), copy its versions in. Each version is copied into a
-# hidden staging folder and renamed into place, like shared/artifacts.py publishes, so the service
+# hidden staging folder and renamed into place, like shared/store.py publishes, so the service
 # (which skips hidden folders) never sees a half-copied version, and an interrupted seed is simply
 # redone on the next start. A task that already has a version, seeded or trained, is left alone:
 # the volume is the source of truth after the first start. The promotions record (which versions

@@ -1,17 +1,17 @@
 """Forwards of an artifact's model.onnx in ONNX Runtime, beside its TorchScript model.pt.
 
 An artifact may carry the same model exported to ONNX (`python -m training export-onnx`), with
-the figures of both runtimes on the same images in its manifest (shared.artifacts.RuntimeVariant).
+the figures of both runtimes on the same images in its manifest (shared.variants.RuntimeVariant).
 INFERENCE_RUNTIME picks what runs the forwards:
 
 - `auto` (default): ONNX Runtime where the artifact carries a variant that holds (its figures
-  within shared.artifacts.VALIDATION_BAR of TorchScript fp32's) and onnxruntime is installed;
+  within shared.variants.VALIDATION_BAR of TorchScript fp32's) and onnxruntime is installed;
   TorchScript otherwise.
 - `torchscript`: always model.pt (fp32, or INFERENCE_PRECISION).
 - `onnxruntime`: like `auto`, and a model that cannot run in ONNX Runtime is logged as a warning.
 
 Before a session serves it must give model.pt's answers on two warm-up inputs (within
-shared.artifacts.RUNTIME_AGREEMENT_ATOL of the logits); if it does not, or building it fails,
+shared.variants.RUNTIME_AGREEMENT_ATOL of the logits); if it does not, or building it fails,
 the TorchScript module serves (logged). model.pt's answers come from a short-lived process
 (`torchscript_outputs`): a service that serves ONNX Runtime never imports torch, whose import
 alone is hundreds of MiB resident.

@@ -21,7 +21,6 @@ from service.batching import last_forward, request_started
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import DEFAULT_MAX_CINE_FRAMES
-from shared.artifacts import GRAPH_CLASSIFY, GRAPH_FULL
 from shared.decoding import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_DECODED_BYTES,
@@ -36,6 +35,7 @@ from shared.labels import LESION_CLASSES, TASK_CLASSIFICATION, TASK_SEGMENTATION
 from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
 from shared.preprocessing import Layout
 from shared.quality import OodDetector, Quality, feature_quality
+from shared.variants import GRAPH_CLASSIFY, GRAPH_FULL
 
 ALL_FRAMES = "all"  # ?frame=all: every frame of a cine loop
 # Frames per forward with ?frame=all, and the decoded pixels held at once (large frames make

@@ -33,16 +33,6 @@ from service.batching import Batcher, BatchingConfig, example_input
 from service.metrics import ServiceMetrics
 from service.onnx_forward import OnnxForward, onnxruntime_available, torchscript_outputs
 from service.settings import available_cpus
-from shared.artifacts import (
-    GRAPH_CLASSIFY,
-    GRAPH_FULL,
-    RUNTIME_AGREEMENT_ATOL,
-    RUNTIME_ONNX,
-    ArtifactInfo,
-    list_versions,
-    resolve_artifact,
-    verify_artifact,
-)
 from shared.calibration import Calibration
 from shared.errors import (
     ArtifactError,
@@ -62,6 +52,8 @@ from shared.promotion import (
     gate_refusals,
     read_promotions,
 )
+from shared.store import ArtifactInfo, list_versions, resolve_artifact, verify_artifact
+from shared.variants import GRAPH_CLASSIFY, GRAPH_FULL, RUNTIME_AGREEMENT_ATOL, RUNTIME_ONNX
 
 if TYPE_CHECKING:
     import torch

@@ -10,7 +10,6 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.artifacts import validate_version
 from shared.decoding import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_DECODED_BYTES,
@@ -19,6 +18,7 @@ from shared.decoding import (
 )
 from shared.errors import InvalidVersionError
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
+from shared.manifest import validate_version
 from shared.promotion import (
     DEFAULT_MIN_ACCURACY,
     DEFAULT_MIN_DICE,

@@ -35,7 +35,6 @@ import numpy as np
 from service.metrics import ServiceMetrics
 from service.predictors import Analysis, Predictor, _Plan
 from service.registry import LoadedModel, ModelRegistry, load_model
-from shared.artifacts import GRAPH_FULL, verify_artifact
 from shared.decoding import DecodedImage
 from shared.errors import ArtifactError
 from shared.labels import (
@@ -46,6 +45,8 @@ from shared.labels import (
     TASKS,
 )
 from shared.quality import load_detector
+from shared.store import verify_artifact
+from shared.variants import GRAPH_FULL
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The reference distribution of a published model is a field of its manifest, `drift_reference`
 (written by `python -m training drift-reference`, which publishes a NEW version: a published
 version never changes, and the manifest is as verified as the rest of it, since the model file's
-checksum and the manifest are checked together by shared.artifacts.verify_artifact):
+checksum and the manifest are checked together by shared.store.verify_artifact):
 
     {"format": "busi-drift-reference/1",
      "quantities": {"<quantity>": {"edges": [e0, e1, ..., eK]}, ...},

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from shared.artifacts import ArtifactInfo, ArtifactIntegrityError
+from shared.errors import ArtifactIntegrityError
+from shared.store import ArtifactInfo
 
 
 def load_module(info: ArtifactInfo) -> torch.jit.ScriptModule:

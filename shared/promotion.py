@@ -1,6 +1,6 @@
 """Which published versions may serve: the promotion record and the gate.
 
-Training jobs publish candidates (shared.artifacts.publish_artifact); a candidate serves only
+Training jobs publish candidates (shared.store.publish_artifact); a candidate serves only
 once it is promoted, and then only if its manifest passes the gate:
 
     python -m training promote <task> <version> [--model-dir D]   # gate checked, recorded
@@ -20,7 +20,7 @@ one. The manifest of a version never changes after publishing, which is why prom
 and not in the manifest.
 
 The gate (`gate_refusals`) refuses a smoke run, a model the decoder and its preprocessing cannot
-feed, a manifest of another task, and one whose headline metrics (shared.artifacts.Evaluation)
+feed, a manifest of another task, and one whose headline metrics (shared.headline_figures)
 are missing, measured on too few images, or below the floors. Promotion checks it with the floors
 of the GATE_MIN_* environment variables; the service checks it again at load time with its own
 settings, so a version promoted under lower floors is refused (and counted) there too.
@@ -41,14 +41,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.artifacts import (
-    Manifest,
-    validate_task,
-    validate_version,
-    verify_artifact,
-)
 from shared.errors import ArtifactError, ArtifactIntegrityError
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION, TASKS
+from shared.manifest import Manifest, validate_task, validate_version
+from shared.store import verify_artifact
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +121,7 @@ def gate_refusals(manifest: Manifest, floors: GateFloors, task: str) -> list[Gat
     if manifest.smoke:
         refusals.append(GateRefusal("smoke", "it is a smoke run"))
     refusals += [GateRefusal("input", problem) for problem in manifest.input_problems()]
-    figures = manifest.evaluation
+    figures = manifest.headline_figures
     if not figures.source:
         refusals.append(
             GateRefusal("no_metrics", "its manifest has no test or cross-validation metrics")

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.artifacts import RUNTIME_AGREEMENT_ATOL, RUNTIME_ONNX, ArtifactInfo
 from shared.errors import ArtifactIntegrityError
+from shared.store import ArtifactInfo
+from shared.variants import RUNTIME_AGREEMENT_ATOL, RUNTIME_ONNX
 
 WARMUP_FORWARDS = 2
 

@@ -1,6 +1,6 @@
 """Fixtures shared by the test suites: a tiny model registry built in a temporary folder.
 
-The tiny models are real TorchScript artifacts published with shared.artifacts, but their output
+The tiny models are real TorchScript artifacts published with shared.store, but their output
 is rigged to depend on the input in a way a test can predict:
 
 * the classifier's logits are [-4 s - 2, 0, 4 s - 2] (plus a small contribution of its conv
@@ -21,10 +21,10 @@ import torch
 from tiny_manifests import classification_metadata, segmentation_metadata
 from torch import nn
 
-from shared.artifacts import ArtifactInfo, publish_artifact
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_SEGMENTATION
 from shared.promotion import GateFloors
 from shared.promotion import promote as promote_version
+from shared.store import ArtifactInfo, publish_artifact
 
 
 class TinyClassifier(nn.Module):

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from shared.artifacts import MANIFEST_FILE, MODEL_FILE, sha256_file
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_SEGMENTATION
+from shared.manifest import MODEL_FILE
 from shared.preprocessing import Preprocessing
 from shared.promotion import PROMOTIONS_FILE
+from shared.store import MANIFEST_FILE, sha256_file
 
 CLASSIFIER_PREPROCESSING = Preprocessing(resize=64, crop=56)
 SEGMENTER_PREPROCESSING = Preprocessing(resize=64, resize_mode="stretch")

@@ -210,8 +210,8 @@ class ClassificationDataset(Dataset):
 def predict_masks(segmenter_dir: Path, images: list[np.ndarray]) -> list[np.ndarray]:
     """Lesion masks (uint8 0/255, image size) predicted by the newest verified segmentation
     artifact under `segmenter_dir` (a model directory), exactly as the service would."""
-    from shared.artifacts import resolve_artifact
     from shared.postprocessing import probability_to_mask, sigmoid
+    from shared.store import resolve_artifact
 
     info = resolve_artifact(Path(segmenter_dir), "segmentation")
     model = torch.jit.load(str(info.model_path), map_location="cpu").eval()

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifacts import ArtifactInfo, verify_artifact
 from shared.inference import load_module
 from shared.labels import CLASS_NAMES
 from shared.postprocessing import class_probabilities, dice_iou, sigmoid
+from shared.store import ArtifactInfo, verify_artifact
 from training.data import load_image, load_mask, scan_dataset
 from training.joint import CANVASES, METRIC_ROWS, group_bootstrap, place_on_canvas, summarise
 
@@ -174,7 +174,7 @@ def _cv_bootstrap(rows: list[dict[str, Any]], n_resamples: int, seed: int = 0) -
 
 def _newest(pattern: str | None, fold: int, task: str) -> ArtifactInfo | None:
     """The newest verified `task` artifact in the model folder `pattern` (with `{fold}`)."""
-    from shared.artifacts import verified_artifacts
+    from shared.store import verified_artifacts
 
     if not pattern:
         return None

@@ -32,13 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifacts import (
-    RUNTIME_ONNX,
-    ArtifactInfo,
-    new_version_name,
-    publish_artifact,
-    verify_artifact,
-)
 from shared.drift import (
     HEIGHT,
     LESION_AREA,
@@ -51,6 +44,8 @@ from shared.drift import (
 from shared.labels import LESION_CLASSES, TASK_DIAGNOSIS, TASKS
 from shared.postprocessing import class_probabilities, lesion_geometry, sigmoid
 from shared.quality import DEFAULT_DETECTOR_FILE, feature_quality, load_detector
+from shared.store import ArtifactInfo, new_version_name, publish_artifact, verify_artifact
+from shared.variants import RUNTIME_ONNX
 
 log = logging.getLogger(__name__)
 

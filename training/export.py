@@ -1,7 +1,7 @@
 """Export a trained model to TorchScript and publish it as a versioned artifact.
 
     scripted = export_torchscript(model, example)          # checked equal to eager, or raises
-    metadata = build_metadata(task=..., name=..., ...)     # fields of shared.artifacts.Manifest
+    metadata = build_metadata(task=..., name=..., ...)     # fields of shared.manifest.Manifest
     info = publish(model_dir, task, version, scripted, metadata)   # validated, then written
 
 The service loads only what `publish` writes, so the check that the scripted model equals the
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.artifacts import ArtifactInfo, publish_artifact
 from shared.labels import TASK_CLASSIFICATION, TASKS
 from shared.preprocessing import Preprocessing
+from shared.store import ArtifactInfo, publish_artifact
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def build_metadata(
     input_channels: int | None = None,
     intended_use: str = INTENDED_USE,
 ) -> dict[str, Any]:
-    """The manifest fields a training job supplies (shared.artifacts.Manifest; publish fills in
+    """The manifest fields a training job supplies (shared.manifest.Manifest; publish fills in
     the rest and validates the whole).
 
     `output` is {"type": "logits", "shape": [K]} for a classifier and {"type": "logits",
@@ -171,7 +171,7 @@ def publish(
 ) -> ArtifactInfo:
     """Save `scripted` to a temp file; publish it atomically as `<model_dir>/<task>/<version>`.
 
-    Raises the errors of shared.artifacts.publish_artifact: InvalidVersionError for a bad name,
+    Raises the errors of shared.store.publish_artifact: InvalidVersionError for a bad name,
     ManifestError naming every missing or invalid manifest field (nothing is written then), and
     ArtifactIntegrityError for an existing version.
     """

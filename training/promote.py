@@ -30,10 +30,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from shared.artifacts import copy_artifact, verify_artifact
 from shared.errors import ArtifactError
 from shared.labels import TASKS
 from shared.promotion import GateFloors, demote, promote, read_promotions
+from shared.store import copy_artifact, verify_artifact
 from shared.warmup import check_loads
 
 log = logging.getLogger("training.promote")

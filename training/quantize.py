@@ -4,18 +4,20 @@
         --data-path ../shared/data/busi ../shared/data/bus-bra [--fold 0] \
         [--output-dir training/reports/int8/<version>]
 
-The recipe, fixed before any of its validation figures were seen (issue 20):
+The recipes (RECIPES), each fixed before any of its validation figures were seen (issue 20):
 
 - ONNX Runtime static quantisation (`onnxruntime.quantization.quantize_static`) after its
   `quant_pre_process`, QDQ format, weights int8 per output channel, activations uint8, MinMax
   calibration;
 - only the convolutions are quantised: the class head, the mask's resize, the flip average and
-  the quality score on the pooled features stay fp32;
+  the quality score on the pooled features stay fp32; `conv` quantises every convolution,
+  `conv-fp32-stem-block0` (the default) leaves the stem and the first block in fp32, so the
+  input is never rounded to 8 bits (bench/reports/precision.md);
 - calibrated on 200 images spread over the images the artifact TRAINED on (the folds other than
   `--fold` of the site folds, both sites);
 - validated on the images of `--fold`, which neither the weights nor the calibration saw, per
   site and pooled: accuracy, macro AUC (pooled), malignant AUC and lesion Dice of the int8 graph
-  against the fp32 graph on the same images must lie within shared.artifacts.VALIDATION_BAR
+  against the fp32 graph on the same images must lie within shared.variants.VALIDATION_BAR
   (0.5 points of accuracy, 0.005 AUC, 0.005 Dice), and the classify-only int8 graph must give
   the full int8 graph's label on every image.
 
@@ -38,15 +40,16 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifacts import GRAPH_CLASSIFY, GRAPH_FULL, VALIDATION_BAR, ArtifactInfo
 from shared.calibration import Calibration
 from shared.labels import CLASS_NAMES
 from shared.preprocessing import Preprocessing
+from shared.store import ArtifactInfo
+from shared.variants import GRAPH_CLASSIFY, GRAPH_FULL, VALIDATION_BAR
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 200
-RECIPE = {
+_COMMON = {
     "tool": "onnxruntime.quantization.quantize_static after quant_pre_process",
     "format": "QDQ",
     "weights": "int8, per output channel",
@@ -56,12 +59,28 @@ RECIPE = {
     "calibration_images": CALIBRATION_IMAGES,
     "calibration_set": "spread over the images the artifact trained on (folds other than --fold)",
 }
+RECIPES: dict[str, dict[str, Any]] = {
+    # every convolution in int8: the first recipe, fixed before any figure (refused for
+    # diagnosis 20261204T221149Z, training/reports/int8/20261204T221149Z/conv)
+    "conv": {**_COMMON, "fp32_nodes": ""},
+    # the input, the stem and the first block in fp32: the exclusion bench/reports/precision.md
+    # found on the BUSI-only model and asked to be validated independently (its notes), taken
+    # from there as it stands
+    "conv-fp32-stem-block0": {**_COMMON, "fp32_nodes": r"/conv_stem/|/blocks\.0/"},
+}
+DEFAULT_RECIPE = "conv-fp32-stem-block0"
 SITE_BAR = {"accuracy": 0.005, "malignant_auc": 0.005, "lesion_dice": 0.005}
 
 
-def quantise(source: Path, target: Path, inputs: list[np.ndarray]) -> None:
-    """The recipe above: `source` (fp32 ONNX) -> `target` (QDQ int8), calibrated on `inputs`
-    (each a (1, C, S, S) float32 array as the graph takes it)."""
+def quantise(
+    source: Path, target: Path, inputs: list[np.ndarray], recipe: str = DEFAULT_RECIPE
+) -> list[str]:
+    """`recipe` of RECIPES: `source` (fp32 ONNX) -> `target` (QDQ int8), calibrated on `inputs`
+    (each a (1, C, S, S) float32 array as the graph takes it). Returns the nodes left fp32.
+    Raises ValueError when the recipe names fp32 nodes the graph does not have."""
+    import re
+
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -82,6 +101,11 @@ def quantise(source: Path, target: Path, inputs: list[np.ndarray]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        pattern = RECIPES[recipe]["fp32_nodes"]
+        names = [node.name for node in onnx.load(str(prepared)).graph.node]
+        excluded = [n for n in names if pattern and re.search(pattern, n)]
+        if pattern and not excluded:
+            raise ValueError(f"no node of {source.name} matches {pattern!r}")
         quantize_static(
             str(prepared),
             str(target),
@@ -90,9 +114,11 @@ def quantise(source: Path, target: Path, inputs: list[np.ndarray]) -> None:
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=list(RECIPE["quantised_ops"]),
+            op_types_to_quantize=list(RECIPES[recipe]["quantised_ops"]),
             calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=excluded,
         )
+    return excluded
 
 
 def _session(path: Path, threads: int) -> Any:
@@ -168,7 +194,7 @@ def _median_ms(session: Any, x: np.ndarray, runs: int) -> float:
 
 
 def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.artifacts import verify_artifact
+    from shared.store import verify_artifact
     from training.data import load_split_images
     from training.runtimes import spread
     from training.sites import load_site_folds, scan_sites
@@ -183,7 +209,7 @@ def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
     held = [i for i, s in enumerate(samples) if int(folds[s.key]["fold"]) == args.fold]
     trained = [i for i, s in enumerate(samples) if int(folds[s.key]["fold"]) != args.fold]
     calib_idx = [trained[i] for i in spread(len(trained), CALIBRATION_IMAGES)]
-    output = Path(args.output_dir or f"training/reports/int8/{info.version}")
+    output = Path(args.output_dir or f"training/reports/int8/{info.version}/{args.recipe}")
     output.mkdir(parents=True, exist_ok=True)
 
     def prepared(indices: list[int]) -> tuple[list[np.ndarray], list[Any], Any]:
@@ -197,11 +223,11 @@ def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
 
     calib_inputs, _, _ = prepared(calib_idx)
     graphs = {GRAPH_FULL: info.path / "model.onnx", GRAPH_CLASSIFY: info.path / "classify.onnx"}
-    int8 = {}
+    int8, fp32_nodes = {}, {}
     for graph, source in graphs.items():
         started = time.perf_counter()
         int8[graph] = output / f"{source.stem}.int8.onnx"
-        quantise(source, int8[graph], calib_inputs)
+        fp32_nodes[graph] = quantise(source, int8[graph], calib_inputs, args.recipe)
         log.info("%s quantised in %.0f s", graph, time.perf_counter() - started)
 
     inputs, layouts, data = prepared(held)
@@ -266,7 +292,7 @@ def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
         timing[name] = _median_ms(_session(path, args.threads), x, args.timing_runs)
     report = {
         "artifact": {"task": "diagnosis", "version": info.version},
-        "recipe": RECIPE,
+        "recipe": {"name": args.recipe, **RECIPES[args.recipe], "left_fp32": fp32_nodes},
         "validated_on": f"fold {args.fold} of {_relative(args.split_file)}: {len(held)} images "
         "(neither trained on nor used for calibration)",
         "bar": {"pooled": dict(VALIDATION_BAR), "per_site": SITE_BAR},
@@ -341,6 +367,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-path", type=Path, nargs="+", required=True,
                         help="the sites' folders (BUSI, BUS-BRA)")  # fmt: skip
     parser.add_argument("--split-file", type=Path, default=DEFAULT_SITE_FOLDS)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                        help=f"quantisation recipe (default: {DEFAULT_RECIPE})")  # fmt: skip
     parser.add_argument("--fold", type=int, default=0, help="the fold the artifact held out")
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)

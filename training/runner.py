@@ -44,9 +44,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared.artifacts import new_version_name, sha256_file
 from shared.labels import CLASS_NAMES
 from shared.preprocessing import Preprocessing
+from shared.store import new_version_name, sha256_file
 from training import distributed, engine, export, plots, report
 from training.data import (
     SPLITS,

@@ -20,8 +20,8 @@ ONNX and validates it before publishing anything:
   recorded.
 
 It publishes a NEW version (model.pt byte for byte, the source manifest with `derived_from` and a
-`runtimes` entry for model.onnx; shared.artifacts.RuntimeVariant) only when the ONNX figures lie
-within shared.artifacts.VALIDATION_BAR of TorchScript's and the artifact's two files agree (no
+`runtimes` entry for model.onnx; shared.variants.RuntimeVariant) only when the ONNX figures lie
+within shared.variants.VALIDATION_BAR of TorchScript's and the artifact's two files agree (no
 class differs, no logit by more than RUNTIME_AGREEMENT_ATOL); otherwise it exits with status 1
 and says why. It does not promote: `python -m training promote` stays the operator's step.
 """
@@ -45,21 +45,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.artifacts import (
-    GRAPH_CLASSIFY,
-    GRAPH_FULL,
-    GRAPHS,
-    ONNX_FILE,
-    RUNTIME_AGREEMENT_ATOL,
-    RUNTIME_ONNX,
-    VALIDATION_BAR,
-    ArtifactInfo,
-    RuntimeVariant,
-    new_version_name,
-    publish_artifact,
-    runtime_file_name,
-    verify_artifact,
-)
 from shared.calibration import Calibration
 from shared.errors import ArtifactError
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS, TASKS
@@ -68,6 +53,18 @@ from shared.onnx_runtime import OnnxSessions
 from shared.postprocessing import dice_iou, softmax
 from shared.preprocessing import Preprocessing
 from shared.quality import FEATURE_QUALITY_OUTPUT, FeatureOodDetector
+from shared.store import ArtifactInfo, new_version_name, publish_artifact, verify_artifact
+from shared.variants import (
+    GRAPH_CLASSIFY,
+    GRAPH_FULL,
+    GRAPHS,
+    ONNX_FILE,
+    RUNTIME_AGREEMENT_ATOL,
+    RUNTIME_ONNX,
+    VALIDATION_BAR,
+    RuntimeVariant,
+    runtime_file_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -630,7 +627,7 @@ def pooled_features(
 def refusals(validation: Mapping[str, Any]) -> list[str]:
     """Why the ONNX variant must not be published (none: it may).
 
-    It must hold (shared.artifacts.RuntimeVariant.holds: every figure within VALIDATION_BAR of
+    It must hold (shared.variants.RuntimeVariant.holds: every figure within VALIDATION_BAR of
     TorchScript fp32's) with all of VALIDATION_BAR's figures measured, and the artifact's own two
     files must agree: no class differs and no logit by more than RUNTIME_AGREEMENT_ATOL.
     """

@@ -18,10 +18,11 @@ from tiny_manifests import (
     segmentation_metadata,
 )
 
-from shared.artifacts import RUNTIME_ONNX, publish_artifact
 from shared.labels import TASK_CLASSIFICATION, TASK_SEGMENTATION
 from shared.promotion import GateFloors
 from shared.promotion import promote as promote_version
+from shared.store import publish_artifact
+from shared.variants import RUNTIME_ONNX
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@ a version published while a client alternates between them reaches both within t
 interval, and no request fails on the way.
 
 Two real `python -m service` processes (tests/service_process.py) on a registry in a temporary
-folder; the version is published the way the training job publishes (shared.artifacts, atomic).
+folder; the version is published the way the training job publishes (shared.store, atomic).
 """
 
 from __future__ import annotations

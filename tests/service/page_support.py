@@ -112,10 +112,10 @@ def publish_rigged_models(model_dir: Path) -> None:
     import torch
     import torch.nn.functional as F
 
-    from shared.artifacts import publish_artifact
     from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_SEGMENTATION
     from shared.preprocessing import Preprocessing
     from shared.promotion import GateFloors, promote
+    from shared.store import publish_artifact
 
     class DarkRegions(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,13 @@ from test_joint_model import TinyJoint, frame_with_lesion, joint_metadata
 from service.metrics import ServiceMetrics
 from service.predictors import ImageRequest
 from service.registry import ModelRegistry
-from shared.artifacts import GRAPH_CLASSIFY, RUNTIME_ONNX, publish_artifact
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 from shared.postprocessing import class_probabilities
 from shared.preprocessing import Preprocessing
 from shared.promotion import GateFloors, demote, promote
 from shared.quality import FEATURE_REASON
+from shared.store import publish_artifact
+from shared.variants import GRAPH_CLASSIFY, RUNTIME_ONNX
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -14,10 +14,11 @@ from service_inputs import png
 from tiny_manifests import promote_unchecked, write_unchecked_artifact
 from torch import nn
 
-from shared.artifacts import ManifestError, publish_artifact
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
+from shared.manifest import ManifestError
 from shared.preprocessing import Preprocessing
 from shared.promotion import GateFloors, promote
+from shared.store import publish_artifact
 
 PRE = Preprocessing(resize=64, resize_mode="letterbox", trim_border=True)
 

@@ -20,10 +20,10 @@ from torch import nn
 from service import tracing
 from service.metrics import ServiceMetrics
 from service.shadow import ShadowScorer, mask_dice, parse_shadow_version
-from shared.artifacts import publish_artifact
 from shared.drift import MANIFEST_FIELD, DriftReference, default_edges, histogram, psi
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.promotion import GateFloors, promote
+from shared.store import publish_artifact
 
 PNG = {"Content-Type": "image/png"}
 

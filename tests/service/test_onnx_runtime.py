@@ -14,9 +14,10 @@ from test_joint_model import TinyJoint, frame_with_lesion, joint_metadata
 
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
-from shared.artifacts import RUNTIME_ONNX, publish_artifact
 from shared.labels import TASK_DIAGNOSIS
 from shared.promotion import GateFloors, promote
+from shared.store import publish_artifact
+from shared.variants import RUNTIME_ONNX
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

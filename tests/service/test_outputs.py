@@ -131,7 +131,7 @@ def test_malformed_temperature_refuses_the_artifact(
 ):
     from tiny_manifests import classification_metadata, promote_unchecked, write_unchecked_artifact
 
-    from shared.artifacts import ManifestError
+    from shared.manifest import ManifestError
 
     bad = {"type": "logits", "shape": [3], "temperature": -1.0}
     with pytest.raises(ManifestError, match="temperature must be a positive number"):
@@ -191,9 +191,9 @@ def test_joint_artifact_declaring_a_temperature_in_its_classes_is_calibrated(ser
     import torch
     from test_joint_model import TinyJoint, joint_metadata
 
-    from shared.artifacts import publish_artifact
     from shared.labels import TASK_DIAGNOSIS
     from shared.promotion import GateFloors, promote
+    from shared.store import publish_artifact
 
     model_file = tmp_path / "joint.pt"
     torch.jit.script(TinyJoint().eval()).save(str(model_file))

@@ -10,7 +10,6 @@ import pytest
 from service_inputs import png
 from tiny_manifests import promote_unchecked
 
-from shared.artifacts import verify_artifact
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION, TASKS
 from shared.promotion import (
     PROMOTIONS_FILE,
@@ -19,6 +18,7 @@ from shared.promotion import (
     gate_refusals,
     read_promotions,
 )
+from shared.store import verify_artifact
 from training import promote as promote_cli
 
 HEADERS = {"Content-Type": "image/png"}

@@ -8,9 +8,10 @@ import pytest
 from service_inputs import png
 from tiny_manifests import classification_metadata, promote_unchecked, write_unchecked_artifact
 
-from shared.artifacts import ManifestError, list_versions
 from shared.errors import ArtifactNotFoundError
 from shared.labels import TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
+from shared.manifest import ManifestError
+from shared.store import list_versions
 
 
 @pytest.fixture
@@ -216,7 +217,7 @@ def test_manifest_with_a_field_of_the_wrong_type_is_counted_as_a_failed_load(
 def test_odd_folder_names_are_logged_once_per_name(tmp_path, caplog):
     for name in ("bad name", "also..bad"):
         (tmp_path / TASK_SEGMENTATION / name).mkdir(parents=True)
-    with caplog.at_level(logging.WARNING, logger="shared.artifacts"):
+    with caplog.at_level(logging.WARNING, logger="shared.store"):
         for _ in range(5):  # five polls
             assert list_versions(tmp_path, TASK_SEGMENTATION) == []
     warnings = [r for r in caplog.records if "invalid version name" in r.getMessage()]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from test_manifest import manifest_dict, runtime_entry
 
-from shared.artifacts import GRAPH_CLASSIFY, Manifest, ManifestError, runtime_file_name
+from shared.manifest import Manifest, ManifestError
 from shared.quality import FEATURE_REASON, FeatureOodDetector, feature_quality
+from shared.variants import GRAPH_CLASSIFY, runtime_file_name
 
 
 @pytest.mark.parametrize(

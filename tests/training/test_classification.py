@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from synthetic_busi import write_busi_folder
 
-from shared.artifacts import list_versions, verify_artifact
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION
 from shared.preprocessing import Preprocessing
+from shared.store import list_versions, verify_artifact
 from training import classification
 from training.classification import Augmentation, ClassificationDataset, class_weights, get_preset
 

@@ -20,8 +20,8 @@ import torch
 from synthetic_busi import write_busi_folder
 from torch import nn
 
-from shared.artifacts import list_versions, verify_artifact
 from shared.labels import TASK_DIAGNOSIS
+from shared.store import list_versions, verify_artifact
 from training import distributed
 from training.__main__ import main as training_main
 

@@ -12,11 +12,11 @@ import torch
 from synthetic_busi import write_busi_folder
 from torch import nn
 
-from shared.artifacts import publish_artifact, verify_artifact
 from shared.drift import MANIFEST_FIELD, DriftReference
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 from shared.preprocessing import Preprocessing
 from shared.promotion import PROMOTIONS_FILE
+from shared.store import publish_artifact, verify_artifact
 from training import drift_reference, promote
 
 

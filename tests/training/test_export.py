@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from shared.artifacts import verify_artifact
 from shared.preprocessing import Preprocessing
+from shared.store import verify_artifact
 from training.export import (
     ExportMismatchError,
     build_metadata,

@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_runtimes import _export, world  # noqa: F401 (the module-scoped fixture)
 
-from shared.artifacts import GRAPH_CLASSIFY, RUNTIME_ONNX, verify_artifact
 from shared.labels import TASK_DIAGNOSIS
 from shared.quality import FeatureOodDetector
+from shared.store import verify_artifact
+from shared.variants import GRAPH_CLASSIFY, RUNTIME_ONNX
 from training import joint, runtimes
 from training.ood import evaluate_feature_check
 

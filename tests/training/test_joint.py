@@ -12,9 +12,9 @@ import torch
 from synthetic_busi import write_busi_folder
 
 from service.registry import load_model
-from shared.artifacts import list_versions, verify_artifact
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.models.joint import ENCODERS, JointFlipAverage, JointUNet, load_lite_imagenet_state_dict
+from shared.store import list_versions, verify_artifact
 from training import joint
 from training.__main__ import main as training_main
 

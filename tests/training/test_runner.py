@@ -21,9 +21,9 @@ from synthetic_busi import write_busi_folder
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from shared.artifacts import list_versions, verify_artifact
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASKS
 from shared.preprocessing import Preprocessing
+from shared.store import list_versions, verify_artifact
 from training import classification, cli, engine, joint, runner, segmentation
 from training.data import LoadedSplit
 

@@ -13,18 +13,12 @@ import pytest
 import torch
 from synthetic_busi import write_busi_folder
 
-from shared.artifacts import (
-    ONNX_FILE,
-    RUNTIME_ONNX,
-    VALIDATION_BAR,
-    Manifest,
-    list_versions,
-    publish_artifact,
-    verify_artifact,
-)
 from shared.errors import ArtifactIntegrityError
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
+from shared.manifest import Manifest
 from shared.promotion import PROMOTIONS_FILE
+from shared.store import list_versions, publish_artifact, verify_artifact
+from shared.variants import ONNX_FILE, RUNTIME_ONNX, VALIDATION_BAR
 from training import joint, runtimes
 from training.__main__ import main as training_main
 from training.export import build_metadata, export_torchscript

@@ -10,9 +10,9 @@ import pytest
 import torch
 from synthetic_busi import write_busi_folder
 
-from shared.artifacts import list_versions, verify_artifact
 from shared.labels import TASK_SEGMENTATION
 from shared.preprocessing import Preprocessing
+from shared.store import list_versions, verify_artifact
 from training import segmentation
 from training.seg_metrics import bootstrap_mean_ci, score_masks, threshold_sweep
 from training.segmentation import DiceBCELoss, augment_pair, get_preset

@@ -164,7 +164,7 @@ def test_sites_command_trains_without_a_site_and_reports_per_site(two_sites, tmp
 
 @pytest.mark.slow
 def test_a_fold_run_publishes_with_per_site_and_held_out_site_figures(two_sites, tmp_path):
-    from shared.artifacts import verify_artifact
+    from shared.store import verify_artifact
 
     out = tmp_path / "fold"
     folds = tmp_path / "folds.json"
