@@ -36,8 +36,10 @@ def iter_multipart(body: bytes, boundary: str) -> Iterator[Part]:
     first = body if first_end < 0 else body[:first_end]
     if first.startswith(delimiter):  # no preamble: the body starts with the first delimiter
         position = len(delimiter)
-    elif delimiter in first:  # a preamble before the first delimiter is ignored (RFC 2046)
+    elif delimiter in first:  # a preamble glued to the first delimiter: read leniently
         position = first.index(delimiter) + len(delimiter)
+    elif first_end >= 0:  # a preamble, then CRLF and the first delimiter (RFC 2046): ignored
+        position = first_end + len(separator)
     else:
         raise MalformedMultipartError("the body does not contain the multipart boundary")
     found = False

@@ -39,3 +39,13 @@ def test_the_epilogue_is_ignored_and_part_types_are_read_case_blind() -> None:
 def test_a_body_that_cannot_be_split_is_malformed(body: bytes) -> None:
     with pytest.raises(MalformedMultipartError):
         split_multipart(body, "Ab")
+
+
+def test_a_preamble_before_the_first_delimiter_is_ignored() -> None:
+    """RFC 2046 5.1.1: a preamble may precede the first delimiter, which then follows a CRLF."""
+    body = (
+        b"This is a preamble.\r\n--Ab\r\nContent-Type: application/dicom\r\n\r\none\r\n--Ab--\r\n"
+    )
+    assert split_multipart(body, "Ab") == [Part("application/dicom", b"one")]
+    glued = b"preamble--Ab\r\n\r\none\r\n--Ab--"  # no CRLF before the delimiter: still read
+    assert split_multipart(glued, "Ab") == [Part("", b"one")]
