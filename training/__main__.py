@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
         classification.main(classification.parse_args(rest))
     elif command == "compare-cv":
-        from training import compare
+        from training.studies import compare
 
         compare.cv_main(compare.parse_cv_args(rest))
     elif command == "compare":
-        from training import compare
+        from training.studies import compare
 
         compare.main(compare.parse_args(rest))
     elif command == "fold-split":
