@@ -818,10 +818,7 @@ def parse_cv_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--folds", type=int, nargs="*", default=None, help="folds to run")
     parser.add_argument("--report-only", action="store_true", help="pool finished folds only")
-    args = cli.parse(parser, argv, "cv")
-    if args.output_dir is None:
-        args.output_dir = Path("training/reports/cv") / args.preset
-    return args
+    return _parse(parser, argv, "cv", Path("training/reports/cv"))
 
 
 def parse_oof_args(argv: list[str]) -> argparse.Namespace:
@@ -830,10 +827,7 @@ def parse_oof_args(argv: list[str]) -> argparse.Namespace:
         "Out-of-fold logits and features from the CV fold models",
         default_output="training/reports/cv/<preset>",
     )
-    args = cli.parse(parser, argv, "oof")
-    if args.output_dir is None:
-        args.output_dir = Path("training/reports/cv") / args.preset
-    return args
+    return _parse(parser, argv, "oof", Path("training/reports/cv"))
 
 
 def parse_fit_args(argv: list[str]) -> argparse.Namespace:
@@ -860,7 +854,14 @@ def parse_fit_args(argv: list[str]) -> argparse.Namespace:
         "without training",
     )
     parser.add_argument("--name", default=None, help="artifact name (default: the preset)")
-    args = cli.parse(parser, argv, "fit")
+    return _parse(parser, argv, "fit", Path("training/reports/fit"))
+
+
+def _parse(
+    parser: argparse.ArgumentParser, argv: list[str], command: str, reports: Path
+) -> argparse.Namespace:
+    """cli.parse, with the run folder defaulting to <reports>/<preset>."""
+    args = cli.parse(parser, argv, command)
     if args.output_dir is None:
-        args.output_dir = Path("training/reports/fit") / args.preset
+        args.output_dir = reports / args.preset
     return args
