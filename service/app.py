@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 from service.apidocs import complete_openapi, install_docs
 from service.audit import AuditLog
 from service.auth import SCOPE_INFER, load_keyring, require_scope
-from service.delivery import ResultsDelivery
+from service.dicom.delivery import ResultsDelivery
 from service.errors import install_error_handlers
 from service.metrics import DeliveryMetrics
 from service.middleware import (
@@ -23,9 +23,9 @@ from service.middleware import (
 )
 from service.registry import ReloadPoller, configure_torch
 from service.routes import dicomweb, inference, models, ops, page
-from service.runtime import Runtime
 from service.schemas import error_responses
 from service.settings import Settings, get_settings
+from service.state import AppState
 from service.tracing import TracingMiddleware, configure_tracing, install_trace_ids
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Both raise AccessConfigError (the service refuses to start), so before any thread starts.
     keyring = load_keyring(settings.API_KEYS_FILE)
     audit = AuditLog(settings.AUDIT_LOG_FILE) if settings.AUDIT_LOG_FILE else None
-    runtime = Runtime.from_settings(settings)
+    runtime = AppState.from_settings(settings)
     if audit is not None:
         audit.metrics = runtime.metrics
     delivery = None

@@ -27,7 +27,6 @@ response layer knowing. It also counts the served labels and top probabilities p
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from typing import Any
 from service.auth import AccessConfigError
 from service.metrics import ServiceMetrics
 from shared import errors as domain
-from shared.decoding import sniff_format
+from shared.decoding import read_dicom_header, sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +128,10 @@ def should_audit(scope: dict[str, Any], status: int) -> bool:
 
 def dicom_source(data: bytes) -> dict[str, str] | None:
     """The source UIDs of a DICOM file, or None when its header cannot be read."""
-    from pydicom import dcmread
-
+    ds = read_dicom_header(data, _UID_TAGS)
     try:
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(_UID_TAGS))
-        return {tag: audit_uid(ds.get(tag, "")) for tag in _UID_TAGS}
-    except Exception:  # any unreadable header: the audit record says so with None
+        return None if ds is None else {tag: audit_uid(ds.get(tag, "")) for tag in _UID_TAGS}
+    except Exception:  # a value pydicom cannot convert: the audit record says so with None
         return None
 
 

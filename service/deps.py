@@ -10,9 +10,10 @@ from starlette.datastructures import UploadFile
 
 from service.audit import RecordingPredictor
 from service.errors import MissingFileError, UnsupportedMediaTypeError
+from service.media_types import parse_media_type
 from service.predictors import ImageRequest, Predictor
 from service.registry import ModelRegistry
-from service.runtime import Runtime
+from service.state import AppState
 
 # The declared format of each accepted media type; octet-stream (or none) means "sniff".
 MEDIA_TYPE_FORMATS = {
@@ -21,10 +22,6 @@ MEDIA_TYPE_FORMATS = {
     "application/dicom": "dicom",
 }
 SNIFFED_MEDIA_TYPES = frozenset({"application/octet-stream", ""})
-
-
-def _media_type(value: str | None) -> str:
-    return (value or "").split(";", 1)[0].strip().lower()
 
 
 def _text_part_bytes(value: str) -> bytes:
@@ -46,22 +43,22 @@ def _text_part_bytes(value: str) -> bytes:
     return value.encode("utf-8")
 
 
-def get_runtime(request: Request) -> Runtime:
+def get_app_state(request: Request) -> AppState:
     return request.app.state.runtime
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+AppStateDep = Annotated[AppState, Depends(get_app_state)]
 
 
-def get_predictor(request: Request, runtime: RuntimeDep) -> Predictor:
+def get_predictor(request: Request, app_state: AppStateDep) -> Predictor:
     """The predictor, recording each input and result for the audit log and the drift metrics."""
     audited = request.app.state.audit is not None
     state = request.scope["state"] if audited else None
-    return cast(Predictor, RecordingPredictor(runtime.predictor, runtime.metrics, state))
+    return cast(Predictor, RecordingPredictor(app_state.predictor, app_state.metrics, state))
 
 
-def get_registry(runtime: RuntimeDep) -> ModelRegistry:
-    return runtime.registry
+def get_registry(app_state: AppStateDep) -> ModelRegistry:
+    return app_state.registry
 
 
 def get_request_id(request: Request) -> str:
@@ -79,7 +76,7 @@ async def read_image(
     ] = 0,
 ) -> ImageRequest:
     """The image of the request: the multipart field `file`, or else the raw body."""
-    media_type = _media_type(request.headers.get("content-type"))
+    media_type = parse_media_type(request.headers.get("content-type")).essence
     if media_type == "multipart/form-data":
         # The body limit already bounds every part; Starlette's own 1 MiB cap on parts without
         # a file name would refuse a `filename*=` upload (see _text_part_bytes).
@@ -89,7 +86,7 @@ async def read_image(
             if isinstance(upload, UploadFile):
                 data = await upload.read()
                 # A part's type comes from the client's file name, so any other type is sniffed.
-                declared = MEDIA_TYPE_FORMATS.get(_media_type(upload.content_type))
+                declared = MEDIA_TYPE_FORMATS.get(parse_media_type(upload.content_type).essence)
             elif isinstance(upload, str) and upload:
                 data, declared = _text_part_bytes(upload), None
             else:

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import InsufficientScopeError, NotAuthenticatedError
-from service.dicom_results import DicomOutputNeedsDicomInputError, UnreferenceableDicomError
-from service.stow import MalformedMultipartError
+from service.dicom.builders import DicomOutputNeedsDicomInputError, UnreferenceableDicomError
+from service.dicom.multipart import MalformedMultipartError
 from shared import errors as domain
 
 log = logging.getLogger(__name__)

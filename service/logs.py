@@ -46,7 +46,7 @@ LOG_FIELDS = frozenset({
     "bytes", "sha256", "format", "n_frames", "models", "shape", "frame", "frames_analysed",
     # the trace a line belongs to (service.tracing)
     "trace_id", "span_id",
-    # a STOW-RS request's summary (service.routes.dicomweb)
+    # a STOW-RS request's summary (service.dicom.stow)
     "instances", "stored", "failed", "not_processed", "failure_reasons", "delivery_failures",
     # models, artifacts, promotion, training (service.registry, shared, training)
     "task", "version", "reason", "promoted", "previous", "newest", "model_dir", "stage",

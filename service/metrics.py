@@ -320,7 +320,7 @@ def _build_facts() -> dict[str, str]:
 
 
 class DeliveryMetrics:
-    """The results-delivery lane's gauges (service.delivery), on the service's registry."""
+    """The results-delivery lane's gauges (service.dicom.delivery), on the service's registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.backlog = Gauge(

@@ -36,15 +36,16 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from service import tracing
-from service.dicom.fhir import FHIR_MEDIA_TYPE
-from service.dicom_output import MULTIPART_DICOM, DicomResults, get_dicom_results
-from service.dicom_results import (
+from service.dicom.builders import (
     DICOM_MEDIA_TYPE,
     NEEDS_DICOM_MESSAGE,
     DicomOutputNeedsDicomInputError,
-    multipart_related,
     to_bytes,
 )
+from service.dicom.fhir import FHIR_MEDIA_TYPE
+from service.dicom.multipart import multipart_related
+from service.dicom.results import MULTIPART_DICOM, DicomResults, get_dicom_results
+from service.media_types import MediaRange, MediaType, parse_accept, parse_media_type
 from service.predictors import Analysis, Classification, ImageFacts, ImageRequest, Segmentation
 from service.registry import LoadedModel
 from service.schemas import (
@@ -66,85 +67,6 @@ from shared.decoding import sniff_format
 JSON_MEDIA_TYPE = "application/json"
 PNG_MEDIA_TYPE = "image/png"
 _VARY = {"Vary": "Accept"}
-
-
-# --- content negotiation ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MediaRange:
-    """One element of an Accept header."""
-
-    type: str  # lower case; "*" for any
-    subtype: str
-    params: dict[str, str]  # lower-case names and values, quotes removed; q not included
-    q: float
-    position: int  # where the client listed it
-
-    def specificity(self, media_type: MediaType) -> int | None:
-        """How specifically this range matches `media_type` (higher: more), or None."""
-        if self.type != "*" and self.type != media_type.type:
-            return None
-        if self.subtype != "*" and self.subtype != media_type.subtype:
-            return None
-        for name, value in media_type.params.items():
-            if name in self.params and self.params[name] != value:
-                return None
-        if self.type == "*":
-            return 0
-        if self.subtype == "*":
-            return 1
-        return 2 + sum(name in self.params for name in media_type.params)
-
-
-@dataclass(frozen=True)
-class MediaType:
-    type: str
-    subtype: str
-    params: dict[str, str]
-
-    @classmethod
-    def parse(cls, text: str) -> MediaType:
-        fields = [f.strip() for f in text.split(";")]
-        type_, _, subtype = fields[0].lower().partition("/")
-        return cls(type_, subtype, dict(_params(fields[1:])))
-
-
-def _params(fields: Sequence[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for field in fields:
-        name, sep, value = field.partition("=")
-        if sep:
-            pairs.append((name.strip().lower(), value.strip().strip('"').lower()))
-    return pairs
-
-
-def parse_accept(header: str) -> list[MediaRange]:
-    """The media ranges of an Accept header; malformed elements (and bad q-values) are dropped.
-
-    Parameters after q are accept-extensions, not media type parameters (RFC 9110 12.5.1).
-    """
-    ranges = []
-    for position, item in enumerate(header.split(",")):
-        fields = [f.strip() for f in item.split(";")]
-        type_, slash, subtype = fields[0].lower().partition("/")
-        if not slash or not type_ or not subtype or (type_ == "*" and subtype != "*"):
-            continue
-        params: dict[str, str] = {}
-        q: float | None = 1.0
-        for name, value in _params(fields[1:]):
-            if name == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = None
-                if q is not None and not 0.0 <= q <= 1.0:
-                    q = None
-                break
-            params[name] = value
-        if q is not None:
-            ranges.append(MediaRange(type_, subtype, params, q, position))
-    return ranges
 
 
 # --- encoders --------------------------------------------------------------------------------
@@ -361,7 +283,7 @@ class Offer:
 
     @property
     def parsed(self) -> MediaType:
-        return MediaType.parse(self.media_type)
+        return parse_media_type(self.media_type)
 
 
 CLASSIFY_OFFERS = (Offer(JSON_MEDIA_TYPE, classify_json),)

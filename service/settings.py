@@ -224,7 +224,7 @@ class Settings(BaseSettings):
         description="Wall-clock limit of one delivery try to RESULTS_STOW_URL (connect, upload "
         "and answer together, not per read)",
     )
-    # --- results delivery lane and STOW-RS bounds (service/delivery.py, docs/operations.md) -----
+    # --- results delivery lane and STOW-RS bounds (service/dicom/delivery.py, docs/operations.md) -
     RESULTS_STOW_DEADLINE_S: float = Field(
         30.0,
         gt=0,

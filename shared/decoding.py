@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import NamedTuple
@@ -669,3 +670,21 @@ def _monochrome_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     for i in blocks:
         out[i : i + blocks.step] = _scale_to_uint8(display(arr[i : i + blocks.step]), low, high)
     return out
+
+
+def read_dicom_header(data: bytes, keywords: Sequence[str]) -> Dataset | None:
+    """The attributes `keywords` names (and the file meta) of a PS3.10 file's header, read
+    without its pixel data; None when no header can be read. Raises nothing.
+
+    The values are converted when first read, which raises for one pydicom cannot convert (a
+    US of odd length, an IS that is no number): callers read them under their own guard and say
+    what that means for them (the decoder's checks, a STOW-RS failure reason, an audit record
+    without UIDs). The one reader of headers ahead of decoding, used by the ultrasound policy,
+    the audit log and STOW-RS ingest.
+    """
+    try:
+        return dcmread(
+            BytesIO(data), force=False, stop_before_pixels=True, specific_tags=list(keywords)
+        )
+    except Exception:  # any unreadable header; nothing is logged, headers hold patient data
+        return None

@@ -9,10 +9,7 @@ grid). Both are read from the header alone, before any pixel is decoded or any m
 
 from __future__ import annotations
 
-from io import BytesIO
-
-from pydicom import dcmread
-
+from shared.decoding import read_dicom_header
 from shared.errors import NonImageDicomError, NotUltrasoundError
 
 ULTRASOUND_MODALITY = "US"
@@ -35,16 +32,13 @@ def check_ultrasound_image(data: bytes) -> None:
     decoder then reports what is wrong with it. Raises NonImageDicomError for a non-image SOP
     class and NotUltrasoundError for a Modality other than US.
     """
+    ds = read_dicom_header(data, ("SOPClassUID", "Modality"))
+    if ds is None:  # malformed headers are the decoder's to report, with its own codes
+        return
     try:
-        ds = dcmread(
-            BytesIO(data),
-            force=False,
-            stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "Modality"],
-        )
         sop_class = str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
         modality = str(ds.get("Modality") or "").strip().upper()
-    except Exception:  # malformed headers are the decoder's to report, with its own codes
+    except Exception:  # so are values pydicom cannot convert
         return
     for prefix, kind in _NON_IMAGE_SOP_PREFIXES.items():
         if sop_class.startswith(prefix):

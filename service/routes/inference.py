@@ -8,7 +8,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Query, Response
 
 from service.deps import ImageDep, PredictorDep
-from service.dicom_output import NOT_ACCEPTABLE_RESPONSE, SEG_AND_SR_CONTENT, SEG_CONTENT
+from service.dicom.results import NOT_ACCEPTABLE_RESPONSE, SEG_AND_SR_CONTENT, SEG_CONTENT
 from service.presentation import (
     CLASSIFY_OFFERS,
     DIAGNOSE_OFFERS,

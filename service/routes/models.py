@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from service.auth import SCOPE_MODELS, require_scope
 from service.card import model_card
-from service.deps import RuntimeDep
+from service.deps import AppStateDep
 from service.errors import error_response
 from service.predictors import DEFAULT_UNCERTAIN_BELOW
 from service.schemas import error_responses
@@ -34,13 +34,13 @@ _ERRORS[404] = {
 )
 async def model_card_of(
     task: Literal["classification", "segmentation", "diagnosis"],
-    runtime: RuntimeDep,
+    app_state: AppStateDep,
     request: Request,
 ) -> dict[str, Any] | JSONResponse:
     """The model card of the version answering `task`: intended use, training sites and
     scanners, per-site and held-out-site figures, calibration, limitations, the training data's
     licences and citations; blocks its manifest lacks are null and listed in `missing`."""
-    registry = runtime.registry
+    registry = app_state.registry
     model = registry.loaded().get(task) or registry.joint()
     if model is None and not registry.ready:
         raise ModelUnavailableError(f"no {task} model is loaded yet; try again later")
@@ -50,7 +50,7 @@ async def model_card_of(
     calibration = None
     if model.class_names:
         cal = model.calibration
-        below = runtime.settings.UNCERTAIN_BELOW
+        below = app_state.settings.UNCERTAIN_BELOW
         below = cal.uncertain_below if below is None else below
         calibration = {
             "calibrated": cal.calibrated,

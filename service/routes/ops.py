@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse
 from service.auth import SCOPE_METRICS, SCOPE_MODELS, require_scope
 from service.metrics import CONTENT_TYPE_LATEST
 from service.predictors import DEFAULT_UNCERTAIN_BELOW
-from service.runtime import Runtime
 from service.schemas import (
     CalibrationDescription,
     HealthResponse,
@@ -22,6 +21,7 @@ from service.schemas import (
     ReadyResponse,
     error_responses,
 )
+from service.state import AppState
 
 router = APIRouter(tags=["operations"])
 
@@ -29,14 +29,14 @@ router = APIRouter(tags=["operations"])
 WORKER_PROBE_S = 0.5
 
 
-async def _runtime(request: Request) -> Runtime:
-    """The app's runtime, on the event loop: service.deps.RuntimeDep is a plain-def dependency,
+async def _app_state(request: Request) -> AppState:
+    """The app state, on the event loop: service.deps.AppStateDep is a plain-def dependency,
     which FastAPI runs on a worker thread, and when every worker is held (requests waiting on a
     hung forward) the probes and the scrapes that wait for one never answer at all."""
     return request.app.state.runtime
 
 
-OpsRuntimeDep = Annotated[Runtime, Depends(_runtime)]
+OpsAppStateDep = Annotated[AppState, Depends(_app_state)]
 
 
 @router.get("/healthz", response_model=HealthResponse)
@@ -52,17 +52,17 @@ async def healthz() -> HealthResponse:
         503: {"model": ReadyResponse, "description": "Not ready, stalled, or shutting down"}
     },
 )
-async def readyz(request: Request, runtime: OpsRuntimeDep) -> JSONResponse:
+async def readyz(request: Request, app_state: OpsAppStateDep) -> JSONResponse:
     """Readiness: 200 only when every model is loaded and warmed up, inference makes progress,
     and no shutdown began. Answered from the event loop within about half a second, whatever the
     worker threads are doing; it shows no versions (/models does, with a key)."""
-    loaded = runtime.registry.loaded()
-    models = {task: task in loaded for task in runtime.registry.tasks}
-    if runtime.draining.is_set():
+    loaded = app_state.registry.loaded()
+    models = {task: task in loaded for task in app_state.registry.tasks}
+    if app_state.draining.is_set():
         status = "shutting_down"
-    elif not runtime.registry.ready:
+    elif not app_state.registry.ready:
         status = "loading"
-    elif await inference_stalled(runtime, request.app.state):
+    elif await inference_stalled(app_state, request.app.state):
         status = "stalled"
     else:
         status = "ready"
@@ -70,22 +70,22 @@ async def readyz(request: Request, runtime: OpsRuntimeDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
 
 
-async def inference_stalled(runtime: Runtime, app_state: Any) -> bool:
+async def inference_stalled(state: AppState, starlette_state: Any) -> bool:
     """Inference has made no progress for READY_STALL_S: a request has waited that long for
     its forward (or one forward has run that long), or no worker thread, which every image
     request needs, has freed up for a WORKER_PROBE_S probe in that long. Both need a stall that
     lasts: a burst that holds every worker for a moment is load, not a stall."""
-    stall_s = runtime.settings.READY_STALL_S
-    if runtime.batcher.stalled_s() > stall_s:
+    stall_s = state.settings.READY_STALL_S
+    if state.batcher.stalled_s() > stall_s:
         return True
     now = time.monotonic()
     with anyio.move_on_after(WORKER_PROBE_S):
         await anyio.to_thread.run_sync(_nothing)
-        app_state.worker_seen = time.monotonic()
+        starlette_state.worker_seen = time.monotonic()
         return False
-    seen = getattr(app_state, "worker_seen", None)
+    seen = getattr(starlette_state, "worker_seen", None)
     if seen is None:  # no probe has found a worker yet: the clock starts now
-        app_state.worker_seen = seen = now
+        starlette_state.worker_seen = seen = now
     return now - seen > stall_s
 
 
@@ -99,11 +99,11 @@ def _nothing() -> None:
     dependencies=[require_scope(SCOPE_MODELS)],
     responses=error_responses(401, 403),
 )
-async def models(runtime: OpsRuntimeDep) -> ModelsResponse:
+async def models(app_state: OpsAppStateDep) -> ModelsResponse:
     """The artifact serving each task: name, version, sha256, metadata and evaluation metrics."""
-    loaded = runtime.registry.loaded()
+    loaded = app_state.registry.loaded()
     described: dict[str, ModelDescription | None] = {}
-    for task in runtime.registry.tasks:
+    for task in app_state.registry.tasks:
         model = loaded.get(task)
         if model is None:
             described[task] = None
@@ -112,7 +112,7 @@ async def models(runtime: OpsRuntimeDep) -> ModelsResponse:
         calibration = None
         if model.class_names:
             cal = model.calibration
-            below = runtime.settings.UNCERTAIN_BELOW
+            below = app_state.settings.UNCERTAIN_BELOW
             below = cal.uncertain_below if below is None else below
             calibration = CalibrationDescription(
                 calibrated=cal.calibrated,
@@ -136,7 +136,7 @@ async def models(runtime: OpsRuntimeDep) -> ModelsResponse:
             intended_use=meta.get("intended_use"),
             runtime=model.runtime,
         )
-    registry = runtime.registry
+    registry = app_state.registry
     return ModelsResponse(
         models=described,
         pins=registry.pins(),
@@ -156,7 +156,7 @@ async def models(runtime: OpsRuntimeDep) -> ModelsResponse:
         **error_responses(401, 403),
     },
 )
-async def metrics(runtime: OpsRuntimeDep) -> Response:
+async def metrics(app_state: OpsAppStateDep) -> Response:
     """Prometheus exposition: latencies per endpoint and stage, failures, model versions, served
     labels, the process."""
-    return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(app_state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -20,7 +20,8 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import generate_uid
 from service_inputs import dicom
 
-from service.stow import media_type_params, split_multipart
+from service.dicom.multipart import split_multipart
+from service.media_types import parse_media_type
 
 US_MULTIFRAME_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -78,8 +79,9 @@ def header(data: bytes) -> Dataset:
 
 def read_parts(content_type: str, body: bytes) -> list[Dataset]:
     """The DICOM datasets of a multipart/related response."""
-    media_type, params = media_type_params(content_type)
-    assert media_type == "multipart/related"
+    media_type = parse_media_type(content_type)
+    params = media_type.params
+    assert media_type.essence == "multipart/related"
     assert params["type"] == "application/dicom"
     return [dcmread(io.BytesIO(p.data)) for p in split_multipart(body, params["boundary"])]
 

@@ -34,7 +34,7 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 from service_inputs import LESION, jpeg, png, scan, uniform
 
-from service.dicom_results import (
+from service.dicom.builders import (
     PRIVATE_SCHEME,
     RESEARCH_STATEMENT,
     silence_highdicom_warnings,

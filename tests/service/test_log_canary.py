@@ -25,7 +25,7 @@ from pydicom import dcmread
 from pydicom.config import settings as pydicom_settings
 
 from service import logs
-from service.dicom_output import DicomResults, get_dicom_results
+from service.dicom.results import DicomResults, get_dicom_results
 
 STUDY_UID = "1.2.826.0.1.3680043.9.7777.31071"
 # Every canary value holds "canary" or one of these dates, none of which a test file holds else.

@@ -12,14 +12,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from service_inputs import jpeg, png, scan, uniform
 
-from service.dicom_results import DicomOutputNeedsDicomInputError
+from service.dicom.builders import DicomOutputNeedsDicomInputError
 from service.predictors import ImageRequest
 from service.presentation import (
     CLASSIFY_OFFERS,
     DIAGNOSE_OFFERS,
     SEGMENT_OFFERS,
     choose,
-    parse_accept,
 )
 
 DICOM = {"Content-Type": "application/dicom"}
@@ -71,14 +70,6 @@ def test_a_dicom_answer_for_a_png_falls_back_to_an_acceptable_json_or_is_a_406()
     with pytest.raises(DicomOutputNeedsDicomInputError):
         choose("application/dicom", SEGMENT_OFFERS, input_is_dicom=False)
     assert choose("application/dicom", CLASSIFY_OFFERS, False).media_type == "application/json"
-
-
-def test_accept_parsing_keeps_parameters_and_drops_extensions_after_q() -> None:
-    (media_range,) = parse_accept('Multipart/Related; Type="application/dicom"; q=0.7; ext=1')
-    assert (media_range.type, media_range.subtype) == ("multipart", "related")
-    assert media_range.params == {"type": "application/dicom"}
-    assert media_range.q == 0.7
-    assert parse_accept("*/png, image, /x") == []
 
 
 def test_segment_honours_q_values_end_to_end(client: TestClient) -> None:

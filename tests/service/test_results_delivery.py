@@ -10,10 +10,10 @@ import pytest
 from fake_pacs import FakePacs, wait_until
 from prometheus_client import CollectorRegistry
 
-from service.delivery import ResultsBacklogFullError, ResultsDelivery
+from service.dicom.delivery import ResultsBacklogFullError, ResultsDelivery
+from service.dicom.stow_client import StowClient
 from service.metrics import DeliveryMetrics
 from service.settings import Settings
-from service.stow import StowClient
 
 PAYLOAD = [b"\0" * 1000]
 

@@ -15,7 +15,7 @@ from fake_pacs import FakePacs, wait_until
 from fastapi import FastAPI
 from test_dicomweb import failures, stored_uids, stow
 
-from service.dicom_output import DicomResults, get_dicom_results
+from service.dicom.results import DicomResults, get_dicom_results
 
 
 class ResultsWithABug(DicomResults):

@@ -1,144 +1,29 @@
-"""STOW-RS both ways: reading a multipart/related request, and sending results to a PACS.
-
-PS3.18 10.5: a STOW-RS request is a `multipart/related; type="application/dicom"` body whose parts
-are PS3.10 files, and its response is a DICOM JSON dataset listing the stored instances (Referenced
-SOP Sequence) and the failed ones (Failed SOP Sequence, each with a Failure Reason).
-"""
+"""The STOW-RS client: sends DICOM instances to one PACS (PS3.18 10.5), with retries and one
+deadline per delivery. Its answer is a DICOM JSON dataset; a Failed SOP Sequence in it means the
+target did not store them all."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from email.message import Message
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import httpx
 
-from service.dicom_results import DICOM_MEDIA_TYPE, multipart_related
-from shared.errors import InputError
+from service.dicom.builders import DICOM_MEDIA_TYPE
+from service.dicom.multipart import multipart_related
 
 log = logging.getLogger(__name__)
 
 DICOM_JSON_MEDIA_TYPE = "application/dicom+json"
-
-# PS3.18 Table 10.5.3-3 and PS3.4 Annex B.2.3: Failure Reason (0008,1197) values.
-PROCESSING_FAILURE = 0x0110
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 
 # Status codes of a STOW-RS target worth another try: it may answer the next one.
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _BACKOFF_S = 0.5
 # A STOW-RS answer lists the stored and failed instances: a few KiB for our SEG and SR.
 _MAX_ANSWER_BYTES = 1024 * 1024
-
-
-class MalformedMultipartError(InputError):
-    """A multipart/related body that cannot be split into its parts."""
-
-    code = "malformed_multipart"
-
-
-@dataclass(frozen=True)
-class Part:
-    media_type: str
-    data: bytes
-
-
-def media_type_params(value: str) -> tuple[str, dict[str, str]]:
-    """`multipart/related; type="application/dicom"; boundary=x` -> (media type, parameters)."""
-    message = Message()
-    message["content-type"] = value
-    params = {k.lower(): v for k, v in message.get_params(failobj=[])[1:]}
-    return message.get_content_type(), params
-
-
-def iter_multipart(body: bytes, boundary: str) -> Iterator[Part]:
-    """The parts of a PS3.18 8.6.1.2 / RFC 2046 multipart body, each part's bytes exact, one at a
-    time: a caller that counts them can stop at a cap before the rest of the body is split.
-
-    Raises MalformedMultipartError when the boundary never appears or a part has no header end.
-    """
-    delimiter = b"--" + boundary.encode("latin-1")
-    separator = b"\r\n" + delimiter
-    first_end = body.find(separator)
-    first = body if first_end < 0 else body[:first_end]
-    if first.startswith(delimiter):  # no preamble: the body starts with the first delimiter
-        position = len(delimiter)
-    elif delimiter in first:  # a preamble before the first delimiter is ignored (RFC 2046)
-        position = first.index(delimiter) + len(delimiter)
-    else:
-        raise MalformedMultipartError("the body does not contain the multipart boundary")
-    found = False
-    while True:
-        end = body.find(separator, position)
-        if body.startswith(b"--", position):  # the close delimiter: the epilogue is ignored
-            break
-        piece = body[position : len(body) if end < 0 else end]
-        header_end = piece.find(b"\r\n\r\n")
-        if header_end < 0:
-            raise MalformedMultipartError("a multipart part has no end of headers")
-        media_type = ""
-        for line in piece[:header_end].decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-type":
-                media_type = media_type_params(value.strip())[0]
-        found = True
-        yield Part(media_type, piece[header_end + 4 :])
-        if end < 0:
-            break
-        position = end + len(separator)
-    if not found:
-        raise MalformedMultipartError("the multipart body holds no part")
-
-
-def split_multipart(body: bytes, boundary: str) -> list[Part]:
-    """Every part of a multipart body (iter_multipart); raises as it does."""
-    return list(iter_multipart(body, boundary))
-
-
-@dataclass
-class StowResponse:
-    """What a STOW-RS origin server answers, accumulated instance by instance."""
-
-    stored: list[tuple[str, str]] = field(default_factory=list)  # (SOP class, SOP instance)
-    failed: list[tuple[str, str, int]] = field(default_factory=list)  # ... and Failure Reason
-
-    @property
-    def status_code(self) -> int:
-        """PS3.18 10.5.3: 200 all stored, 202 some failed, 409 none stored."""
-        if not self.failed:
-            return 200
-        return 202 if self.stored else 409
-
-    def to_json(self) -> dict:
-        """The DICOM JSON (PS3.18 F.2) response dataset."""
-        body: dict = {}
-        if self.stored:
-            body["00081199"] = {
-                "vr": "SQ",
-                "Value": [_sop_reference(c, i) for c, i in self.stored],
-            }
-        if self.failed:
-            body["00081198"] = {
-                "vr": "SQ",
-                "Value": [
-                    {**_sop_reference(c, i), "00081197": {"vr": "US", "Value": [reason]}}
-                    for c, i, reason in self.failed
-                ],
-            }
-        return body
-
-
-def _sop_reference(sop_class: str, sop_instance: str) -> dict:
-    def ui(value: str) -> dict:
-        return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
-
-    return {"00081150": ui(sop_class), "00081155": ui(sop_instance)}
 
 
 @dataclass(frozen=True)

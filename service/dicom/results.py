@@ -1,10 +1,10 @@
 """DICOM and FHIR results of an analysis, built from the predictor's raw results.
 
 The response layer (service/presentation.py) picks them by `Accept` on /segment and /diagnose, and
-the STOW-RS entry point (service/routes/dicomweb.py) sends them on; both go through `DicomResults`,
-from the same `Analysis` the JSON answer is made of. Only a DICOM input has a study to reference.
-/diagnose's DICOM answer is the SEG (when there is a lesion), the TID 1500 SR and the
-presentation state that draws the finding on the source frame.
+STOW-RS ingest (service.dicom.stow) sends them on; both go through `DicomResults`, from the same
+`Analysis` the JSON answer is made of. Only a DICOM input has a study to reference. /diagnose's
+DICOM answer is the SEG (when there is a lesion), the TID 1500 SR and the presentation state that
+draws the finding on the source frame.
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from pydicom import Dataset
 
-from service.dicom.fhir import FHIR_MEDIA_TYPE, diagnostic_report
-from service.dicom.header import ResultSource, result_source
-from service.dicom.presentation_state import build_presentation_state
-from service.dicom_results import (
+from service.dicom.builders import (
     DICOM_MEDIA_TYPE,
     MANUFACTURER,
     RESEARCH_STATEMENT,
@@ -32,6 +29,9 @@ from service.dicom_results import (
     source_image,
     tracked_findings,
 )
+from service.dicom.fhir import FHIR_MEDIA_TYPE, diagnostic_report
+from service.dicom.header import ResultSource, result_source
+from service.dicom.presentation_state import build_presentation_state
 from service.predictors import Analysis
 from service.schemas import ErrorResponse
 from service.settings import Settings

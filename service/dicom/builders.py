@@ -407,18 +407,3 @@ def to_bytes(dataset: Dataset) -> bytes:
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def multipart_related(
-    parts: Sequence[bytes], media_type: str = DICOM_MEDIA_TYPE
-) -> tuple[bytes, str]:
-    """PS3.18 8.6.1.2 multipart/related body of `parts` and its Content-Type header value."""
-    boundary = f"busi-{secrets.token_hex(16)}"
-    chunks = []
-    for part in parts:
-        chunks.append(f"--{boundary}\r\nContent-Type: {media_type}\r\n\r\n".encode("ascii"))
-        chunks.append(part)
-        chunks.append(b"\r\n")
-    chunks.append(f"--{boundary}--\r\n".encode("ascii"))
-    content_type = f'multipart/related; type="{media_type}"; boundary={boundary}'
-    return b"".join(chunks), content_type

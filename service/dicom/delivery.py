@@ -1,8 +1,8 @@
 """Delivery of results to RESULTS_STOW_URL, kept apart from inference.
 
-A delivery is async I/O on the event loop (service.stow.StowClient): while a PACS is slow, hangs
-or is down, the delivery waiting on it holds no worker thread, so inference (which runs on the
-worker threads) loses nothing to it. Three bounds keep a bad target from costing more:
+A delivery is async I/O on the event loop (service.dicom.stow_client.StowClient): while a PACS is
+slow, hangs or is down, the delivery waiting on it holds no worker thread, so inference (which
+runs on the worker threads) loses nothing to it. Three bounds keep a bad target from costing more:
 
 * at most RESULTS_STOW_WORKERS deliveries talk to the target at once; the others wait for a slot;
 * each delivery has one deadline, RESULTS_STOW_DEADLINE_S from when it was handed over: waiting
@@ -21,9 +21,9 @@ import logging
 from collections.abc import Sequence
 
 from service import tracing
+from service.dicom.stow_client import Delivery, StowClient
 from service.metrics import DeliveryMetrics
 from service.settings import Settings
-from service.stow import Delivery, StowClient
 from shared import errors as domain
 
 log = logging.getLogger(__name__)

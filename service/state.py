@@ -1,4 +1,5 @@
-"""What one app instance holds while it runs: settings, metrics, models, predictor, drain flag."""
+"""The app state: what one app instance holds while it runs (settings, metrics, models,
+predictor, drain flag), made in the lifespan and kept as `app.state.runtime`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from shared.quality import load_detector
 
 
 @dataclass
-class Runtime:
+class AppState:
     settings: Settings
     metrics: ServiceMetrics
     registry: ModelRegistry
@@ -32,7 +33,7 @@ class Runtime:
         return self.registry.batcher
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Runtime:
+    def from_settings(cls, settings: Settings) -> AppState:
         metrics = ServiceMetrics()
         registry = ModelRegistry(
             settings.MODEL_DIR,
