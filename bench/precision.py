@@ -4,8 +4,8 @@ For each of the 5 cross-validation fold models (training/reports/cv/<preset>/fol
 weights behind oof.json), exports the served form (flip averaging, TorchScript, as `python -m
 training fit` publishes it), derives each variant from it and scores the fold's held-out images
 with each: accuracy, macro AUC and lesion Dice pooled over all 623 images, exactly as the CV
-report computes them (training.joint._figures). Then times each variant's batch-1 forward on
-fold 0, at 1 thread and at all usable CPUs, alternated in rounds.
+report computes them (training.metrics.diagnosis_figures). Then times each variant's batch-1
+forward on fold 0, at 1 thread and at all usable CPUs, alternated in rounds.
 
 A variant may ship only when its figures stay within 0.5 points of accuracy, 0.005 macro AUC
 and 0.005 lesion Dice of fp32 and its forward is clearly faster (p50 at most 0.9 x fp32's, at
@@ -303,17 +303,10 @@ def time_forward(forwards: dict[str, Forward], example: torch.Tensor, rounds: in
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    from training.data import DEFAULT_FOLDS_FILE, load_folds, load_split_images, scan_dataset
     from training.export import export_torchscript
-    from training.joint import (
-        DEFAULT_FOLDS_FILE,
-        _figures,
-        build_model,
-        get_preset,
-        load_folds,
-        load_split_images,
-        preprocessing_for,
-        scan_dataset,
-    )
+    from training.joint import build_model, get_preset, preprocessing_for
+    from training.metrics import diagnosis_figures
 
     torch.set_flush_denormal(True)
     preset = get_preset(args.preset)
@@ -370,7 +363,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if fold == 0:
                 timed[name] = built.forward
     assert example is not None, f"no fold*.pt in {cv_dir}"
-    figures = {name: _figures(r) for name, r in rows.items()}
+    figures = {name: diagnosis_figures(r) for name, r in rows.items()}
     timing = time_forward(timed, example, args.rounds, args.forwards)
     report = verdicts(figures, timing, notes, failed, len(rows["fp32"]))
     report["preset"] = args.preset

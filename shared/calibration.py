@@ -4,8 +4,8 @@ A classifier's softmax is usually over-confident. Temperature scaling (Guo et al
 the logits by one fitted T > 0 before the softmax: the ranking, and so the label, is unchanged,
 only the confidence moves. Vector scaling multiplies each class's logit by its own factor and adds
 a bias (it may change the label); it is declared only when it clearly beats a temperature on
-held-out data. The parameters are fitted by the training side (`training.calibration`) and travel
-in the artifact's manifest:
+held-out data. The parameters are fitted by the training side
+(`training.studies.calibration`) and travel in the artifact's manifest:
 
     "output": {..., "calibrated": true, "temperature": 1.7}
     "output": {..., "calibrated": true, "temperature": 1.0,

@@ -38,6 +38,7 @@ import logging
 import sys
 from pathlib import Path
 
+from training import cli
 from training.engine import setup_logging
 
 log = logging.getLogger("training")
@@ -67,16 +68,10 @@ COMMANDS = (
 
 
 def get_split_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training split",
-        description="Group near-duplicate images and split train/val/test by group.",
+    parser = cli.command_parser(
+        "split", "Group near-duplicate images and split train/val/test by group."
     )
-    parser.add_argument(
-        "--data-path",
-        type=Path,
-        required=True,
-        help="folder in BUSI layout (<class>/<name>.png + masks); required",
-    )
+    cli.add_flag(parser, "--data-path", required=True)
     parser.add_argument(
         "--output",
         type=Path,
@@ -121,19 +116,19 @@ def main(argv: list[str] | None = None) -> int:
 
         classification.main(classification.parse_args(rest))
     elif command == "compare-cv":
-        from training import compare
+        from training.studies import compare
 
         compare.cv_main(compare.parse_cv_args(rest))
     elif command == "compare":
-        from training import compare
+        from training.studies import compare
 
         compare.main(compare.parse_args(rest))
     elif command == "fold-split":
-        from training.joint import DEFAULT_FOLDS_FILE, fold_split
+        from training.data import DEFAULT_FOLDS_FILE, fold_split
 
-        parser = argparse.ArgumentParser(prog="python -m training fold-split")
+        parser = cli.command_parser("fold-split", "A train/val/test split whose test is one fold.")
         parser.add_argument("--fold", type=int, required=True, help="the fold to hold out")
-        parser.add_argument("--folds-file", type=Path, default=DEFAULT_FOLDS_FILE)
+        cli.add_flag(parser, "--folds-file", default=DEFAULT_FOLDS_FILE)
         parser.add_argument("--output", type=Path, required=True, help="split file to write")
         args = parser.parse_args(rest)
         document = fold_split(json.loads(args.folds_file.read_text()), args.fold)
@@ -179,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return drift_reference.main(rest)
     elif command in ("calibrate", "ood", "shortcuts"):
-        from training import calibration, ood, shortcuts
+        from training.studies import calibration, ood, shortcuts
 
         module = {"calibrate": calibration, "ood": ood, "shortcuts": shortcuts}[command]
         module.main(module.parse_args(rest))

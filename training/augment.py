@@ -1,8 +1,17 @@
-"""Appearance and site augmentation: what changes between scanners, presets and hospitals.
+"""Training augmentation of every task, on the uint8 frame (and its mask) before THE
+preprocessing, on training images only.
 
-Applied to the uint8 frame before THE preprocessing, on training images only. Each transform
-changes how a scan looks without changing what it shows, so a model cannot tell sites apart by
-gain, speckle, sharpness, resolution, compression or the marks a sonographer leaves:
+- `augment_pair`: flip, rotation, scale, shift and brightness / contrast of an image and its mask
+  together (the segmentation and joint recipes);
+- `augment_geometry`: aspect stretch and black margins with burned-in text, as non-square
+  scanner frames bring them (the joint recipes);
+- `Augmentation`: the classification recipes' torchvision transforms ("seed", "strong", "none");
+- `zoom_crop`: a zoomed-in window that keeps the lesion whole;
+- appearance and site augmentation: what changes between scanners, presets and hospitals.
+
+Each appearance transform changes how a scan looks without changing what it shows, so a model
+cannot tell sites apart by gain, speckle, sharpness, resolution, compression or the marks a
+sonographer leaves:
 
 - gain and gamma (preset brightness and dynamic range),
 - multiplicative speckle-like noise, smoothed to a few pixels (transducer frequency),
@@ -18,10 +27,13 @@ a lesion" is not a shortcut the model can learn.
 from __future__ import annotations
 
 import io
+import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter
 
 
@@ -170,3 +182,118 @@ def zoom_crop(
     left = rng.randint(left_range[0], max(left_range[0], left_range[1]))
     window = (slice(top, top + win_h), slice(left, left + win_w))
     return np.ascontiguousarray(image[window]), np.ascontiguousarray(mask[window])
+
+
+# --- geometry: flips, affine, aspect, margins ---------------------------------------------------
+
+
+def augment_pair(
+    image: np.ndarray, mask: np.ndarray, rng: random.Random
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random flip, rotation (+-10 deg), scale (0.85-1.15), shift (+-6%) applied identically to a
+    uint8 image and its mask, then brightness/contrast on the image. Train only, before
+    THE preprocessing, on the full-size uint8 arrays the service would also start from."""
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    height, width = image.shape
+    if rng.random() < 0.8:
+        angle = math.radians(rng.uniform(-10.0, 10.0))
+        scale = rng.uniform(0.85, 1.15)
+        tx, ty = rng.uniform(-0.06, 0.06) * width, rng.uniform(-0.06, 0.06) * height
+        cx, cy = width / 2.0, height / 2.0
+        # PIL wants the inverse map (output pixel -> input pixel) of
+        # out = scale * R(angle) (in - c) + c + t
+        a, b = math.cos(angle) / scale, math.sin(angle) / scale
+        d, e = -math.sin(angle) / scale, math.cos(angle) / scale
+        c = cx - a * (cx + tx) - b * (cy + ty)
+        f = cy - d * (cx + tx) - e * (cy + ty)
+        coeffs = (a, b, c, d, e, f)
+        image = np.asarray(
+            Image.fromarray(np.ascontiguousarray(image)).transform(
+                (width, height), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR
+            )
+        )
+        mask = np.asarray(
+            Image.fromarray(np.ascontiguousarray(mask)).transform(
+                (width, height), Image.Transform.AFFINE, coeffs, Image.Resampling.NEAREST
+            )
+        )
+    if rng.random() < 0.8:
+        contrast, brightness = rng.uniform(0.8, 1.2), rng.uniform(-20.0, 20.0)
+        mean = float(image.mean())
+        image = np.clip((image.astype(np.float32) - mean) * contrast + mean + brightness, 0, 255)
+    return np.ascontiguousarray(image, dtype=np.uint8), np.ascontiguousarray(mask)
+
+
+def burn_in_label(canvas: np.ndarray, top: int, left: int, rng: random.Random) -> None:
+    """Draw a block of bright "text" (like a scanner's burned-in annotation) in place."""
+    height, width = canvas.shape
+    h, w = max(2, height // 32), max(4, width // 10)
+    top, left = min(top, height - h), min(left, width - w)
+    block = np.asarray([[200 if rng.random() < 0.5 else 0 for _ in range(w)] for _ in range(h)])
+    canvas[top : top + h, left : left + w] = block.astype(np.uint8)
+
+
+def augment_geometry(
+    image: np.ndarray, mask: np.ndarray, preset: Any, rng: random.Random
+) -> tuple[np.ndarray, np.ndarray]:
+    """Aspect stretch and black margins, as non-square scanner frames bring them."""
+    if rng.random() < preset.aspect_p:
+        height, width = image.shape
+        factor = math.exp(rng.uniform(math.log(0.75), math.log(4 / 3)))
+        size = (max(8, round(width * factor)), height)
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    if rng.random() < preset.margin_p:
+        height, width = image.shape
+        pad = [round(rng.uniform(0, 0.3) * side) for side in (height, height, width, width)]
+        canvas_i = np.zeros((height + pad[0] + pad[1], width + pad[2] + pad[3]), np.uint8)
+        canvas_m = np.zeros_like(canvas_i)
+        if rng.random() < 0.5 and min(pad) > 0:
+            burn_in_label(canvas_i, rng.randrange(pad[0]), rng.randrange(pad[2]), rng)
+        canvas_i[pad[0] : pad[0] + height, pad[2] : pad[2] + width] = image
+        canvas_m[pad[0] : pad[0] + height, pad[2] : pad[2] + width] = mask
+        image, mask = canvas_i, canvas_m
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+# --- the classification recipes' torchvision transforms ----------------------------------------
+
+
+class Augmentation:
+    """Random transforms of a (H, W) uint8 image and, jointly, of its (H, W) uint8 mask.
+
+    Works on uint8 so that what follows is THE preprocessing, unchanged. Randomness comes from
+    torch's global generator, seeded by engine.seed_everything.
+    """
+
+    def __init__(self, kind: str, size: int) -> None:
+        from torchvision.transforms import v2
+
+        if kind == "seed":
+            ops = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), v2.RandomRotation(10)]
+        elif kind == "strong":
+            # Horizontal flips only: the skin line is always at the top of an ultrasound frame.
+            ops = [
+                v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomRotation(10),
+                v2.ColorJitter(brightness=0.25, contrast=0.25),
+            ]
+        elif kind == "none":
+            ops = []
+        else:
+            raise ValueError(f"unknown augmentation {kind!r}; valid: seed, strong, none")
+        self.kind = kind
+        self.transform = v2.Compose(ops)
+
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        from torchvision import tv_tensors
+
+        img = tv_tensors.Image(torch.from_numpy(image)[None])
+        if mask is None:
+            return self.transform(img)[0].numpy(), None
+        out_img, out_mask = self.transform(img, tv_tensors.Mask(torch.from_numpy(mask)[None]))
+        return out_img[0].numpy(), out_mask[0].numpy()

@@ -38,7 +38,9 @@ from shared.models import build_model
 from shared.postprocessing import softmax
 from shared.preprocessing import Preprocessing
 from training import cli, engine, plots
+from training.augment import Augmentation
 from training.data import LoadedSplit
+from training.losses import class_weights
 from training.metrics import classification_metrics, confusion_matrix
 from training.report import fmt
 from training.runner import Evaluation, Run, run_task
@@ -133,45 +135,6 @@ def get_preset(name: str) -> Preset:
 # --- augmentation (train split only, on the uint8 image before the preprocessing) -------------
 
 
-class Augmentation:
-    """Random transforms of a (H, W) uint8 image and, jointly, of its (H, W) uint8 mask.
-
-    Works on uint8 so that what follows is THE preprocessing, unchanged. Randomness comes from
-    torch's global generator, seeded by engine.seed_everything.
-    """
-
-    def __init__(self, kind: str, size: int) -> None:
-        from torchvision.transforms import v2
-
-        if kind == "seed":
-            ops = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), v2.RandomRotation(10)]
-        elif kind == "strong":
-            # Horizontal flips only: the skin line is always at the top of an ultrasound frame.
-            ops = [
-                v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.RandomRotation(10),
-                v2.ColorJitter(brightness=0.25, contrast=0.25),
-            ]
-        elif kind == "none":
-            ops = []
-        else:
-            raise ValueError(f"unknown augmentation {kind!r}; valid: seed, strong, none")
-        self.kind = kind
-        self.transform = v2.Compose(ops)
-
-    def __call__(
-        self, image: np.ndarray, mask: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        from torchvision import tv_tensors
-
-        img = tv_tensors.Image(torch.from_numpy(image)[None])
-        if mask is None:
-            return self.transform(img)[0].numpy(), None
-        out_img, out_mask = self.transform(img, tv_tensors.Mask(torch.from_numpy(mask)[None]))
-        return out_img[0].numpy(), out_mask[0].numpy()
-
-
 # --- data ------------------------------------------------------------------------------------
 
 
@@ -253,13 +216,6 @@ def build_scheduler(
     raise ValueError(f"unknown scheduler {preset.scheduler!r}")
 
 
-def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights normalised to mean 1 (a rare class counts more)."""
-    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
-    weights = counts.sum() / (num_classes * np.maximum(counts, 1))
-    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
-
-
 def _probs(logits: torch.Tensor) -> np.ndarray:
     return softmax(logits.double().numpy())
 
@@ -283,6 +239,7 @@ class ClassificationTask:
     presets = PRESETS
     default_output = "runs/classification/{preset}"
     smoke_per_class = 3
+    validation_split = True
 
     def resolve_preset(self, args: argparse.Namespace) -> Preset:
         preset = get_preset(args.preset)
@@ -328,7 +285,11 @@ class ClassificationTask:
 
     def build_loss(self, run: Run) -> nn.Module:
         labels = run.data["train"].labels
-        weight = class_weights(labels, len(CLASS_NAMES)) if run.preset.class_weighted else None
+        weight = (
+            class_weights(labels, len(CLASS_NAMES), mean_one=True)
+            if run.preset.class_weighted
+            else None
+        )
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=run.preset.label_smoothing)
 
     def build_optimizer(

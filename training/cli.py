@@ -18,6 +18,14 @@ The common flags (each command's `--help` states its defaults):
 `--subset`, `--folds-file` and `--resamples` stay as the joint commands' old names of
 `--max-per-class`, `--split-file` and `--bootstrap`. A command leaves out what it has no use for:
 `cv` and `oof` publish nothing (no `--model-dir`), `fit` trains on every image (no split file).
+
+Every other command (split, fold-split, the studies, export-onnx, drift-reference, promote)
+starts from `command_parser` and takes the flags it shares with the others through `add_flag`,
+with the same meaning and help text:
+
+    parser = command_parser("ood", "Evaluate and fit the image-statistics OOD detector.")
+    add_flag(parser, "--data-path")
+    add_flag(parser, "--output-dir", default=Path("training/reports/quality"))
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+REPO = Path(__file__).resolve().parents[1]
 # What --smoke sets (each task also shrinks its preset): few images, few bootstrap draws.
 SMOKE_BOOTSTRAP = 200
 
@@ -52,6 +61,50 @@ class _Alias(argparse.Action):
         if option_string in self.deprecated:
             log.warning("%s is deprecated: use %s", option_string, self.option_strings[0])
         setattr(namespace, self.dest, values)
+
+
+def command_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The parser of `python -m training <command>`, for a command without the training flags."""
+    return argparse.ArgumentParser(prog=f"python -m training {command}", description=description)
+
+
+# The flags the other commands share: one meaning and help text each (the default is added).
+SHARED_FLAGS: dict[str, dict[str, Any]] = {
+    "--data-path": {"type": Path, "help": "folder in BUSI layout (<class>/<name>.png + masks)"},
+    "--output-dir": {"type": Path, "help": "report folder"},
+    "--folds-file": {"type": Path, "help": "the grouped k-fold file"},
+    "--model-dir": {"type": Path, "help": "the model directory of the source version"},
+    "--threads": {"type": int, "help": "torch (and ONNX Runtime) threads; 0: torch's default"},
+    "--resamples": {"type": int, "help": "bootstrap resamples for the 95%% intervals"},
+}
+
+
+def add_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    default: Any = None,
+    required: bool = False,
+    help: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Add one of SHARED_FLAGS with its meaning and help text: required, or with `default`
+    (stated in the help). `help` replaces the shared text's detail after a semicolon; `kwargs`
+    go to argparse (e.g. nargs="+")."""
+    spec = SHARED_FLAGS[flag]
+    text = spec["help"] + (f"; {help}" if help else "")
+    if required:
+        text += "; required"
+    else:
+        shown = "none" if default is None else default
+        if isinstance(default, Path) and default.is_relative_to(REPO):
+            shown = default.relative_to(REPO)  # e.g. training/splits/busi-5fold.json
+        text += f" (default: {shown})"
+    options = {"type": spec["type"], **kwargs}
+    if required:
+        parser.add_argument(flag, required=True, help=text, **options)
+    else:
+        parser.add_argument(flag, default=default, help=text, **options)
 
 
 def training_parser(

@@ -8,6 +8,10 @@ BUSI has no patient ids and many near-duplicate images (the same lesion scanned 
 one another, a few filed under two classes). Splitting image by image would put copies of a test
 image in the training set, so images are grouped by perceptual similarity (union-find over a DCT
 perceptual hash and a thumbnail correlation) and the split is made by group.
+
+The same groups make the grouped k folds of cross-validation (`make_folds`, `write_folds`,
+`load_folds`; `training/splits/busi-5fold.json`) and `fold_split`, a train / val / test split
+whose test split is one fold.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -30,6 +35,9 @@ from shared.labels import CLASS_NAMES
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+SPLITS_DIR = Path(__file__).parent / "splits"
+DEFAULT_FOLDS_FILE = SPLITS_DIR / "busi-5fold.json"
+GROUPS_FILE = SPLITS_DIR / "busi.json"
 _MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
 
 
@@ -334,3 +342,79 @@ def load_split(path: Path, samples: list[Sample]) -> dict[str, list[Sample]]:
     for sample in samples:
         out[items[sample.key]["split"]].append(sample)
     return out
+
+
+# --- cross-validation folds ------------------------------------------------------------------
+
+
+def make_folds(
+    keys: list[str], labels: list[int], groups: list[int], k: int = 5, seed: int = 0
+) -> dict[str, Any]:
+    """Grouped, class-stratified k folds: a near-duplicate group never straddles two folds.
+
+    A group counts under its most severe label; groups go largest first (ties shuffled by
+    `seed`) to the fold furthest below its share of that class, then of all images.
+    """
+    members, order = groups_largest_first(groups, seed)
+    filled = [[0] * len(CLASS_NAMES) for _ in range(k)]
+    sizes = [0] * k
+    fold_of: dict[int, int] = {}
+    for group in order:
+        label = max(labels[i] for i in members[group])
+        fold = min(range(k), key=lambda f: (filled[f][label], sizes[f], f))
+        fold_of[group] = fold
+        filled[fold][label] += len(members[group])
+        sizes[fold] += len(members[group])
+    return {
+        "k": k,
+        "seed": seed,
+        "items": {
+            key: {"fold": fold_of[g], "group": g} for key, g in zip(keys, groups, strict=True)
+        },
+        "per_fold": [
+            {CLASS_NAMES[c]: filled[f][c] for c in range(len(CLASS_NAMES))} for f in range(k)
+        ],
+    }
+
+
+def load_folds(path: Path, samples: list[Sample]) -> dict[str, dict[str, int]]:
+    items = json.loads(Path(path).read_text())["items"]
+    keys = {s.key for s in samples}
+    if set(items) != keys:
+        raise ValueError(
+            f"fold file {path} does not match the data folder "
+            f"({len(keys - set(items))} images not in it, {len(set(items) - keys)} extra)"
+        )
+    return items
+
+
+def write_folds(data_path: Path, path: Path, samples: list[Sample] | None = None) -> None:
+    """Make and save the grouped 5-fold split, reusing the groups of the committed split file
+    when it matches the folder (else computing them)."""
+    samples = samples or scan_dataset(data_path)
+    keys = [s.key for s in samples]
+    groups_doc = json.loads(GROUPS_FILE.read_text())["items"] if GROUPS_FILE.is_file() else {}
+    if set(groups_doc) == set(keys):
+        groups = [int(groups_doc[k]["group"]) for k in keys]
+    else:
+        groups = group_near_duplicates([load_image(s) for s in samples])
+    document = make_folds(keys, [s.label for s in samples], groups)
+    document["fingerprint"] = data_fingerprint(samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+
+
+def fold_split(folds_doc: dict[str, Any], fold: int, val_fraction: float = 0.15) -> dict:
+    """A train / val / test split file (training.data's format) whose test split is CV fold
+    `fold`, so the separate classification and segmentation jobs can be scored on exactly the
+    images a joint fold model was scored on. Val is a grouped, stratified `val_fraction` of the
+    other folds (those jobs choose checkpoints and thresholds on it); train is the rest."""
+    items = folds_doc["items"]
+    rest = sorted(k for k, v in items.items() if v["fold"] != fold)
+    labels = [CLASS_NAMES.index(k.split("/", 1)[0]) for k in rest]
+    groups = [int(items[k]["group"]) for k in rest]
+    splits = grouped_stratified_split(labels, groups, (1 - val_fraction, val_fraction, 0.0))
+    out = {k: {"split": "test", "group": v["group"]} for k, v in items.items() if v["fold"] == fold}
+    for key, split, group in zip(rest, splits, groups, strict=True):
+        out[key] = {"split": split, "group": group}
+    return {"seed": 0, "from_folds": {"fold": fold, "val_fraction": val_fraction}, "items": out}

@@ -46,24 +46,22 @@ from shared.labels import TASK_DIAGNOSIS, TASKS
 from shared.postprocessing import lesion_geometry
 from shared.quality import DEFAULT_DETECTOR_FILE, feature_quality, load_detector
 from shared.store import ArtifactInfo, new_version_name, publish_artifact, verify_artifact
+from training import cli
 
 log = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training drift-reference",
-        description="Publish a model again with the drift reference of its training sites "
-        "(not promoted).",
+    parser = cli.command_parser(
+        "drift-reference",
+        "Publish a model again with the drift reference of its training sites (not promoted).",
     )
-    parser.add_argument(
-        "--model-dir", type=Path, default=Path("models"), help="the source's (default: models)"
-    )
+    cli.add_flag(parser, "--model-dir", default=Path("models"))
     parser.add_argument("--task", choices=TASKS, default=TASK_DIAGNOSIS, help="default: diagnosis")
     parser.add_argument("--version", required=True, help="the source version (folder name)")
-    parser.add_argument(
-        "--data-path", type=Path, nargs="+", required=True,
-        help="one folder per training site, in BUSI layout (BUS-BRA's with bus_data.csv)",
+    cli.add_flag(
+        parser, "--data-path", required=True, nargs="+",
+        help="one folder per training site (BUS-BRA's with bus_data.csv)",
     )  # fmt: skip
     parser.add_argument(
         "--output-model-dir", type=Path, default=None,
@@ -78,8 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="the OOD detector the service uses (OOD_DETECTOR_FILE; default: the bundled one)",
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward (16)")
-    parser.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads "
-                        "(default: 0, torch's default)")  # fmt: skip
+    cli.add_flag(parser, "--threads", default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the reference here")
     return parser
 

@@ -112,6 +112,11 @@ def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights on the CPU (what the saved .pt files hold, whatever it trained on)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def _split_batch(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, dict):
         return batch["input"], batch["target"]
@@ -297,6 +302,12 @@ def save_checkpoint(
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def resume_point(*checkpoints: Path) -> Path | None:
+    """The first of `checkpoints` a stopped run left behind (a rerun continues from it), or
+    None: the run starts afresh."""
+    return next((Path(path) for path in checkpoints if Path(path).is_file()), None)
 
 
 def load_checkpoint(

@@ -1,14 +1,18 @@
 """The joint task: one network that classifies the scan and outlines the lesion, trained on both
 losses at once, cross-validated on grouped folds and published as one `diagnosis` artifact.
 
+`JOINT` is its plug-in of the engine (training.runner.Task, without a validation split, plus the
+cross-validation hooks of training.crossval); its commands are the engine's drivers:
+
     python -m training cv --preset joint-lite0 --data-path D [--folds 0 1] [--output-dir R]
-        trains one model per fold (all folds unless --folds), evaluates each on its held-out
-        fold and writes `R/fold<k>.json` (out-of-fold predictions); once every fold is there,
-        `R/oof.json` and `R/report.md` with pooled figures and group-bootstrap intervals.
+        (training.crossval) trains one model per fold (all folds unless --folds), evaluates
+        each on its held-out fold and writes `R/fold<k>.json` (out-of-fold predictions); once
+        every fold is there, `R/oof.json` and `R/report.md` with pooled figures and
+        group-bootstrap intervals.
     python -m training fit --preset joint-lite0 --data-path D --model-dir M [--cv-report R]
-        trains the same recipe on every image (no held-out data), exports TorchScript with the
-        flip averaging baked in and publishes it as `M/diagnosis/<version>`, carrying the
-        cross-validated figures of R in its manifest.
+        (training.runner.run_task) trains the same recipe on every image (no held-out data),
+        exports TorchScript with the flip averaging baked in and publishes it as
+        `M/diagnosis/<version>`, carrying the cross-validated figures of R in its manifest.
 
 Geometry: THE preprocessing is `letterbox` with `trim_border` (shared.preprocessing): the dark
 margins are trimmed, the scan keeps its aspect ratio and is padded to a square. Training adds
@@ -21,19 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from shared import inference, models
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
@@ -41,25 +41,34 @@ from shared.models.joint import JointFlipAverage, JointUNet
 from shared.postprocessing import dice_iou
 from shared.preprocessing import Preprocessing
 from training import cli, distributed, engine
-from training.augment import Appearance, appearance, lesion_free_band, zoom_crop
+from training.augment import (
+    Appearance,
+    appearance,
+    augment_geometry,
+    augment_pair,
+    burn_in_label,
+    lesion_free_band,
+    zoom_crop,
+)
+from training.crossval import cross_validate
 from training.data import (
+    DEFAULT_FOLDS_FILE,
     LoadedSplit,
     Sample,
-    data_fingerprint,
-    groups_largest_first,
-    load_image,
+    load_folds,
     load_split_images,
     scan_dataset,
     subset_per_class,
 )
-from training.metrics import _scalars, confusion_matrix
-from training.runner import Evaluation, Run, finish_run
-from training.segmentation import SegmentationDataset, augment_pair
+from training.losses import JointLoss, class_weights
+from training.metrics import confusion_matrix, diagnosis_figures, group_bootstrap
+from training.runner import Evaluation, Run, finish_run, run_task
+from training.segmentation import SegmentationDataset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FOLDS_FILE = Path(__file__).parent / "splits" / "busi-5fold.json"
-GROUPS_FILE = Path(__file__).parent / "splits" / "busi.json"
+Row = dict[str, Any]
+
 CANVASES = {"plain": None, "4:3": 4 / 3, "16:9": 16 / 9}
 
 
@@ -158,60 +167,7 @@ def preprocessing_for(preset: JointPreset) -> Preprocessing:
     return Preprocessing(resize=preset.size, resize_mode="letterbox", trim_border=True)
 
 
-# --- folds -------------------------------------------------------------------------------------
-
-
-def make_folds(
-    keys: list[str], labels: list[int], groups: list[int], k: int = 5, seed: int = 0
-) -> dict[str, Any]:
-    """Grouped, class-stratified k folds: a near-duplicate group never straddles two folds.
-
-    A group counts under its most severe label; groups go largest first (ties shuffled by
-    `seed`) to the fold furthest below its share of that class, then of all images.
-    """
-    members, order = groups_largest_first(groups, seed)
-    filled = [[0] * len(CLASS_NAMES) for _ in range(k)]
-    sizes = [0] * k
-    fold_of: dict[int, int] = {}
-    for group in order:
-        label = max(labels[i] for i in members[group])
-        fold = min(range(k), key=lambda f: (filled[f][label], sizes[f], f))
-        fold_of[group] = fold
-        filled[fold][label] += len(members[group])
-        sizes[fold] += len(members[group])
-    return {
-        "k": k,
-        "seed": seed,
-        "items": {
-            key: {"fold": fold_of[g], "group": g} for key, g in zip(keys, groups, strict=True)
-        },
-        "per_fold": [
-            {CLASS_NAMES[c]: filled[f][c] for c in range(len(CLASS_NAMES))} for f in range(k)
-        ],
-    }
-
-
-def load_folds(path: Path, samples: list[Sample]) -> dict[str, dict[str, int]]:
-    items = json.loads(Path(path).read_text())["items"]
-    keys = {s.key for s in samples}
-    if set(items) != keys:
-        raise ValueError(
-            f"fold file {path} does not match the data folder "
-            f"({len(keys - set(items))} images not in it, {len(set(items) - keys)} extra)"
-        )
-    return items
-
-
 # --- data --------------------------------------------------------------------------------------
-
-
-def burn_in_label(canvas: np.ndarray, top: int, left: int, rng: random.Random) -> None:
-    """Draw a block of bright "text" (like a scanner's burned-in annotation) in place."""
-    height, width = canvas.shape
-    h, w = max(2, height // 32), max(4, width // 10)
-    top, left = min(top, height - h), min(left, width - w)
-    block = np.asarray([[200 if rng.random() < 0.5 else 0 for _ in range(w)] for _ in range(h)])
-    canvas[top : top + h, left : left + w] = block.astype(np.uint8)
 
 
 def on_canvas(
@@ -239,29 +195,6 @@ def place_on_canvas(
     """`on_canvas` over lists of scans and their masks."""
     placed = [on_canvas(im, m, aspect) for im, m in zip(images, masks, strict=True)]
     return [p[0] for p in placed], [p[1] for p in placed]
-
-
-def augment_geometry(
-    image: np.ndarray, mask: np.ndarray, preset: JointPreset, rng: random.Random
-) -> tuple[np.ndarray, np.ndarray]:
-    """Aspect stretch and black margins, as non-square scanner frames bring them."""
-    if rng.random() < preset.aspect_p:
-        height, width = image.shape
-        factor = math.exp(rng.uniform(math.log(0.75), math.log(4 / 3)))
-        size = (max(8, round(width * factor)), height)
-        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-        mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-    if rng.random() < preset.margin_p:
-        height, width = image.shape
-        pad = [round(rng.uniform(0, 0.3) * side) for side in (height, height, width, width)]
-        canvas_i = np.zeros((height + pad[0] + pad[1], width + pad[2] + pad[3]), np.uint8)
-        canvas_m = np.zeros_like(canvas_i)
-        if rng.random() < 0.5 and min(pad) > 0:
-            burn_in_label(canvas_i, rng.randrange(pad[0]), rng.randrange(pad[2]), rng)
-        canvas_i[pad[0] : pad[0] + height, pad[2] : pad[2] + width] = image
-        canvas_m[pad[0] : pad[0] + height, pad[2] : pad[2] + width] = mask
-        image, mask = canvas_i, canvas_m
-    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
 def model_inputs(
@@ -339,29 +272,6 @@ def expected_labels(samples: list[Sample], preset: JointPreset) -> list[int]:
 # --- loss and model ----------------------------------------------------------------------------
 
 
-class JointLoss(nn.Module):
-    """Cross-entropy (class-weighted, label-smoothed) + mask_weight * (BCE + batch soft Dice)."""
-
-    def __init__(
-        self, class_weights: torch.Tensor | None, label_smoothing: float, mask_weight: float
-    ) -> None:
-        super().__init__()
-        self.ce = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
-        self.mask_weight = mask_weight
-
-    def forward(
-        self,
-        outputs: tuple[torch.Tensor, torch.Tensor],
-        targets: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        class_logits, mask_logits = outputs
-        labels, masks = targets
-        bce = F.binary_cross_entropy_with_logits(mask_logits, masks)
-        prob = torch.sigmoid(mask_logits)
-        dice = (2.0 * (prob * masks).sum() + 1.0) / (prob.sum() + masks.sum() + 1.0)
-        return self.ce(class_logits, labels) + self.mask_weight * (bce + 1.0 - dice)
-
-
 def build_model(preset: JointPreset, pretrained: bool) -> JointUNet:
     return models.build_model(
         "joint_unet",
@@ -373,12 +283,6 @@ def build_model(preset: JointPreset, pretrained: bool) -> JointUNet:
     )
 
 
-def class_weights(labels: list[int]) -> torch.Tensor:
-    counts = np.bincount(labels, minlength=len(CLASS_NAMES)).astype(np.float64)
-    weights = counts.sum() / (len(CLASS_NAMES) * np.maximum(counts, 1.0))
-    return torch.tensor(weights, dtype=torch.float32)
-
-
 def _collate(batch: list) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     xs, targets = zip(*batch, strict=True)
     labels, masks = zip(*targets, strict=True)
@@ -388,7 +292,8 @@ def _collate(batch: list) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tenso
 class JointTask:
     """Predicts class logits and a (1, S, S) lesion logit map from one letterboxed scan;
     class-weighted, label-smoothed cross-entropy + mask_weight * (BCE + soft Dice); the
-    classification and lesion figures of `_figures`, pooled out of fold by the `cv` driver.
+    classification and lesion figures of training.metrics.diagnosis_figures, pooled out of fold
+    by the cross-validation driver (training.crossval).
 
     No validation split: `fit` trains on every image and keeps the last epoch, and the figures
     that describe the recipe are its cross-validated ones (`cv`), carried in the manifest.
@@ -399,6 +304,7 @@ class JointTask:
     presets = PRESETS
     default_output = "training/reports/fit/{preset}"
     smoke_per_class = 3
+    validation_split = False
 
     def resolve_preset(self, args: argparse.Namespace) -> JointPreset:
         return resolve_preset(args)
@@ -406,18 +312,38 @@ class JointTask:
     def preprocessing(self, preset: JointPreset) -> Preprocessing:
         return preprocessing_for(preset)
 
-    def build_model(self, preset: JointPreset, pretrained: bool) -> JointUNet:
-        return build_model(preset, pretrained)
+    def datasets(self, run: Run) -> tuple[JointDataset, None]:
+        # Under torchrun each rank draws its own augmentation (training.distributed.rank_seed).
+        seed = distributed.rank_seed(run.seed)
+        return JointDataset(run.data["train"], run.preprocessing, run.preset, seed=seed), None
 
-    def loss(self, preset: JointPreset, labels: list[int]) -> JointLoss:
+    def train_loader(self, run: Run, dataset: JointDataset, sampler: Sampler | None) -> DataLoader:
+        """The batches the joint recipes were trained with: full batches only, the shuffle
+        drawn from torch's global generator, (input, (class, mask)) collated as tuples."""
+        return DataLoader(
+            dataset,
+            batch_size=distributed.per_rank_batch(run.preset.batch_size),
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=_collate,
+        )
+
+    def build_model(self, run: Run) -> JointUNet:
+        return build_model(run.preset, pretrained=not run.args.no_pretrained)
+
+    def build_loss(self, run: Run) -> JointLoss:
+        preset = run.preset
+        labels = expected_labels(run.data["train"].samples, preset)
         weights = class_weights(labels) if preset.class_weighted else None
         return JointLoss(weights, preset.label_smoothing, preset.mask_weight)
 
-    def optimizer(
-        self, preset: JointPreset, net: nn.Module, steps_per_epoch: int
-    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+    def build_optimizer(
+        self, run: Run, model: nn.Module, steps_per_epoch: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR, str]:
         """AdamW over the trainable parameters, one-cycle to preset.lr, stepped per batch."""
-        params = [p for p in net.parameters() if p.requires_grad]
+        preset = run.preset
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
@@ -426,14 +352,30 @@ class JointTask:
             steps_per_epoch=steps_per_epoch,
             pct_start=preset.pct_start,
         )
-        return optimizer, scheduler
+        return optimizer, scheduler, "step"
 
     def selection(self, preset: JointPreset) -> engine.Selection:
         return engine.Selection(None)  # the last epoch: no held-out data inside a fit
 
-    def metrics(self, rows: list[dict[str, Any]]) -> dict[str, float]:
-        """The figures of per-image rows (evaluate_images), as the service would score them."""
-        return _figures(rows)
+    def validate(self, out: engine.EvalOutput, data: LoadedSplit) -> dict[str, float]:
+        return {}  # no validation split: never asked
+
+    def evaluate(self, run: Run, model: nn.Module) -> Evaluation:
+        """What `fit` publishes: the served network (flip-averaged when the recipe says so)
+        with the cross-validated figures of --cv-report in its manifest."""
+        args = run.args
+        if args.cv_report and not Path(args.cv_report).is_file():
+            log.warning("no cross-validation report at %s: publishing without it", args.cv_report)
+            args.cv_report = None
+        cv = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
+        return joint_evaluation(
+            args,
+            run.preset,
+            model,
+            len(run.data["train"].samples),
+            metrics=cross_validated_metrics(cv),
+            extra={"cross_validation": {"k": cv["k"], "pooled": cv["pooled"]} if cv else None},
+        )
 
     def report_section(self, document: dict[str, Any]) -> list[str]:
         cv = document.get("cross_validation")
@@ -448,79 +390,26 @@ class JointTask:
         ]
         return lines
 
+    # --- cross-validation (training.crossval) ---
+
+    def score(self, run: Run, model: nn.Module, data: LoadedSplit) -> dict[str, list[Row]]:
+        """Per-image rows of held-out images as served, plain and on each wider canvas."""
+        return {
+            name: evaluate_images(model, run.preset, data, aspect)
+            for name, aspect in CANVASES.items()
+        }
+
+    def figures(self, rows: list[Row]) -> dict[str, float]:
+        return diagnosis_figures(rows)
+
+    def summarise(self, rows_by_view: dict[str, list[Row]], n_resamples: int) -> dict[str, Any]:
+        return summarise(rows_by_view, n_resamples)
+
+    def render_cv_report(self, report: dict[str, Any]) -> str:
+        return render_report(report)
+
 
 JOINT = JointTask()
-
-
-def train(
-    preset: JointPreset,
-    data: LoadedSplit,
-    *,
-    seed: int,
-    pretrained: bool,
-    checkpoint: Path | None = None,
-    resume: Path | None = None,
-    progress: bool = False,
-    device: torch.device | None = None,
-) -> tuple[JointUNet, engine.History, float]:
-    """Train the recipe on `data` (engine.fit, no validation: the last epoch is kept); returns
-    the model (eval mode, on `device`), its history and the training seconds.
-
-    With `checkpoint`, a checkpoint is written after every epoch; `resume` (default: the
-    checkpoint when it exists) continues from one.
-    """
-    device = device or engine.resolve_device("cpu")
-    engine.seed_everything(seed)
-    preprocessing = preprocessing_for(preset)
-    model = build_model(preset, pretrained)
-    # Under torchrun (training.distributed): every rank starts from rank 0's weights, draws its
-    # own dropout and augmentation, loads batch / N of each global batch from its own shard and
-    # DDP averages the gradients. Outside torchrun each helper below is the identity.
-    if distributed.rank() > 0:
-        engine.seed_everything(distributed.rank_seed(seed))
-    net = distributed.wrap(model) if distributed.is_active() else model.to(device)
-    dataset = JointDataset(data, preprocessing, preset, seed=distributed.rank_seed(seed))
-    sampler = distributed.sampler(dataset, seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=distributed.per_rank_batch(preset.batch_size),
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=_collate,
-    )
-    loss_fn = JOINT.loss(preset, expected_labels(data.samples, preset)).to(device)
-    optimizer, scheduler = JOINT.optimizer(preset, net, max(1, len(loader)))
-    if resume is None and checkpoint is not None and Path(checkpoint).is_file():
-        resume = checkpoint
-
-    def before_epoch(epoch: int) -> None:
-        dataset.set_epoch(epoch)
-        distributed.set_epoch(sampler, epoch)
-
-    result = engine.fit(
-        net,
-        loss_fn,
-        optimizer,
-        loader,
-        epochs=preset.epochs,
-        scheduler=scheduler,
-        step_every="step",
-        selection=JOINT.selection(preset),
-        checkpoint=checkpoint,
-        resume=resume,
-        before_epoch=before_epoch,
-        progress=progress,
-        device=device,
-    )
-    distributed.unwrap(net, into=model)
-    model.eval()
-    return model, result.history, result.seconds
-
-
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights on the CPU (what the saved .pt files hold, whatever it trained on)."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 # --- evaluation --------------------------------------------------------------------------------
@@ -599,57 +488,6 @@ def evaluate_images(
 # --- pooled figures with group-bootstrap intervals ----------------------------------------------
 
 
-def _figures(rows: list[dict[str, Any]]) -> dict[str, float]:
-    y = np.asarray([r["label"] for r in rows])
-    probs = np.asarray([r["probs"] for r in rows])
-    out = _scalars(y, probs, CLASS_NAMES) if len(rows) else {}
-    pred = probs.argmax(axis=1) if len(rows) else np.zeros(0, int)
-    lesion = y > 0
-    dice = np.asarray([r["dice"] for r in rows])
-    drawn = np.asarray([r["mask_pixels"] > 0 for r in rows])
-    normal = ~lesion
-    figures = {
-        "accuracy": out.get("accuracy", float("nan")),
-        "macro_f1": out.get("macro_f1", float("nan")),
-        "macro_auc": out.get("macro_auc", float("nan")),
-        "malignant_sensitivity": out.get("malignant_recall", float("nan")),
-        "lesion_dice": float(dice[lesion].mean()) if lesion.any() else float("nan"),
-        # /segment draws whatever the mask shows; /diagnose only when the class is not normal
-        "normal_with_lesion_segment": float(drawn[normal].mean()) if normal.any() else float("nan"),
-        "normal_with_lesion_diagnose": (
-            float((drawn & (pred > 0))[normal].mean()) if normal.any() else float("nan")
-        ),
-    }
-    return figures
-
-
-def group_bootstrap(
-    rows: list[dict[str, Any]],
-    n_resamples: int = 1000,
-    seed: int = 0,
-    figures: Callable[[list[dict[str, Any]]], dict[str, float]] | None = None,
-) -> dict[str, list[float]]:
-    """95% percentile intervals resampling near-duplicate groups (row["group"]) with replacement,
-    of each of `figures(rows)` (default: this module's headline figures); NaN draws are skipped."""
-    figures = figures or _figures
-    by_group: dict[Any, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_group.setdefault(row["group"], []).append(row)
-    groups = list(by_group)
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    for _ in range(n_resamples):
-        picked = rng.integers(0, len(groups), size=len(groups))
-        sample = [row for g in picked for row in by_group[groups[g]]]
-        for key, value in figures(sample).items():
-            if not math.isnan(value):
-                draws.setdefault(key, []).append(value)
-    return {
-        key: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))]
-        for key, v in draws.items()
-    }
-
-
 def summarise(rows_by_canvas: dict[str, list[dict[str, Any]]], n_resamples: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for canvas, rows in rows_by_canvas.items():
@@ -657,7 +495,7 @@ def summarise(rows_by_canvas: dict[str, list[dict[str, Any]]], n_resamples: int)
         pred = np.asarray([r["probs"] for r in rows]).argmax(axis=1)
         out[canvas] = {
             "n": len(rows),
-            **_figures(rows),
+            **diagnosis_figures(rows),
             "ci95": group_bootstrap(rows, n_resamples) if n_resamples else {},
             "confusion_matrix": confusion_matrix(y, pred, len(CLASS_NAMES)).tolist(),
         }
@@ -668,69 +506,8 @@ def summarise(rows_by_canvas: dict[str, list[dict[str, Any]]], n_resamples: int)
 
 
 def cv_main(args: argparse.Namespace) -> dict[str, Any]:
-    preset = resolve_preset(args)
-    samples = _samples(args)
-    folds_file = Path(args.split_file)
-    if not folds_file.is_file() and distributed.is_main():
-        log.warning("no fold file: making grouped 5-fold split at %s", folds_file)
-        write_folds(args.data_path, folds_file, samples)
-    distributed.barrier()  # under torchrun the other ranks read the file rank 0 wrote
-    items = load_folds(folds_file, samples)
-    k = int(json.loads(folds_file.read_text())["k"])
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    engine.configure_threads(args.threads)
-    device = engine.resolve_device(args.device)
-    todo = args.folds if args.folds is not None else list(range(k))
-    data = load_split_images(samples) if todo and not args.report_only else None
-    for fold in [] if args.report_only else todo:
-        path = output / f"fold{fold}.json"
-        if path.is_file():
-            log.info("fold %d already done (%s)", fold, path)
-            continue
-        train_idx = [i for i, s in enumerate(samples) if items[s.key]["fold"] != fold]
-        test_idx = [i for i, s in enumerate(samples) if items[s.key]["fold"] == fold]
-        log.info("fold %d: training on %d, testing on %d", fold, len(train_idx), len(test_idx))
-        model, history, seconds = train(
-            preset,
-            data.pick(train_idx),
-            seed=args.seed + fold,
-            pretrained=not args.no_pretrained,
-            checkpoint=output / f"fold{fold}.ckpt",
-            progress=not args.no_progress,
-            device=device,
-        )
-        if not distributed.is_main():
-            continue  # rank 0 evaluates and writes; the others go on to the next fold
-        held_out = data.pick(test_idx)
-        result = {
-            "fold": fold,
-            "preset": args.preset,
-            "recipe": asdict(preset),
-            "train_seconds": round(seconds, 1),
-            "threads": torch.get_num_threads(),
-            "history": history.to_dict(),
-            "rows": {
-                name: [
-                    {**row, "fold": fold, "group": items[row["key"]]["group"]}
-                    for row in evaluate_images(model, preset, held_out, aspect)
-                ]
-                for name, aspect in CANVASES.items()
-            },
-        }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result) + "\n")
-        tmp.replace(path)
-        torch.save(cpu_state(model), output / f"fold{fold}.pt")  # for later analyses
-        (output / f"fold{fold}.ckpt").unlink(missing_ok=True)
-        log.info("fold %d: %s", fold, json.dumps(_figures(result["rows"]["plain"])))
-    if not distributed.is_main():
-        return {"rank": distributed.rank()}
-    done = sorted(output.glob("fold*.json"))
-    if len(done) < k:
-        log.info("%d of %d folds done; the pooled report waits for the rest", len(done), k)
-        return {"folds_done": len(done)}
-    return write_cv_report(output, args.preset, args.bootstrap)
+    """`python -m training cv`: the generic cross-validation driver on the joint plug-in."""
+    return cross_validate(JOINT, args)
 
 
 def oof_main(args: argparse.Namespace) -> Path:
@@ -771,35 +548,6 @@ def oof_main(args: argparse.Namespace) -> Path:
     path = Path(args.output_dir) / "oof_logits.json"
     path.write_text(json.dumps({"preset": args.preset, "rows": rows}) + "\n")
     return path
-
-
-def write_cv_report(output: Path, preset_name: str, n_resamples: int = 1000) -> dict[str, Any]:
-    folds = [json.loads(p.read_text()) for p in sorted(output.glob("fold*.json"))]
-    pooled = {c: [r for f in folds for r in f["rows"][c]] for c in CANVASES}
-    report = {
-        "preset": preset_name,
-        "recipe": folds[0]["recipe"],
-        "k": len(folds),
-        "pooled": summarise(pooled, n_resamples),
-        "per_fold": [
-            {
-                "fold": f["fold"],
-                "train_seconds": f["train_seconds"],
-                **_figures(f["rows"]["plain"]),
-            }
-            for f in folds
-        ],
-        "bootstrap": {
-            "resamples": n_resamples,
-            "unit": "near-duplicate group",
-            "method": "percentile",
-        },
-    }
-    (output / "oof.json").write_text(json.dumps(pooled) + "\n")
-    (output / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (output / "report.md").write_text(render_report(report))
-    log.info("pooled out-of-fold figures: %s", json.dumps(report["pooled"]["plain"]))
-    return report
 
 
 METRIC_ROWS = (
@@ -854,82 +602,62 @@ def render_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_folds(data_path: Path, path: Path, samples: list[Sample] | None = None) -> None:
-    """Make and save the grouped 5-fold split, reusing the groups of the committed split file
-    when it matches the folder (else computing them)."""
-    from training.data import group_near_duplicates
-
-    samples = samples or scan_dataset(data_path)
-    keys = [s.key for s in samples]
-    groups_doc = json.loads(GROUPS_FILE.read_text())["items"] if GROUPS_FILE.is_file() else {}
-    if set(groups_doc) == set(keys):
-        groups = [int(groups_doc[k]["group"]) for k in keys]
-    else:
-        groups = group_near_duplicates([load_image(s) for s in samples])
-    document = make_folds(keys, [s.label for s in samples], groups)
-    document["fingerprint"] = data_fingerprint(samples)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
-
-
-def fold_split(folds_doc: dict[str, Any], fold: int, val_fraction: float = 0.15) -> dict:
-    """A train / val / test split file (training.data's format) whose test split is CV fold
-    `fold`, so the separate classification and segmentation jobs can be scored on exactly the
-    images a joint fold model was scored on. Val is a grouped, stratified `val_fraction` of the
-    other folds (those jobs choose checkpoints and thresholds on it); train is the rest."""
-    from training.data import grouped_stratified_split
-
-    items = folds_doc["items"]
-    rest = sorted(k for k, v in items.items() if v["fold"] != fold)
-    labels = [CLASS_NAMES.index(k.split("/", 1)[0]) for k in rest]
-    groups = [int(items[k]["group"]) for k in rest]
-    splits = grouped_stratified_split(labels, groups, (1 - val_fraction, val_fraction, 0.0))
-    out = {k: {"split": "test", "group": v["group"]} for k, v in items.items() if v["fold"] == fold}
-    for key, split, group in zip(rest, splits, groups, strict=True):
-        out[key] = {"split": split, "group": group}
-    return {"seed": 0, "from_folds": {"fold": fold, "val_fraction": val_fraction}, "items": out}
-
-
 # --- refit on all the data and publish -----------------------------------------------------------
 
 
 def fit_main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train the recipe on every image (or take --weights), then the engine's finishing step:
-    export with the flip averaging baked in, publish as `diagnosis`, metrics.json, report.md."""
+    """Train the recipe on every image (the engine's no-validation run: the last epoch is kept;
+    a stopped fit resumes when rerun), then the engine's finishing step: export with the flip
+    averaging baked in, publish as `diagnosis`, metrics.json, report.md. With --weights, publish
+    those weights again without training."""
+    if args.weights:
+        return publish_weights(args)
+    output = Path(args.output_dir)
+    checkpoint = output / engine.CHECKPOINT_NAME
+    legacy = output / "fit.ckpt"  # the name before the engine: a run stopped then resumes
+    if args.resume is None:
+        args.resume = engine.resume_point(checkpoint, legacy)
+    document = run_task(JOINT, args)
+    if not distributed.is_main():
+        return document
+    checkpoint.unlink(missing_ok=True)  # finished: the same command trains afresh
+    legacy.unlink(missing_ok=True)
+    artifact = document["artifact"] or {"version": None, "path": document.get("torchscript")}
+    return {
+        "version": artifact["version"],
+        "path": artifact["path"],
+        "seconds": document["training"]["train_seconds"],
+    }
+
+
+def publish_weights(args: argparse.Namespace) -> dict[str, Any]:
+    """`fit --weights`: publish the weights of a finished fit again (e.g. with a calibration),
+    with the history and training time of the run that trained them."""
     preset = resolve_preset(args)
     samples = _samples(args)
     engine.configure_threads(args.threads)
-    device = engine.resolve_device(args.device)
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    if args.weights and not distributed.is_main():
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():
         return {"rank": distributed.rank()}  # publishing a finished run is rank 0's alone
-    checkpoint = output / engine.CHECKPOINT_NAME
-    if args.weights:  # publish a finished run again (e.g. with its calibration), no training
-        model = build_model(preset, pretrained=False)
-        history, seconds = load_weights(Path(args.weights), model)
-        model.eval()
-    else:
-        legacy = output / "fit.ckpt"  # the name before the engine: a run stopped then resumes
-        resume = args.resume or (legacy if legacy.is_file() and not checkpoint.is_file() else None)
-        model, history, seconds = train(
-            preset,
-            load_split_images(samples),
-            seed=args.seed,
-            pretrained=not args.no_pretrained,
-            checkpoint=checkpoint,
-            resume=resume,
-            progress=not args.no_progress,
-            device=device,
-        )
-        if not distributed.is_main():
-            return {"rank": distributed.rank()}  # rank 0 exports, reports and publishes
-        torch.save(cpu_state(model), output / engine.BEST_NAME)
+    model = build_model(preset, pretrained=False)
+    history, seconds = load_weights(Path(args.weights), model)
+    model.eval()
     if args.cv_report and not Path(args.cv_report).is_file():
         log.warning("no cross-validation report at %s: publishing without it", args.cv_report)
         args.cv_report = None
     cv = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
-    metrics = {
+    extra = {"cross_validation": {"k": cv["k"], "pooled": cv["pooled"]} if cv else None}
+    document = publish(
+        args, preset, model, history, seconds, samples, cross_validated_metrics(cv), extra
+    )
+    artifact = document["artifact"]
+    return {"version": artifact["version"], "path": artifact["path"], "seconds": seconds}
+
+
+def cross_validated_metrics(cv: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's metrics of a refit: the recipe's pooled out-of-fold figures (report.json
+    of `cv`), or none."""
+    return {
         "kind": "cross-validated" if cv else "none",
         "note": (
             "pooled out-of-fold figures of this recipe (grouped 5-fold cross-validation); "
@@ -939,46 +667,27 @@ def fit_main(args: argparse.Namespace) -> dict[str, Any]:
         ),
         **({"cross_validation": cv["pooled"], "k": cv["k"]} if cv else {}),
     }
-    extra = {"cross_validation": {"k": cv["k"], "pooled": cv["pooled"]} if cv else None}
-    document = publish(args, preset, model, history, seconds, samples, metrics, extra)
-    checkpoint.unlink(missing_ok=True)  # finished: the same command trains afresh
-    (output / "fit.ckpt").unlink(missing_ok=True)
-    artifact = document["artifact"]
-    return {"version": artifact["version"], "path": artifact["path"], "seconds": seconds}
 
 
-def publish(
+def joint_evaluation(
     args: argparse.Namespace,
     preset: JointPreset,
     model: nn.Module,
-    history: engine.History,
-    seconds: float,
-    samples: list[Sample],
+    n_images: int,
     metrics: dict[str, Any],
     extra: dict[str, Any],
     intended_use: str | None = None,
-) -> dict[str, Any]:
-    """The engine's finishing step for trained joint weights: export with the flip averaging
-    baked in (and the calibration of --calibration), publish as `diagnosis` with `metrics` in
-    the manifest, write metrics.json and report.md. Returns the metrics.json document."""
-    output = Path(args.output_dir)
+) -> Evaluation:
+    """What the finishing step exports and publishes for trained joint weights: the network
+    with the flip averaging baked in (and the calibration of --calibration) as `diagnosis`,
+    `metrics` in the manifest."""
     calibration: dict[str, Any] = {}
     if args.calibration:
-        from training.calibration import manifest_fields
+        from training.studies.calibration import manifest_fields
 
-        calibration = manifest_fields(args.calibration)  # validated; see training.calibration
-    epochs_run = len(history.epochs)
-    run = Run(
-        args,
-        preset,
-        output,
-        engine.resolve_device(args.device),
-        torch.get_num_threads(),
-        preprocessing_for(preset),
-        data={"train": LoadedSplit(samples, [], [])},
-        fit=engine.FitResult(history, epochs_run, None, seconds),
-    )
-    evaluation = Evaluation(
+        # validated; see training.studies.calibration
+        calibration = manifest_fields(args.calibration)
+    return Evaluation(
         served=JointFlipAverage(model) if preset.flip_tta else model,
         example=torch.zeros((1, 3, preset.size, preset.size)),
         name=args.name or args.preset,
@@ -994,8 +703,37 @@ def publish(
         },
         metrics=metrics,
         extra=extra,
-        training={"flip_tta": preset.flip_tta, "n_images": len(samples)},
+        training={"flip_tta": preset.flip_tta, "n_images": n_images},
         intended_use=intended_use,
+    )
+
+
+def publish(
+    args: argparse.Namespace,
+    preset: JointPreset,
+    model: nn.Module,
+    history: engine.History,
+    seconds: float,
+    samples: list[Sample],
+    metrics: dict[str, Any],
+    extra: dict[str, Any],
+    intended_use: str | None = None,
+) -> dict[str, Any]:
+    """The engine's finishing step for joint weights trained before (`fit --weights`,
+    `sites-publish`): joint_evaluation, then finish_run. Returns the metrics.json document."""
+    epochs_run = len(history.epochs)
+    run = Run(
+        args,
+        preset,
+        Path(args.output_dir),
+        engine.resolve_device(args.device),
+        torch.get_num_threads(),
+        preprocessing_for(preset),
+        data={"train": LoadedSplit(samples, [], [])},
+        fit=engine.FitResult(history, epochs_run, None, seconds),
+    )
+    evaluation = joint_evaluation(
+        args, preset, model, len(samples), metrics, extra, intended_use=intended_use
     )
     return finish_run(JOINT, run, evaluation)
 
@@ -1080,10 +818,7 @@ def parse_cv_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--folds", type=int, nargs="*", default=None, help="folds to run")
     parser.add_argument("--report-only", action="store_true", help="pool finished folds only")
-    args = cli.parse(parser, argv, "cv")
-    if args.output_dir is None:
-        args.output_dir = Path("training/reports/cv") / args.preset
-    return args
+    return _parse(parser, argv, "cv", Path("training/reports/cv"))
 
 
 def parse_oof_args(argv: list[str]) -> argparse.Namespace:
@@ -1092,10 +827,7 @@ def parse_oof_args(argv: list[str]) -> argparse.Namespace:
         "Out-of-fold logits and features from the CV fold models",
         default_output="training/reports/cv/<preset>",
     )
-    args = cli.parse(parser, argv, "oof")
-    if args.output_dir is None:
-        args.output_dir = Path("training/reports/cv") / args.preset
-    return args
+    return _parse(parser, argv, "oof", Path("training/reports/cv"))
 
 
 def parse_fit_args(argv: list[str]) -> argparse.Namespace:
@@ -1122,7 +854,14 @@ def parse_fit_args(argv: list[str]) -> argparse.Namespace:
         "without training",
     )
     parser.add_argument("--name", default=None, help="artifact name (default: the preset)")
-    args = cli.parse(parser, argv, "fit")
+    return _parse(parser, argv, "fit", Path("training/reports/fit"))
+
+
+def _parse(
+    parser: argparse.ArgumentParser, argv: list[str], command: str, reports: Path
+) -> argparse.Namespace:
+    """cli.parse, with the run folder defaulting to <reports>/<preset>."""
+    args = cli.parse(parser, argv, command)
     if args.output_dir is None:
-        args.output_dir = Path("training/reports/fit") / args.preset
+        args.output_dir = reports / args.preset
     return args

@@ -1,6 +1,13 @@
-"""Classification metrics in plain NumPy (no scikit-learn): confusion matrix, per-class precision /
-recall / F1, one-vs-rest ROC AUC (Mann-Whitney rank formula), ROC curves, and percentile bootstrap
-confidence intervals over images.
+"""Every figure the training jobs report, in plain NumPy (no scikit-learn), and the one bootstrap.
+
+    classification  confusion matrix, per-class precision / recall / F1, one-vs-rest ROC AUC
+                    (Mann-Whitney rank formula), ROC curves: `classification_metrics`
+    segmentation    per-image Dice / IoU of the masks /segment would return, threshold and
+                    minimum-area sweeps: `segmentation_metrics`
+    diagnosis       the joint network's headline figures of per-image rows: `diagnosis_figures`
+    intervals       `bootstrap_intervals`, THE percentile bootstrap: over images
+                    (`bootstrap_ci`, `bootstrap_mean_ci`) or over groups of images
+                    (`group_bootstrap`: near-duplicate groups, patients)
 
 Conventions: `y_true` holds class indices (N,), `probs` class probabilities (N, K) in the order of
 `class_names`; the confusion matrix has true classes as rows and predictions as columns. A metric
@@ -10,11 +17,17 @@ made-up 0 or 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
+
+from shared.labels import CLASS_NAMES
+from shared.postprocessing import dice_iou, probability_to_mask
+
+Row = dict[str, Any]
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -95,6 +108,35 @@ def _scalars(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) 
     return out
 
 
+def bootstrap_intervals(
+    n_units: int,
+    figures: Callable[[np.ndarray], Mapping[str, float]],
+    n_resamples: int,
+    seed: int = 0,
+    quantiles: tuple[float, float] = (0.025, 0.975),
+) -> dict[str, list[float]]:
+    """THE percentile bootstrap: `n_resamples` draws, each picking `n_units` unit indices with
+    replacement (images, or groups of images), and the `quantiles` of each of `figures(picked)`
+    over the draws. A draw where a figure is undefined (NaN) is left out for that figure; a figure
+    undefined in every draw has no interval."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_resamples):
+        picked = rng.integers(0, n_units, size=n_units)
+        for key, value in figures(picked).items():
+            if not math.isnan(value):
+                draws.setdefault(key, []).append(value)
+    low, high = quantiles
+    return {
+        key: [float(np.quantile(v, low)), float(np.quantile(v, high))] for key, v in draws.items()
+    }
+
+
+def _level_quantiles(level: float) -> tuple[float, float]:
+    alpha = (1.0 - level) / 2.0
+    return alpha, 1.0 - alpha
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -104,24 +146,98 @@ def bootstrap_ci(
     level: float = 0.95,
 ) -> dict[str, list[float]]:
     """Percentile bootstrap intervals ([low, high]) of every scalar of `_scalars`, resampling
-    images with replacement. Resamples where a metric is undefined are left out for that metric.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    draws: dict[str, list[float]] = {}
-    for _ in range(n_resamples):
-        idx = rng.integers(0, n, size=n)
-        for key, value in _scalars(y_true[idx], probs[idx], class_names).items():
-            draws.setdefault(key, []).append(value)
-    alpha = (1.0 - level) / 2.0
-    out = {}
-    for key, values in draws.items():
-        arr = np.asarray(values)
-        arr = arr[~np.isnan(arr)]
-        if arr.size == 0:
-            out[key] = [float("nan"), float("nan")]
-        else:
-            out[key] = [float(np.quantile(arr, alpha)), float(np.quantile(arr, 1.0 - alpha))]
+    images with replacement; [nan, nan] for a metric undefined in every resample."""
+    point = _scalars(y_true, probs, class_names)
+    intervals = bootstrap_intervals(
+        len(y_true),
+        lambda idx: _scalars(y_true[idx], probs[idx], class_names),
+        n_resamples,
+        seed,
+        _level_quantiles(level),
+    )
+    return {key: intervals.get(key, [float("nan"), float("nan")]) for key in point}
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> list[float]:
+    """Percentile bootstrap interval [low, high] of the mean of `values` (images resampled with
+    replacement); [nan, nan] when there are no values."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return [float("nan"), float("nan")]
+    intervals = bootstrap_intervals(
+        values.size,
+        lambda idx: {"mean": float(values[idx].mean())},
+        n_resamples,
+        seed,
+        _level_quantiles(level),
+    )
+    return intervals["mean"]
+
+
+def group_bootstrap(
+    rows: list[Row],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    figures: Callable[[list[Row]], Mapping[str, float]] | None = None,
+) -> dict[str, list[float]]:
+    """95% percentile intervals of each of `figures(rows)` (default: `diagnosis_figures`),
+    resampling the groups of rows (row["group"]: near-duplicate groups, patients) with
+    replacement; a figure undefined in every draw has no interval."""
+    figures = figures or diagnosis_figures
+    by_group: dict[Any, list[Row]] = {}
+    for row in rows:
+        by_group.setdefault(row["group"], []).append(row)
+    groups = list(by_group)
+    return bootstrap_intervals(
+        len(groups),
+        lambda picked: figures([row for g in picked for row in by_group[groups[g]]]),
+        n_resamples,
+        seed,
+    )
+
+
+# The headline figures of the joint network, in the order the reports show them.
+DIAGNOSIS_FIGURES = (
+    "accuracy",
+    "macro_f1",
+    "macro_auc",
+    "malignant_sensitivity",
+    "lesion_dice",
+    "normal_with_lesion_segment",
+    "normal_with_lesion_diagnose",
+)
+
+
+def diagnosis_figures(rows: list[Row]) -> dict[str, float]:
+    """The headline figures of per-image rows ("label", "probs": the class probabilities,
+    "dice" and "mask_pixels": the lesion mask as served), as the service would score them.
+    A row may lack its class half or its mask half (a separate classifier or segmenter): each
+    figure is computed on the rows that carry what it needs; NaN where none does."""
+    nan = float("nan")
+    out = dict.fromkeys(DIAGNOSIS_FIGURES, nan)
+    scored = [r for r in rows if r.get("probs") is not None]
+    if scored:
+        y = np.asarray([r["label"] for r in scored])
+        scalars = _scalars(y, np.asarray([r["probs"] for r in scored]), CLASS_NAMES)
+        out["accuracy"] = scalars["accuracy"]
+        out["macro_f1"] = scalars["macro_f1"]
+        out["macro_auc"] = scalars.get("macro_auc", nan)
+        out["malignant_sensitivity"] = scalars["malignant_recall"]
+    segmented = [r for r in rows if r.get("dice") is not None]
+    lesion = [r["dice"] for r in segmented if r["label"] > 0]
+    normal = [r for r in segmented if r["label"] == 0]
+    if lesion:
+        out["lesion_dice"] = float(np.mean(lesion))
+    if normal:
+        # /segment draws whatever the mask shows; /diagnose only when the class is not normal
+        out["normal_with_lesion_segment"] = float(np.mean([r["mask_pixels"] > 0 for r in normal]))
+        both = [r for r in normal if r.get("probs") is not None]
+        if both:
+            out["normal_with_lesion_diagnose"] = float(
+                np.mean([r["mask_pixels"] > 0 and int(np.argmax(r["probs"])) > 0 for r in both])
+            )
     return out
 
 
@@ -174,3 +290,161 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, float) and np.isnan(value):
         return None
     return value
+
+
+# --- segmentation: the masks /segment would return ---------------------------------------------
+# Every number starts from the model's low-resolution logits, goes through
+# shared.postprocessing.sigmoid and probability_to_mask (the probability map resized to the
+# image's own size, then thresholded) and is scored with dice_iou against the full-size truth, so
+# a reported Dice is the Dice of what /segment would return.
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+
+
+def score_masks(
+    probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray], threshold: float
+) -> dict[str, np.ndarray]:
+    """Per-image dice, iou and `any_lesion` (the predicted mask has a nonzero pixel) at
+    `threshold`; `probabilities` are model-size maps, `masks` the full-size 0/255 truths."""
+    dice, iou, any_lesion = [], [], []
+    for prob, mask in zip(probabilities, masks, strict=True):
+        pred = probability_to_mask(prob, threshold, mask.shape[0], mask.shape[1])
+        d, i = dice_iou(pred, mask)
+        dice.append(d)
+        iou.append(i)
+        any_lesion.append(bool(pred.any()))
+    return {
+        "dice": np.asarray(dice, dtype=np.float64),
+        "iou": np.asarray(iou, dtype=np.float64),
+        "any_lesion": np.asarray(any_lesion, dtype=bool),
+    }
+
+
+def selection_score(scores: dict[str, np.ndarray]) -> float:
+    """Mean per-image Dice over every image, lesion and normal alike.
+
+    dice_iou scores an image with an empty truth 1 when nothing is predicted and 0 otherwise, so
+    this single number rewards lesion overlap and penalises false positives on normal scans.
+    """
+    return float(scores["dice"].mean()) if scores["dice"].size else float("nan")
+
+
+def threshold_sweep(
+    probabilities: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> list[dict[str, float]]:
+    """For each threshold: mean Dice and IoU over lesion images, the share of normal images
+    (empty truth) given any lesion, and the selection score over all images."""
+    is_lesion = np.array([mask.any() for mask in masks], dtype=bool)
+    rows = []
+    for t in thresholds:
+        s = score_masks(probabilities, masks, float(t))
+        rows.append(
+            {
+                "threshold": float(t),
+                "lesion_dice": _mean(s["dice"][is_lesion]),
+                "lesion_iou": _mean(s["iou"][is_lesion]),
+                "normal_with_lesion": _mean(s["any_lesion"][~is_lesion].astype(np.float64)),
+                "all_dice": selection_score(s),
+            }
+        )
+    return rows
+
+
+def best_threshold(sweep: list[dict[str, float]], key: str) -> float:
+    """The threshold whose `key` is highest (the lowest such threshold on ties)."""
+    values = [row[key] for row in sweep]
+    return float(sweep[int(np.nanargmax(values))]["threshold"])
+
+
+def segmentation_metrics(
+    scores: dict[str, np.ndarray],
+    class_names: Sequence[str],
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The reported numbers of one split at one threshold, with 95% bootstrap intervals.
+
+    Lesion images are those whose class is not "normal" (`class_names` per image).
+    """
+    names = np.asarray(class_names)
+    lesion = names != "normal"
+    normal = ~lesion
+    out: dict[str, Any] = {
+        "n_lesion_images": int(lesion.sum()),
+        "n_normal_images": int(normal.sum()),
+        "lesion_dice": _mean(scores["dice"][lesion]),
+        "lesion_dice_ci95": bootstrap_mean_ci(scores["dice"][lesion], n_resamples, seed),
+        "lesion_iou": _mean(scores["iou"][lesion]),
+        "lesion_iou_ci95": bootstrap_mean_ci(scores["iou"][lesion], n_resamples, seed),
+        "lesion_dice_median": _median(scores["dice"][lesion]),
+        "lesion_missed": int((~scores["any_lesion"][lesion]).sum()),
+        "normal_with_lesion": _mean(scores["any_lesion"][normal].astype(np.float64)),
+        "normal_with_lesion_ci95": bootstrap_mean_ci(
+            scores["any_lesion"][normal].astype(np.float64), n_resamples, seed
+        ),
+        "normal_with_lesion_count": int(scores["any_lesion"][normal].sum()),
+        "per_class": {},
+    }
+    for name in sorted(set(names[lesion].tolist())):
+        pick = names == name
+        out["per_class"][name] = {
+            "n": int(pick.sum()),
+            "dice": _mean(scores["dice"][pick]),
+            "dice_ci95": bootstrap_mean_ci(scores["dice"][pick], n_resamples, seed),
+            "iou": _mean(scores["iou"][pick]),
+        }
+    out["bootstrap"] = {"resamples": n_resamples, "seed": seed, "method": "percentile, images"}
+    return out
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values)) if values.size else float("nan")
+
+
+def _median(values: np.ndarray) -> float:
+    return float(np.median(values)) if values.size else float("nan")
+
+
+DEFAULT_MIN_AREAS: tuple[float, ...] = (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
+
+
+def min_area_sweep(
+    probabilities: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    threshold: float,
+    min_areas: Sequence[float] = DEFAULT_MIN_AREAS,
+) -> list[dict[str, float]]:
+    """What a "no lesion unless the mask covers at least `a` of the image" rule would do.
+
+    For each candidate `a` (a fraction of the image's pixels, as lesion_geometry reports it),
+    masks covering less are emptied; returns the same columns as threshold_sweep. Analysis
+    only: the service applies such a rule only if shared.postprocessing does.
+    """
+    is_lesion = np.array([mask.any() for mask in masks], dtype=bool)
+    preds = [
+        probability_to_mask(p, threshold, m.shape[0], m.shape[1])
+        for p, m in zip(probabilities, masks, strict=True)
+    ]
+    fractions = np.array([float((pred > 0).mean()) for pred in preds])
+    rows = []
+    for a in min_areas:
+        dice, iou, any_lesion = [], [], []
+        for pred, mask, fraction in zip(preds, masks, fractions, strict=True):
+            kept = pred if fraction >= a else np.zeros_like(pred)
+            d, i = dice_iou(kept, mask)
+            dice.append(d)
+            iou.append(i)
+            any_lesion.append(bool(kept.any()))
+        dice_a, iou_a, any_a = np.array(dice), np.array(iou), np.array(any_lesion, dtype=float)
+        rows.append(
+            {
+                "min_area": float(a),
+                "lesion_dice": _mean(dice_a[is_lesion]),
+                "lesion_iou": _mean(iou_a[is_lesion]),
+                "normal_with_lesion": _mean(any_a[~is_lesion]),
+                "all_dice": _mean(dice_a),
+            }
+        )
+    return rows

@@ -35,6 +35,7 @@ from shared.labels import TASKS
 from shared.promotion import GateFloors, demote, promote, read_promotions
 from shared.store import copy_artifact, verify_artifact
 from shared.warmup import check_loads
+from training import cli
 
 log = logging.getLogger("training.promote")
 
@@ -48,13 +49,11 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 def get_args_parser(command: str) -> argparse.ArgumentParser:
     promoting = command == "promote"
-    parser = argparse.ArgumentParser(
-        prog=f"python -m training {command}",
-        description=(
-            "Promote a published version so that it serves its task (after the gate)."
-            if promoting
-            else "Demote a promoted version: the one promoted before it serves again."
-        ),
+    parser = cli.command_parser(
+        command,
+        "Promote a published version so that it serves its task (after the gate)."
+        if promoting
+        else "Demote a promoted version: the one promoted before it serves again.",
     )
     parser.add_argument("task", choices=TASKS, help="the task")
     parser.add_argument(

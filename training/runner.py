@@ -1,8 +1,11 @@
 """One training job for every kind of model: a small task plug-in on a shared engine.
 
-    run_task(task, args)        the recipe: data -> model, loss, optimiser -> engine.fit ->
-                                task.evaluate -> finish_run
-    finish_run(record, task)    the one run-finishing step: TorchScript export (checked equal to
+    run_task(task, args)        the recipe: data -> train_model -> task.evaluate -> finish_run
+    train_model(task, run, ...) THE training of a plug-in's model on run.data: data sets, model,
+                                loss, optimiser -> engine.fit (distributed under torchrun), the
+                                kept epoch's weights; run_task, the cross-validation driver
+                                (training.crossval) and the sites job call it
+    finish_run(task, run, ev)   the one run-finishing step: TorchScript export (checked equal to
                                 eager), publish (training.export), metrics.json, report.md
 
 A `Task` is what a kind of model adds (training.classification.CLASSIFICATION,
@@ -10,8 +13,15 @@ training.segmentation.SEGMENTATION, training.joint.JOINT): its presets, what it 
 data sets and the model), its loss and optimiser, the per-epoch validation values and the
 checkpoint selection, the final evaluation (metrics, plots, what is exported) and its report
 section. The engine owns everything else: the split, the loop, checkpoints and `--resume`, the
-device, the metrics.json layout, the report frame, export and publishing. A new task is one
-module with its plug-in and presets, plus its command in training.__main__.
+device and torchrun, the metrics.json layout, the report frame, export and publishing. A task
+without a validation split (`validation_split = False`, the joint task) trains on every image and
+keeps its last epoch: its figures come from cross-validation (training.crossval). A new task is
+one module with its plug-in and presets, plus its command in training.__main__.
+
+Under torchrun (training.distributed) every process trains: every rank starts from rank 0's
+weights, draws its own dropout and augmentation, loads batch / N of each global batch from its
+own shard, and DistributedDataParallel averages the gradients; rank 0 alone writes checkpoints,
+evaluates, reports and publishes. Outside torchrun each of those helpers is the identity.
 
 metrics.json, one layout for every task:
 
@@ -42,7 +52,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shared.labels import CLASS_NAMES
 from shared.preprocessing import Preprocessing
@@ -54,6 +64,7 @@ from training.data import (
     data_fingerprint,
     load_split_images,
     resolve_split,
+    scan_dataset,
     subset_per_class,
 )
 
@@ -93,6 +104,7 @@ class Run:
     preprocessing: Preprocessing
     data: dict[str, LoadedSplit] = field(default_factory=dict)
     split_file: Path | None = None
+    seed: int = 0  # of the training under way (a cross-validation fold adds its number)
     fit: engine.FitResult | None = None
     eval_seconds: float = 0.0
     state: dict[str, Any] = field(default_factory=dict)  # the task's own, between its steps
@@ -106,13 +118,21 @@ class Run:
 
 
 class Task(Protocol):
-    """The plug-in of one kind of model. Everything it does not define is the engine's."""
+    """The plug-in of one kind of model. Everything it does not define is the engine's.
+
+    One hook is optional: `train_loader(run, dataset, sampler) -> DataLoader`, the training
+    batches (default: `default_train_loader`); a task defines it to keep the batches its
+    published recipes were trained with.
+    """
 
     kind: str  # the manifest task: shared.labels.TASKS
     command: str  # `python -m training <command>`
     presets: dict[str, Any]
     default_output: str  # e.g. "runs/classification/{preset}"
     smoke_per_class: int  # images per class and split in a --smoke run
+    # True: a grouped train/val/test split, the epoch kept by `selection` on val; False: every
+    # image trains, the last epoch is kept, and the figures come from cross-validation.
+    validation_split: bool
 
     def resolve_preset(self, args: argparse.Namespace) -> Any:
         """The named preset with the command line's overrides (and --smoke's) applied."""
@@ -120,8 +140,9 @@ class Task(Protocol):
     def preprocessing(self, preset: Any) -> Preprocessing:
         """THE preprocessing the model is trained and served with."""
 
-    def datasets(self, run: Run) -> tuple[Dataset, Dataset]:
-        """(augmented train set, val set) of (input, target) pairs."""
+    def datasets(self, run: Run) -> tuple[Dataset, Dataset | None]:
+        """(augmented train set, val set or None without a validation split) of (input,
+        target) pairs, from run.data; augmentation seeded with run.seed."""
 
     def build_model(self, run: Run) -> nn.Module:
         """The network, initialised as the preset says."""
@@ -187,70 +208,134 @@ def load_splits(run: Run, smoke_per_class: int) -> None:
     )
 
 
-def run_task(task: Task, args: argparse.Namespace) -> dict[str, Any]:
-    """Train, select on val, evaluate once on test, report, export and publish; returns the
-    metrics.json document."""
-    run = start_run(task, args)
-    load_splits(run, task.smoke_per_class)
-    train_set, val_set = task.datasets(run)
-    # The shuffle has its own generator: the order of epochs does not depend on how many random
-    # numbers the model's initialisation drew.
-    train_loader = DataLoader(
-        train_set,
-        batch_size=run.preset.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > run.preset.batch_size,
-        generator=torch.Generator().manual_seed(args.seed),
-        num_workers=args.workers,
+def load_all(run: Run, smoke_per_class: int) -> None:
+    """Every image of the data folder as run.data["train"] (a task without a validation split
+    trains on them all), decoded into memory."""
+    args = run.args
+    samples = scan_dataset(args.data_path)
+    per_class = args.max_per_class or (smoke_per_class if args.smoke else None)
+    if per_class:  # a few of each class keeps every code path alive
+        samples = subset_per_class(samples, per_class)
+    run.data = {"train": load_split_images(samples)}
+
+
+def default_train_loader(run: Run, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
+    """Shuffled training batches (this rank's shard of them under torchrun). The shuffle has its
+    own generator seeded with run.seed: the order of epochs does not depend on how many random
+    numbers the model's initialisation drew."""
+    batch_size = run.preset.batch_size
+    return DataLoader(
+        dataset,
+        batch_size=distributed.per_rank_batch(batch_size),
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(dataset) > batch_size,
+        generator=torch.Generator().manual_seed(run.seed),
+        num_workers=run.args.workers,
     )
-    val_loader = run.eval_loader(val_set)
-    model = task.build_model(run).to(run.device)
+
+
+def train_model(
+    task: Task,
+    run: Run,
+    *,
+    seed: int,
+    checkpoint: Path | None = None,
+    best: Path | None = None,
+    resume: Path | None = None,
+) -> tuple[nn.Module, engine.FitResult]:
+    """Train the task's model on run.data["train"] (validating on run.data["val"] when the task
+    has a validation split): seeded with `seed`, distributed under torchrun, `checkpoint` written
+    after every epoch (rank 0), the selected epoch's weights in `best`, continuing from `resume`.
+
+    Returns the model holding the kept epoch's weights (eval mode, on run.device) and the fit's
+    result.
+    """
+    engine.seed_everything(seed)
+    run.seed = seed
+    train_set, val_set = task.datasets(run)
+    model = task.build_model(run)
+    if distributed.rank() > 0:
+        engine.seed_everything(distributed.rank_seed(seed))
+    net = distributed.wrap(model) if distributed.is_active() else model.to(run.device)
+    sampler = distributed.sampler(train_set, seed)
+    make_loader = getattr(task, "train_loader", None) or default_train_loader
+    train_loader = make_loader(run, train_set, sampler)
     loss_fn = task.build_loss(run).to(run.device)
-    optimizer, scheduler, step_every = task.build_optimizer(run, model, len(train_loader))
-
-    checkpoint, best = run.output_dir / engine.CHECKPOINT_NAME, run.output_dir / engine.BEST_NAME
+    optimizer, scheduler, step_every = task.build_optimizer(run, net, max(1, len(train_loader)))
     selection = task.selection(run.preset)
+    validate = None
+    if val_set is not None:
+        val_loader = run.eval_loader(val_set)
 
-    def validate(net: nn.Module) -> dict[str, float]:
-        val = engine.evaluate(
-            net, loss_fn, val_loader, desc="val", progress=run.progress, device=run.device
-        )
-        return {"val_loss": val.loss, **task.validate(val, run.data["val"])}
+        def validate(net: nn.Module) -> dict[str, float]:
+            val = engine.evaluate(
+                net, loss_fn, val_loader, desc="val", progress=run.progress, device=run.device
+            )
+            return {"val_loss": val.loss, **task.validate(val, run.data["val"])}
 
     def before_epoch(epoch: int) -> None:
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)  # reseeds augmentation: a resumed run draws the same
+        distributed.set_epoch(sampler, epoch)
 
-    resume = args.resume
+    fit = engine.fit(
+        net,
+        loss_fn,
+        optimizer,
+        train_loader,
+        epochs=run.preset.epochs,
+        scheduler=scheduler,
+        step_every=step_every,
+        validate=validate,
+        selection=selection,
+        checkpoint=checkpoint,
+        best=best,
+        resume=resume,
+        extra={"preset": run.args.preset},
+        before_epoch=before_epoch,
+        progress=run.progress,
+        device=run.device,
+    )
+    distributed.unwrap(net, into=model)
+    if best is not None and selection.metric is not None:
+        distributed.barrier()  # rank 0 wrote the kept weights
+        kept = kept_weights(best.parent)
+        model.load_state_dict(torch.load(kept, map_location=run.device, weights_only=True))
+    return model.to(run.device).eval(), fit
+
+
+def run_task(task: Task, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (selecting on val when the task has a validation split), evaluate once, report,
+    export and publish; returns the metrics.json document (under torchrun, rank 0's; the other
+    ranks return {"rank": r} once trained)."""
+    run = start_run(task, args)
+    if task.validation_split:
+        load_splits(run, task.smoke_per_class)
+    else:
+        load_all(run, task.smoke_per_class)
     if getattr(args, "test_only", False):
+        run.seed = args.seed
+        task.datasets(run)  # the task's evaluation sets
+        model = task.build_model(run).to(run.device)
         run.fit = restore_run(run.output_dir, model)
     else:
-        run.fit = engine.fit(
-            model,
-            loss_fn,
-            optimizer,
-            train_loader,
-            epochs=run.preset.epochs,
-            scheduler=scheduler,
-            step_every=step_every,
-            validate=validate,
-            selection=selection,
-            checkpoint=checkpoint,
-            best=best,
-            resume=resume,
-            extra={"preset": args.preset},
-            before_epoch=before_epoch,
-            progress=run.progress,
-            device=run.device,
+        model, run.fit = train_model(
+            task,
+            run,
+            seed=args.seed,
+            checkpoint=run.output_dir / engine.CHECKPOINT_NAME,
+            best=run.output_dir / engine.BEST_NAME,
+            resume=args.resume,
         )
-        kept = kept_weights(run.output_dir)
-        model.load_state_dict(torch.load(kept, map_location=run.device, weights_only=True))
+    if not distributed.is_main():
+        return {"rank": distributed.rank()}  # rank 0 evaluates, exports and publishes
     model.eval()
     log.info(
         "training took %.1f s; evaluating the weights of epoch %d (%s)",
         run.fit.seconds,
         run.fit.best_epoch,
-        selection.describe(),
+        task.selection(run.preset).describe(),
     )
     with engine.Timer() as timer:
         evaluation = task.evaluate(run, model)

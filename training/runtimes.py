@@ -13,8 +13,9 @@ ONNX and validates it before publishing anything:
   every image is scored out-of-fold by the fold model that did not train on it, once as
   TorchScript fp32 (exported as `training fit` exports) and once in ONNX Runtime (the same fold
   model exported to ONNX): accuracy, macro AUC and lesion Dice of both, with the CV report's own
-  figure code (training.joint._figures). Without it, the artifact's own model.pt and ONNX are
-  compared on the data folder's images, which it may have been trained on: the validation says so.
+  figure code (training.metrics.diagnosis_figures). Without it, the artifact's own model.pt and
+  ONNX are compared on the data folder's images, which it may have been trained on: the
+  validation says so.
 - Either way the artifact's model.pt and its ONNX file answer the same images, and the largest
   differences of their class and mask logits and the number of images whose class differs are
   recorded.
@@ -66,6 +67,7 @@ from shared.variants import (
     RuntimeVariant,
     runtime_file_name,
 )
+from training import cli
 
 log = logging.getLogger(__name__)
 
@@ -342,9 +344,9 @@ def score_pair(
 
 def bar_figures(rows: list[dict[str, Any]]) -> dict[str, float]:
     """The figures of VALIDATION_BAR, computed as the CV report computes them."""
-    from training.joint import _figures
+    from training.metrics import diagnosis_figures
 
-    figures = _figures(rows)
+    figures = diagnosis_figures(rows)
     return {key: float(figures[key]) for key in VALIDATION_BAR}
 
 
@@ -550,11 +552,12 @@ def fit_quality_check(
 ) -> tuple[FeatureOodDetector, dict[str, Any]]:
     """The quality check on the served network's own features: pooled encoder features of
     every image of the training sites' folders (training.sites) and of the non-ultrasound
-    evaluation set (training.ood), evaluated over the site folds and fitted on every image.
-    Raises ValueError when it does not hold (training.ood.evaluate_feature_check's floors)."""
+    evaluation set (training.studies.ood), evaluated over the site folds and fitted on every
+    image. Raises ValueError when it does not hold (the floors of
+    training.studies.ood.evaluate_feature_check)."""
     from training.data import data_fingerprint, load_image
-    from training.ood import FEATURE_QUANTILE, SHRINKAGE, evaluate_feature_check, ood_images
     from training.sites import DEFAULT_SITE_FOLDS, load_site_folds, scan_sites
+    from training.studies.ood import FEATURE_QUANTILE, SHRINKAGE, evaluate_feature_check, ood_images
 
     started = time.perf_counter()
     graph = ServedGraph(eager, GRAPH_CLASSIFY)
@@ -706,19 +709,15 @@ def derived_metadata(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training export-onnx",
-        description="Publish a model again with the same network for ONNX Runtime, validated "
-        "against TorchScript fp32 (not promoted).",
+    parser = cli.command_parser(
+        "export-onnx",
+        "Publish a model again with the same network for ONNX Runtime, validated against "
+        "TorchScript fp32 (not promoted).",
     )
-    parser.add_argument(
-        "--model-dir", type=Path, default=Path("models"), help="the source's (default: models)"
-    )
+    cli.add_flag(parser, "--model-dir", default=Path("models"))
     parser.add_argument("--task", choices=TASKS, default=TASK_DIAGNOSIS, help="default: diagnosis")
     parser.add_argument("--version", required=True, help="the source version (folder name)")
-    parser.add_argument(
-        "--data-path", type=Path, required=True, help="folder in BUSI layout to validate on"
-    )
+    cli.add_flag(parser, "--data-path", required=True, help="the images to validate on")
     parser.add_argument(
         "--cv-dir",
         type=Path,
@@ -726,11 +725,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fold<k>.pt of `python -m training cv` for the same recipe: validate out-of-fold "
         "(default: none; the artifact's own model on the data folder, not held out)",
     )
-    parser.add_argument(
+    cli.add_flag(
+        parser,
         "--folds-file",
-        type=Path,
         default=None,
-        help="the k-fold file of --cv-dir (default: training/splits/busi-5fold.json)",
+        help="of --cv-dir; none: training/splits/busi-5fold.json",
     )
     parser.add_argument(
         "--output-model-dir",
@@ -760,8 +759,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="site folds of those images (default: training/splits/sites-5fold.json)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="scoring batch (default: 8)")
-    parser.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads "
-                        "(default: 0, torch's default)")  # fmt: skip
+    cli.add_flag(parser, "--threads", default=0)
     return parser
 
 
@@ -771,9 +769,14 @@ def export_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
     command cannot rebuild and FileNotFoundError for missing data or fold weights."""
     import onnxruntime
 
-    from training.data import data_fingerprint, load_split_images, scan_dataset
+    from training.data import (
+        DEFAULT_FOLDS_FILE,
+        data_fingerprint,
+        load_folds,
+        load_split_images,
+        scan_dataset,
+    )
     from training.engine import configure_threads
-    from training.joint import DEFAULT_FOLDS_FILE, load_folds
     from training.runner import display_path
 
     configure_threads(args.threads)

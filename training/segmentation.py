@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,8 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
@@ -37,18 +34,20 @@ from shared.models.tta import HorizontalFlipAverage
 from shared.postprocessing import probability_to_mask, sigmoid
 from shared.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from training import cli, engine
+from training.augment import augment_pair
 from training.data import LoadedSplit
-from training.report import fmt
-from training.runner import Evaluation, Run, json_ready, run_task
-from training.seg_metrics import (
+from training.losses import segmentation_loss
+from training.metrics import (
     best_threshold,
     min_area_sweep,
     score_masks,
+    segmentation_metrics,
     selection_score,
-    summarise,
     threshold_sweep,
 )
-from training.seg_plots import plot_iou_vs_threshold, plot_sample_predictions
+from training.plots import plot_iou_vs_threshold, plot_sample_predictions
+from training.report import fmt
+from training.runner import Evaluation, Run, json_ready, run_task
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class SegPreset:
     train_on: str  # "lesion": benign + malignant only | "all": normal scans (empty masks) too
     augment: str  # "none" | "full" (flip, rotation, scale, shift, brightness/contrast)
     threshold_from: str  # "train" | "val": the split whose scores choose the threshold
-    threshold_metric: str  # "lesion_iou" | "all_dice" (see training.seg_metrics)
+    threshold_metric: str  # "lesion_iou" | "all_dice" (see training.metrics)
     checkpoint: str  # "last" | "best_val" (highest val all-image Dice at threshold 0.5)
     flip_tta: bool = False  # also try logits averaged with the mirror image; kept if better on val
     channels: int = 3
@@ -163,44 +162,6 @@ def get_preset(name: str) -> SegPreset:
 # --- data --------------------------------------------------------------------------------------
 
 
-def augment_pair(
-    image: np.ndarray, mask: np.ndarray, rng: random.Random
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random flip, rotation (+-10 deg), scale (0.85-1.15), shift (+-6%) applied identically to a
-    uint8 image and its mask, then brightness/contrast on the image. Train only, before
-    THE preprocessing, on the full-size uint8 arrays the service would also start from."""
-    if rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    height, width = image.shape
-    if rng.random() < 0.8:
-        angle = math.radians(rng.uniform(-10.0, 10.0))
-        scale = rng.uniform(0.85, 1.15)
-        tx, ty = rng.uniform(-0.06, 0.06) * width, rng.uniform(-0.06, 0.06) * height
-        cx, cy = width / 2.0, height / 2.0
-        # PIL wants the inverse map (output pixel -> input pixel) of
-        # out = scale * R(angle) (in - c) + c + t
-        a, b = math.cos(angle) / scale, math.sin(angle) / scale
-        d, e = -math.sin(angle) / scale, math.cos(angle) / scale
-        c = cx - a * (cx + tx) - b * (cy + ty)
-        f = cy - d * (cx + tx) - e * (cy + ty)
-        coeffs = (a, b, c, d, e, f)
-        image = np.asarray(
-            Image.fromarray(np.ascontiguousarray(image)).transform(
-                (width, height), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR
-            )
-        )
-        mask = np.asarray(
-            Image.fromarray(np.ascontiguousarray(mask)).transform(
-                (width, height), Image.Transform.AFFINE, coeffs, Image.Resampling.NEAREST
-            )
-        )
-    if rng.random() < 0.8:
-        contrast, brightness = rng.uniform(0.8, 1.2), rng.uniform(-20.0, 20.0)
-        mean = float(image.mean())
-        image = np.clip((image.astype(np.float32) - mean) * contrast + mean + brightness, 0, 255)
-    return np.ascontiguousarray(image, dtype=np.uint8), np.ascontiguousarray(mask)
-
-
 class SegmentationDataset(Dataset):
     """(input (C, S, S) float32, target (1, S, S) float32 in [0, 1]) pairs.
 
@@ -241,33 +202,6 @@ def fixed_tensors(data: LoadedSplit, preprocessing: Preprocessing) -> TensorData
 
 
 # --- loss, optimiser, schedule ----------------------------------------------------------------
-
-
-class DiceBCELoss(nn.Module):
-    """BCE-with-logits plus (1 - soft Dice) over the whole batch.
-
-    The batch-level Dice stays defined when a batch holds normal scans with empty masks, and
-    the smoothing term keeps its gradient finite there.
-    """
-
-    def __init__(self, smooth: float = 1.0) -> None:
-        super().__init__()
-        self.smooth = smooth
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        bce = F.binary_cross_entropy_with_logits(logits, target)
-        prob = torch.sigmoid(logits)
-        inter = (prob * target).sum()
-        dice = (2.0 * inter + self.smooth) / (prob.sum() + target.sum() + self.smooth)
-        return bce + (1.0 - dice)
-
-
-def build_loss(name: str) -> nn.Module:
-    if name == "bce":
-        return nn.BCEWithLogitsLoss()
-    if name == "dice_bce":
-        return DiceBCELoss()
-    raise ValueError(f"unknown loss {name!r}")
 
 
 def build_optimizer(model: nn.Module, preset: SegPreset) -> torch.optim.Optimizer:
@@ -331,6 +265,7 @@ class SegmentationTask:
     presets = PRESETS
     default_output = "runs/segment-{preset}"
     smoke_per_class = 4
+    validation_split = True
 
     def resolve_preset(self, args: argparse.Namespace) -> SegPreset:
         return resolve_preset(args)
@@ -366,7 +301,7 @@ class SegmentationTask:
         )
 
     def build_loss(self, run: Run) -> nn.Module:
-        return build_loss(run.preset.loss)
+        return segmentation_loss(run.preset.loss)
 
     def build_optimizer(
         self, run: Run, model: nn.Module, steps_per_epoch: int
@@ -419,14 +354,16 @@ class SegmentationTask:
             if preset.threshold_from == "val"
             else predict_probabilities(served, fixed_tensors(val, pre).tensors[0])
         )
-        val_summary = summarise(
+        val_summary = segmentation_metrics(
             score_masks(val_probs, val.masks, threshold), val.class_names, args.bootstrap, args.seed
         )
         # the test split, once
         test_inputs = fixed_tensors(test, pre).tensors[0]
         test_probs = predict_probabilities(served, test_inputs)
         test_scores = score_masks(test_probs, test.masks, threshold)
-        test_summary = summarise(test_scores, test.class_names, args.bootstrap, args.seed)
+        test_summary = segmentation_metrics(
+            test_scores, test.class_names, args.bootstrap, args.seed
+        )
         test_sweep = threshold_sweep(test_probs, test.masks)
         # analysis only: a minimum-area rule chosen on val, and what it would do on test
         val_area_sweep = min_area_sweep(val_probs, val.masks, threshold)

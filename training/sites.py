@@ -42,11 +42,12 @@ from training.data import (
     data_fingerprint,
     group_near_duplicates,
     groups_largest_first,
+    load_folds,
     load_image,
     load_split_images,
     scan_dataset,
 )
-from training.metrics import roc_auc
+from training.metrics import group_bootstrap, roc_auc
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +192,8 @@ def make_site_folds(samples: list[Sample], k: int = 5, seed: int = 0) -> dict[st
 
 
 def load_site_folds(path: Path, samples: list[Sample]) -> dict[str, dict[str, Any]]:
-    """The fold items of a fold file (training.joint.load_folds: the same check, one place).
+    """The fold items of a fold file (training.data.load_folds: the same check, one place).
     Raises ValueError when file and folders disagree."""
-    from training.joint import load_folds
-
     return load_folds(path, samples)
 
 
@@ -277,8 +276,6 @@ def figures_with_intervals(
     rows: list[dict[str, Any]], n_resamples: int, seed: int = 0
 ) -> dict[str, Any]:
     """`site_figures` with 95% intervals resampling groups (patients, near-duplicate groups)."""
-    from training.joint import group_bootstrap
-
     return {
         **site_figures(rows),
         "predicted": predicted_mix(rows),
@@ -320,7 +317,8 @@ def score(model: torch.nn.Module, preset: Any, data: LoadedSplit) -> list[dict[s
 
 def sites_main(args: argparse.Namespace) -> dict[str, Any]:
     """Train the recipe on every image not held out, score the held-out ones, write the run."""
-    from training.joint import cpu_state, resolve_preset, train
+    from training.joint import JOINT, preprocessing_for, resolve_preset
+    from training.runner import Run, train_model
 
     preset = resolve_preset(args)
     samples = scan_sites(args.data_path)
@@ -348,15 +346,13 @@ def sites_main(args: argparse.Namespace) -> dict[str, Any]:
         json.dumps(describe(trained_on.samples)),
         len(test_idx),
     )
-    model, history, seconds = train(
-        preset,
-        trained_on,
-        seed=args.seed,
-        pretrained=not args.no_pretrained,
-        checkpoint=output / engine.CHECKPOINT_NAME,
-        progress=not args.no_progress,
-        device=device,
+    run = Run(args, preset, output, device, threads, preprocessing_for(preset))
+    run.data = {"train": trained_on}
+    checkpoint = output / engine.CHECKPOINT_NAME
+    model, fit = train_model(
+        JOINT, run, seed=args.seed, checkpoint=checkpoint, resume=engine.resume_point(checkpoint)
     )
+    history, seconds = fit.history, fit.seconds
     if not distributed.is_main():
         return {"rank": distributed.rank()}
     started = time.perf_counter()
@@ -381,7 +377,7 @@ def sites_main(args: argparse.Namespace) -> dict[str, Any]:
     }
     _write_json(output / "rows.json", {"holdout": args.holdout, "rows": rows})
     _write_json(output / "result.json", result)
-    torch.save(cpu_state(model), output / "weights.pt")
+    torch.save(engine.cpu_state(model), output / "weights.pt")
     (output / engine.CHECKPOINT_NAME).unlink(missing_ok=True)
     for site, fig in result["figures"].items():
         log.info("held out %s, site %s: %s", args.holdout, site, _brief(fig))

@@ -78,7 +78,7 @@ def test_shipped_detector_flags_blank_noise_gradient_and_pattern_images():
 def test_shipped_detector_passes_busi_scans_also_as_4to3_exports():
     if not BUSI.is_dir():
         pytest.skip(f"BUSI data folder not found at {BUSI}")
-    from training.ood import as_wide_export
+    from training.studies.ood import as_wide_export
 
     detector = load_detector(DEFAULT_DETECTOR_FILE)
     paths = sorted(BUSI.glob("*/*).png"))[::10]  # every 10th image, masks excluded

@@ -9,8 +9,8 @@ import pytest
 
 from shared.calibration import Calibration
 from shared.postprocessing import softmax
-from training import calibration
 from training.__main__ import main as training_main
+from training.studies import calibration
 
 
 def overconfident_rows(n: int = 600, temperature: float = 2.5, seed: int = 0) -> list[dict]:

@@ -17,7 +17,9 @@ from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION
 from shared.preprocessing import Preprocessing
 from shared.store import list_versions, verify_artifact
 from training import classification
-from training.classification import Augmentation, ClassificationDataset, class_weights, get_preset
+from training.augment import Augmentation
+from training.classification import ClassificationDataset, get_preset
+from training.losses import class_weights
 
 REPO = Path(__file__).resolve().parents[2]
 BUSI = Path(os.environ.get("BUSI_DATA", REPO.parent / "shared" / "data" / "busi"))
@@ -153,7 +155,7 @@ def test_mask_channel_is_a_binary_fourth_channel():
 
 
 def test_class_weights_favour_the_rare_class():
-    w = class_weights([0, 1, 1, 1, 2, 2], 3)
+    w = class_weights([0, 1, 1, 1, 2, 2], 3, mean_one=True)
     assert w[0] > w[2] > w[1]
     assert float(w.mean()) == pytest.approx(1.0)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from training.compare import _cv_bootstrap, _cv_figures
+from training.metrics import diagnosis_figures, group_bootstrap
 
 
 def _row(label, probs=None, dice=None, mask_pixels=0, group=0):
@@ -20,7 +20,7 @@ def test_class_and_mask_halves_are_scored_on_their_own_rows():
         _row(1, dice=0.8, mask_pixels=30, group=3),  # segmented only
         _row(0, dice=1.0, mask_pixels=0, group=4),  # segmented only, nothing drawn
     ]
-    figures = _cv_figures(rows)
+    figures = diagnosis_figures(rows)
     assert figures["accuracy"] == 1.0  # the three classified rows
     assert math.isclose(figures["lesion_dice"], 0.7)  # the two lesion rows with a mask
     assert figures["normal_with_lesion_segment"] == 0.5  # one of two normal masks drawn
@@ -30,8 +30,8 @@ def test_class_and_mask_halves_are_scored_on_their_own_rows():
 
 def test_a_recipe_without_a_classifier_has_no_class_figures():
     rows = [_row(1, dice=0.5, mask_pixels=9, group=g) for g in range(4)]
-    figures = _cv_figures(rows)
+    figures = diagnosis_figures(rows)
     assert math.isnan(figures["accuracy"]) and math.isnan(figures["normal_with_lesion_diagnose"])
     assert figures["lesion_dice"] == 0.5
-    interval = _cv_bootstrap(rows, 50)
+    interval = group_bootstrap(rows, 50)
     assert interval["lesion_dice"] == [0.5, 0.5] and "accuracy" not in interval

@@ -14,7 +14,7 @@ from shared.quality import FeatureOodDetector
 from shared.store import verify_artifact
 from shared.variants import GRAPH_CLASSIFY, RUNTIME_ONNX
 from training import joint, runtimes
-from training.ood import evaluate_feature_check
+from training.studies.ood import evaluate_feature_check
 
 PRESET = joint.get_preset("joint-smoke")
 

@@ -17,6 +17,9 @@ from shared.models.joint import ENCODERS, JointFlipAverage, JointUNet, load_lite
 from shared.store import list_versions, verify_artifact
 from training import joint
 from training.__main__ import main as training_main
+from training.augment import augment_geometry
+from training.data import fold_split, make_folds
+from training.metrics import group_bootstrap
 
 
 def test_folds_keep_every_group_in_one_fold_and_balance_the_classes():
@@ -24,7 +27,7 @@ def test_folds_keep_every_group_in_one_fold_and_balance_the_classes():
     labels = [int(v) for v in rng.integers(0, 3, size=200)]
     groups = [i // 3 if i < 60 else i for i in range(200)]  # 20 groups of three near-copies
     keys = [f"k{i}" for i in range(200)]
-    folds = joint.make_folds(keys, labels, groups, k=5)["items"]
+    folds = make_folds(keys, labels, groups, k=5)["items"]
     fold_of_group: dict[int, set[int]] = {}
     for key, group in zip(keys, groups, strict=True):
         fold_of_group.setdefault(group, set()).add(folds[key]["fold"])
@@ -39,10 +42,10 @@ def test_group_bootstrap_resamples_groups_not_images():
         for d in (0.2, 0.9, 0.5, 0.7)
     ]
     # one group: every resample is the same set of images, so the interval is the point
-    ci = joint.group_bootstrap(rows, n_resamples=50)
+    ci = group_bootstrap(rows, n_resamples=50)
     assert ci["lesion_dice"][0] == pytest.approx(0.575) == ci["lesion_dice"][1]
     # the same images as four groups: the interval opens up
-    spread = joint.group_bootstrap([{**r, "group": i} for i, r in enumerate(rows)], 200)
+    spread = group_bootstrap([{**r, "group": i} for i, r in enumerate(rows)], 200)
     assert spread["lesion_dice"][1] - spread["lesion_dice"][0] > 0.2
 
 
@@ -79,7 +82,7 @@ def test_geometry_augmentation_keeps_image_and_mask_aligned():
     mask = np.where(image > 0, 255, 0).astype(np.uint8)
     preset = joint.replace(joint.get_preset("joint-smoke"), aspect_p=1.0, margin_p=1.0)
     for seed in range(5):
-        out_image, out_mask = joint.augment_geometry(image, mask, preset, random.Random(seed))
+        out_image, out_mask = augment_geometry(image, mask, preset, random.Random(seed))
         assert out_image.shape == out_mask.shape
         bright = out_image == 180
         assert (bright <= (out_mask > 0)).all()  # no lesion pixel outside the mask
@@ -157,8 +160,8 @@ def test_fold_split_tests_on_exactly_one_fold_and_keeps_groups_whole():
     labels = [int(v) for v in rng.integers(0, 3, size=120)]
     keys = [f"{CLASS_NAMES[label]}/img{i}.png" for i, label in enumerate(labels)]
     groups = [i // 2 for i in range(120)]  # pairs of near-copies
-    folds = joint.make_folds(keys, labels, groups, k=5)
-    split = joint.fold_split(folds, fold=2)["items"]
+    folds = make_folds(keys, labels, groups, k=5)
+    split = fold_split(folds, fold=2)["items"]
     test = {k for k, v in split.items() if v["split"] == "test"}
     assert test == {k for k, v in folds["items"].items() if v["fold"] == 2}
     split_of_group: dict[int, set[str]] = {}

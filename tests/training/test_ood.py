@@ -7,7 +7,7 @@ import pytest
 from synthetic_scans import speckle_scan
 
 from shared.quality import image_statistics
-from training import ood
+from training.studies import ood
 
 
 def test_auroc_counts_pairs_and_ties():

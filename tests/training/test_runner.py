@@ -3,7 +3,9 @@
 A toy task written here (a 2-layer CNN classifier on 16-px synthetic scans) plugs into
 training.runner.run_task; the run must come out like any other: checkpoint.pt and best.pt,
 metrics.json in the common layout, report.md with the frame and the task's section, a verified
-artifact. The real plug-ins must answer the same contract.
+artifact. Its variant without a validation split (as the joint task) runs through the same
+engine as a refit on every image and through the generic cross-validation driver
+(training.crossval). The real plug-ins must answer the same contract.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from torch.utils.data import Dataset, TensorDataset
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASKS
 from shared.preprocessing import Preprocessing
 from shared.store import list_versions, verify_artifact
-from training import classification, cli, engine, joint, runner, segmentation
+from training import classification, cli, crossval, engine, joint, runner, segmentation
 from training.data import LoadedSplit
+from training.metrics import group_bootstrap
 
 PLUG_INS = [classification.CLASSIFICATION, segmentation.SEGMENTATION, joint.JOINT]
 TRAINING_COMMANDS = {
@@ -74,6 +77,7 @@ class ToyTask:
     presets = {"toy": ToyPreset()}
     default_output = "runs/toy-{preset}"
     smoke_per_class = 2
+    validation_split = True
 
     def resolve_preset(self, args: argparse.Namespace) -> ToyPreset:
         overrides = cli.recipe_overrides(args)
@@ -130,10 +134,68 @@ class ToyTask:
         return [f"Toy test accuracy {document['test']['accuracy']:.3f}.", ""]
 
 
-def _toy_args(data: Path, out: Path, *extra: str) -> argparse.Namespace:
+class ToyRefitTask(ToyTask):
+    """The toy without a validation split, as the joint task: every image trains, the last
+    epoch is kept, and cross-validation scores it (the driver's hooks: score, figures,
+    summarise, render_cv_report)."""
+
+    command = "toy-refit"
+    validation_split = False
+
+    def datasets(self, run: runner.Run) -> tuple[Dataset, None]:
+        return _tensors(run.data["train"], run.preprocessing), None
+
+    def selection(self, preset: ToyPreset) -> engine.Selection:
+        return engine.Selection(None)
+
+    def evaluate(self, run: runner.Run, model: nn.Module) -> runner.Evaluation:
+        return runner.Evaluation(
+            served=model,
+            example=torch.zeros(1, 3, 16, 16),
+            name="toy-refit",
+            architecture="toy_net",
+            output={"type": "logits", "shape": [len(CLASS_NAMES)]},
+            metrics={"kind": "none"},
+        )
+
+    def report_section(self, document: dict[str, Any]) -> list[str]:
+        return ["Refit on every image.", ""]
+
+    def score(
+        self, run: runner.Run, model: nn.Module, data: LoadedSplit
+    ) -> dict[str, list[dict[str, Any]]]:
+        out = engine.evaluate(
+            model, None, run.eval_loader(_tensors(data, run.preprocessing)), progress=False
+        )
+        probs = torch.softmax(out.outputs, dim=1).tolist()
+        pairs = zip(data.samples, probs, strict=True)
+        return {"plain": [{"key": s.key, "label": s.label, "probs": p} for s, p in pairs]}
+
+    def figures(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        hits = [max(range(len(r["probs"])), key=r["probs"].__getitem__) == r["label"] for r in rows]
+        return {"accuracy": sum(hits) / len(hits) if hits else float("nan")}
+
+    def summarise(self, rows_by_view: dict[str, list], n_resamples: int) -> dict[str, Any]:
+        return {
+            view: {
+                "n": len(rows),
+                **self.figures(rows),
+                "ci95": group_bootstrap(rows, n_resamples, figures=self.figures),
+            }
+            for view, rows in rows_by_view.items()
+        }
+
+    def render_cv_report(self, report: dict[str, Any]) -> str:
+        return f"# Toy cross-validation\n\naccuracy {report['pooled']['plain']['accuracy']:.3f}\n"
+
+
+def _toy_args(data: Path, out: Path, *extra: str, cv: bool = False) -> argparse.Namespace:
     parser = cli.training_parser(
         "toy", "toy", presets=ToyTask.presets, default_preset="toy", default_output="runs/toy"
     )
+    if cv:  # the cross-validation command's own flags (training.joint.parse_cv_args)
+        parser.add_argument("--folds", type=int, nargs="*", default=None)
+        parser.add_argument("--report-only", action="store_true")
     argv = ["--data-path", str(data), "--output-dir", str(out), "--split-file",
             str(out.parent / "split.json"), "--no-progress", "--threads", "1", *extra]  # fmt: skip
     return cli.parse(parser, argv, "toy")
@@ -184,20 +246,67 @@ def test_a_new_task_is_one_plug_in_and_its_run_comes_out_like_every_other(tmp_pa
     assert again["artifact"] is None and Path(again["torchscript"]).is_file()
 
 
-@pytest.mark.parametrize("task", PLUG_INS, ids=lambda t: t.command)
+def test_a_task_without_a_validation_split_refits_and_cross_validates_on_the_engine(tmp_path):
+    data = write_busi_folder(tmp_path / "busi", per_class=6)
+    out, registry = tmp_path / "fit", tmp_path / "models"
+    args = _toy_args(data, out, "--model-dir", str(registry), "--version", "refit-1")
+    document = runner.run_task(ToyRefitTask(), args)
+    training = document["training"]
+    assert training["train_images"] == 18 and document["split_sizes"] == {"train": 18}
+    assert training["selection"] == "the last epoch" and training["best_epoch"] == 2
+    assert [set(row) for row in document["history"]["epochs"]] == [
+        {"epoch", "train_loss", "lr", "seconds"}
+    ] * 2  # no validation pass
+    assert list_versions(registry, TASK_CLASSIFICATION) == ["refit-1"]
+    best = ToyNet()
+    best.load_state_dict(torch.load(out / "best.pt", weights_only=True))
+    scripted = torch.jit.load(
+        str(verify_artifact(registry, TASK_CLASSIFICATION, "refit-1").model_path)
+    )
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(scripted(x), best.eval()(x))  # what ships is the last epoch
+
+    cv_dir = tmp_path / "cv"
+    argv = ("--bootstrap", "20")
+    first = crossval.cross_validate(
+        ToyRefitTask(), _toy_args(data, cv_dir, *argv, "--folds", "0", cv=True)
+    )
+    assert first == {"folds_done": 1} and (cv_dir / "fold0.pt").is_file()
+    assert not (cv_dir / "fold0.ckpt").exists()
+    report = crossval.cross_validate(ToyRefitTask(), _toy_args(data, cv_dir, *argv, cv=True))
+    folds = json.loads((tmp_path / "split.json").read_text())  # the data layer's grouped folds
+    assert report["k"] == folds["k"] == 5 and len(report["per_fold"]) == 5
+    oof = json.loads((cv_dir / "oof.json").read_text())["plain"]
+    assert sorted(row["key"] for row in oof) == sorted(folds["items"])  # each image once
+    for row in oof:  # scored by the model that did not train on it, its group carried
+        assert row["fold"] == folds["items"][row["key"]]["fold"]
+        assert row["group"] == folds["items"][row["key"]]["group"]
+    assert report["pooled"]["plain"]["n"] == 18
+    assert (cv_dir / "report.md").read_text().startswith("# Toy cross-validation")
+
+
+ENGINE_HOOKS = (
+    "resolve_preset", "preprocessing", "datasets", "build_model", "build_loss", "build_optimizer",
+    "selection", "validate", "evaluate", "report_section",
+)  # fmt: skip
+CROSS_VALIDATION_HOOKS = ("score", "figures", "summarise", "render_cv_report")
+
+
+@pytest.mark.parametrize("task", [*PLUG_INS, ToyTask(), ToyRefitTask()], ids=lambda t: t.command)
 def test_every_plug_in_declares_what_the_engine_needs(task):
     assert task.kind in TASKS
     assert task.presets and "{preset}" in task.default_output and task.smoke_per_class > 0
-    for name in (
-        "resolve_preset",
-        "preprocessing",
-        "selection",
-        "report_section",
-    ):
+    assert isinstance(task.validation_split, bool)
+    for name in ENGINE_HOOKS:
         assert callable(getattr(task, name)), name
+    if not task.validation_split:  # its figures can only come from cross-validation
+        for name in CROSS_VALIDATION_HOOKS:
+            assert callable(getattr(task, name)), name
     preset = next(iter(task.presets.values()))
     assert isinstance(task.preprocessing(preset), Preprocessing)
     assert isinstance(task.selection(preset), engine.Selection)
+    if not task.validation_split:
+        assert task.selection(preset).metric is None  # nothing to select on: the last epoch
 
 
 @pytest.mark.parametrize("command", sorted(TRAINING_COMMANDS))

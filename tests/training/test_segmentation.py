@@ -14,8 +14,10 @@ from shared.labels import TASK_SEGMENTATION
 from shared.preprocessing import Preprocessing
 from shared.store import list_versions, verify_artifact
 from training import segmentation
-from training.seg_metrics import bootstrap_mean_ci, score_masks, threshold_sweep
-from training.segmentation import DiceBCELoss, augment_pair, get_preset
+from training.augment import augment_pair
+from training.losses import DiceBCELoss
+from training.metrics import bootstrap_mean_ci, score_masks, threshold_sweep
+from training.segmentation import get_preset
 
 
 @pytest.mark.slow

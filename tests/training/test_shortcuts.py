@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from synthetic_scans import speckle_scan
 
-from training import shortcuts
+from training.studies import shortcuts
 
 
 def with_marks(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +113,8 @@ def test_shortcuts_command_compares_fold_models_on_their_held_out_images(tmp_pat
     from synthetic_busi import write_busi_folder
 
     from training.__main__ import main as training_main
-    from training.joint import build_model, get_preset, write_folds
+    from training.data import write_folds
+    from training.joint import build_model, get_preset
 
     data = write_busi_folder(tmp_path / "busi", per_class=4)
     folds_file = tmp_path / "folds.json"

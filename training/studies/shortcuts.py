@@ -32,6 +32,8 @@ import numpy as np
 from scipy import ndimage
 
 from shared.labels import CLASS_NAMES
+from training import cli
+from training.data import DEFAULT_FOLDS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +261,7 @@ def fold_predictions(
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from training.data import load_image, load_mask, scan_dataset
-    from training.joint import load_folds
+    from training.data import load_folds, load_image, load_mask, scan_dataset
 
     samples = scan_dataset(args.data_path)
     labels = np.asarray([s.label for s in samples])
@@ -336,9 +337,8 @@ def write_cleaned(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training shortcuts",
-        description="Compare fold-model predictions with and without calipers / text marks.",
+    parser = cli.command_parser(
+        "shortcuts", "Compare fold-model predictions with and without calipers / text marks."
     )
     parser.add_argument(
         "--cv-dir",
@@ -347,23 +347,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="CV folder with the fold models fold<k>.pt (default: none: only detect the marks "
         "and report how common they are)",
     )
-    parser.add_argument("--data-path", type=Path, required=True, help="BUSI folder; required")
+    cli.add_flag(parser, "--data-path", required=True)
     parser.add_argument(
         "--preset", default="joint-lite0", help="joint preset (default: joint-lite0)"
     )
-    parser.add_argument(
-        "--folds-file",
-        type=Path,
-        default=Path(__file__).parent / "splits" / "busi-5fold.json",
-        help="grouped fold file (default: training/splits/busi-5fold.json)",
-    )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=Path("training/reports/shortcuts"),
-        help="report folder (default: training/reports/shortcuts)",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    cli.add_flag(parser, "--folds-file", default=DEFAULT_FOLDS_FILE)
+    cli.add_flag(parser, "--output-dir", default=Path("training/reports/shortcuts"))
+    cli.add_flag(parser, "--threads", default=None)
     parser.add_argument(
         "--partial",
         action="store_true",

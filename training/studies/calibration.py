@@ -39,6 +39,7 @@ from scipy.optimize import minimize, minimize_scalar
 from shared.calibration import Calibration
 from shared.labels import CLASS_NAMES
 from shared.postprocessing import softmax
+from training import cli
 
 log = logging.getLogger(__name__)
 
@@ -419,19 +420,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training calibrate",
-        description="Fit calibration + abstain band on out-of-fold logits, report cross-fitted.",
+    parser = cli.command_parser(
+        "calibrate", "Fit calibration + abstain band on out-of-fold logits, report cross-fitted."
     )
     parser.add_argument(
         "--oof", type=Path, required=True, help="oof_logits.json from `oof`; required"
     )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=Path("training/reports/calibration"),
-        help="report folder (default: training/reports/calibration)",
-    )
+    cli.add_flag(parser, "--output-dir", default=Path("training/reports/calibration"))
     parser.add_argument(
         "--method",
         choices=("auto", "temperature", "vector"),

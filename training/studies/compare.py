@@ -34,8 +34,10 @@ from shared.inference import (
 from shared.labels import CLASS_NAMES
 from shared.postprocessing import dice_iou
 from shared.store import ArtifactInfo, verify_artifact
+from training import cli
 from training.data import load_image, load_mask, scan_dataset
-from training.joint import CANVASES, METRIC_ROWS, group_bootstrap, place_on_canvas, summarise
+from training.joint import CANVASES, METRIC_ROWS, place_on_canvas, summarise
+from training.metrics import diagnosis_figures, group_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +123,15 @@ def render(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training compare", description=__doc__)
-    parser.add_argument("--data-path", type=Path, required=True, help="folder in BUSI layout")
+    parser = cli.command_parser("compare", __doc__)
+    cli.add_flag(parser, "--data-path", required=True)
     parser.add_argument("--classifier", type=Path, required=True, help="classification version dir")
     parser.add_argument("--segmenter", type=Path, required=True, help="segmentation version dir")
     parser.add_argument("--oof", type=Path, required=True, help="oof.json of the joint CV")
     parser.add_argument("--split-file", type=Path, default=Path("training/splits/busi.json"))
     parser.add_argument("--split", default="test", help="which split to score (default: test)")
-    parser.add_argument("--output-dir", type=Path, default=Path("training/reports/compare"))
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    cli.add_flag(parser, "--output-dir", default=Path("training/reports/compare"))
+    cli.add_flag(parser, "--resamples", default=1000)
     return parser.parse_args(argv)
 
 
@@ -144,40 +146,6 @@ CV_METRICS = (
     ("normal_with_lesion_segment", "normal drawn /segment"),
     ("normal_with_lesion_diagnose", "normal drawn /diagnose"),
 )
-
-
-def _cv_figures(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Headline figures of rows that may lack the class ("probs") or the mask ("dice") half."""
-    from training.metrics import _scalars
-
-    nan = float("nan")
-    out = dict.fromkeys((key for key, _ in CV_METRICS), nan)
-    scored = [r for r in rows if r.get("probs") is not None]
-    if scored:
-        y = np.asarray([r["label"] for r in scored])
-        scalars = _scalars(y, np.asarray([r["probs"] for r in scored]), CLASS_NAMES)
-        out["accuracy"] = scalars["accuracy"]
-        out["macro_f1"] = scalars["macro_f1"]
-        out["macro_auc"] = scalars.get("macro_auc", nan)
-        out["malignant_sensitivity"] = scalars["malignant_recall"]
-    segmented = [r for r in rows if r.get("dice") is not None]
-    lesion = [r["dice"] for r in segmented if r["label"] > 0]
-    normal = [r for r in segmented if r["label"] == 0]
-    if lesion:
-        out["lesion_dice"] = float(np.mean(lesion))
-    if normal:
-        out["normal_with_lesion_segment"] = float(np.mean([r["mask_pixels"] > 0 for r in normal]))
-        both = [r for r in normal if r.get("probs") is not None]
-        if both:
-            out["normal_with_lesion_diagnose"] = float(
-                np.mean([r["mask_pixels"] > 0 and int(np.argmax(r["probs"])) > 0 for r in both])
-            )
-    return out
-
-
-def _cv_bootstrap(rows: list[dict[str, Any]], n_resamples: int, seed: int = 0) -> dict[str, list]:
-    """95% percentile intervals of _cv_figures, resampling near-duplicate groups."""
-    return group_bootstrap(rows, n_resamples, seed, figures=_cv_figures)
 
 
 def _newest(pattern: str | None, fold: int, task: str) -> ArtifactInfo | None:
@@ -288,10 +256,10 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
             "segmented_folds": sorted({r["fold"] for r in rows if r.get("dice") is not None}),
             "n_classified": sum(r.get("probs") is not None for r in rows),
             "n_segmented": sum(r.get("dice") is not None for r in rows),
-            "figures": _cv_figures(rows),
-            "ci95": _cv_bootstrap(rows, args.resamples),
-            "joint_same_images": _cv_figures(same),
-            "joint_same_images_ci95": _cv_bootstrap(same, args.resamples),
+            "figures": diagnosis_figures(rows),
+            "ci95": group_bootstrap(rows, args.resamples),
+            "joint_same_images": diagnosis_figures(same),
+            "joint_same_images_ci95": group_bootstrap(same, args.resamples),
         }
     all_joint = list(joint_rows.values())
     report = {
@@ -300,8 +268,8 @@ def cv_main(args: argparse.Namespace) -> dict[str, Any]:
         "joint": {
             "folds": sorted({int(r["fold"]) for r in all_joint}),
             "n": len(all_joint),
-            "figures": _cv_figures(all_joint),
-            "ci95": _cv_bootstrap(all_joint, args.resamples),
+            "figures": diagnosis_figures(all_joint),
+            "ci95": group_bootstrap(all_joint, args.resamples),
         },
         "recipes": recipes,
     }
@@ -357,13 +325,13 @@ def render_cv(report: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def parse_cv_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m training compare-cv",
-        description="Score recipes' per-fold artifacts on their held-out folds beside the "
-        "joint model's out-of-fold predictions.",
+    parser = cli.command_parser(
+        "compare-cv",
+        "Score recipes' per-fold artifacts on their held-out folds beside the joint model's "
+        "out-of-fold predictions.",
     )
-    parser.add_argument("--data-path", type=Path, required=True, help="folder in BUSI layout")
-    parser.add_argument("--folds-file", type=Path, default=Path("training/splits/busi-5fold.json"))
+    cli.add_flag(parser, "--data-path", required=True)
+    cli.add_flag(parser, "--folds-file", default=Path("training/splits/busi-5fold.json"))
     parser.add_argument("--oof", type=Path, required=True, help="oof.json of the joint CV")
     parser.add_argument(
         "--recipe",
@@ -372,9 +340,9 @@ def parse_cv_args(argv: list[str]) -> argparse.Namespace:
         help='"NAME=CLASSIFIER_DIR,SEGMENTER_DIR": model folders with {fold} for the fold '
         "number (either may be empty); the newest verified artifact of each fold is scored",
     )
-    parser.add_argument("--output-dir", type=Path, default=Path("training/reports/compare"))
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    cli.add_flag(parser, "--output-dir", default=Path("training/reports/compare"))
+    cli.add_flag(parser, "--resamples", default=1000)
+    cli.add_flag(parser, "--threads", default=1)
     args = parser.parse_args(argv)
     args.argv = argv
     return args

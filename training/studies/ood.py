@@ -40,11 +40,11 @@ from shared.quality import (
     OodDetector,
     image_statistics,
 )
-from training.data import scan_dataset
+from training import cli
+from training.data import DEFAULT_FOLDS_FILE, scan_dataset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FOLDS_FILE = Path(__file__).parent / "splits" / "busi-5fold.json"
 QUANTILE = 0.995  # of the training scans' own distances: the flag threshold
 SHRINKAGE = 0.1
 
@@ -366,23 +366,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training ood",
-        description="Evaluate (grouped folds) and fit the image-statistics OOD detector.",
+    parser = cli.command_parser(
+        "ood", "Evaluate (grouped folds) and fit the image-statistics OOD detector."
     )
-    parser.add_argument("--data-path", type=Path, required=True, help="BUSI folder; required")
-    parser.add_argument(
-        "--folds-file",
-        type=Path,
-        default=DEFAULT_FOLDS_FILE,
-        help="grouped fold file (default: training/splits/busi-5fold.json)",
-    )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=Path("training/reports/quality"),
-        help="where ood.json goes (default: training/reports/quality)",
-    )
+    cli.add_flag(parser, "--data-path", required=True)
+    cli.add_flag(parser, "--folds-file", default=DEFAULT_FOLDS_FILE)
+    cli.add_flag(parser, "--output-dir", default=Path("training/reports/quality"))
     parser.add_argument(
         "--detector-out",
         type=Path,
