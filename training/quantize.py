@@ -35,14 +35,14 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared.calibration import Calibration
-from shared.labels import CLASS_NAMES
-from shared.preprocessing import Preprocessing
+from shared import inference
+from shared.onnx_runtime import OnnxSessions
 from shared.store import ArtifactInfo
 from shared.variants import GRAPH_CLASSIFY, GRAPH_FULL, VALIDATION_BAR
 
@@ -121,43 +121,37 @@ def quantise(
     return excluded
 
 
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _rows(
-    session: Any,
+    graph: OnnxSessions,
     inputs: list[np.ndarray],
     layouts: list[Any],
     masks: list[np.ndarray],
-    preprocessing: Preprocessing,
-    threshold: float,
-    calibration: Calibration,
+    spec: inference.ModelSpec,
+    threads: int,
 ) -> list[dict[str, Any]]:
-    from shared.postprocessing import dice_iou, softmax
+    """Per-image rows of `graph` (a full or classify-only graph, fp32 or int8), answered as the
+    service answers them (shared.inference), with the raw logits for the agreement figures."""
+    from shared.postprocessing import dice_iou
 
-    names = [o.name for o in session.get_outputs()]
+    names = graph.output_names
+    declared = ("classes", "masks") if len(names) > 1 and names[1] != "quality" else ("classes",)
+    spec = replace(spec, outputs=inference.graph_output_names(declared, names))
     rows = []
     for x, layout, mask in zip(inputs, layouts, masks, strict=True):
-        out = dict(zip(names, session.run(None, {"x": x}), strict=True))
-        logits = np.asarray(out[names[0]][0], dtype=np.float64)
+        outputs = inference.split_outputs(spec.outputs, graph.run(x, threads))
+        (found,) = inference.findings_of(spec, outputs, [layout])
+        assert found.logits is not None and found.probabilities is not None
         row: dict[str, Any] = {
-            "probs": [float(v) for v in softmax(calibration.apply(logits[None])[0])],
-            "logits": [float(v) for v in logits],
+            "probs": [float(v) for v in found.probabilities],
+            "logits": [float(v) for v in found.logits],
         }
-        if "quality" in out:
-            row["quality"] = float(np.asarray(out["quality"]).ravel()[0])
-        if len(names) > 1 and names[1] != "quality":
-            prob = 1.0 / (1.0 + np.exp(-np.asarray(out[names[1]][0, 0], dtype=np.float64)))
-            pred = preprocessing.frame_map(prob.astype(np.float32), layout) > threshold
+        if found.quality is not None:
+            row["quality"] = found.quality
+        if found.mask is not None and outputs.masks is not None:
+            pred = found.mask > 0
             row["dice"] = float(dice_iou(pred, mask > 127)[0])
             row["mask_pixels"] = int(pred.sum())
-            row["mask_logits"] = np.asarray(out[names[1]][0, 0], dtype=np.float32)
+            row["mask_logits"] = np.asarray(outputs.masks[0], dtype=np.float32)
         rows.append(row)
     return rows
 
@@ -183,12 +177,12 @@ def _bar_failures(reference: dict[str, float], variant: dict[str, float], bar: d
     return failures
 
 
-def _median_ms(session: Any, x: np.ndarray, runs: int) -> float:
-    session.run(None, {"x": x})
+def _median_ms(graph: OnnxSessions, x: np.ndarray, threads: int, runs: int) -> float:
+    graph.run(x, threads)
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        session.run(None, {"x": x})
+        graph.run(x, threads)
         times.append((time.perf_counter() - started) * 1000)
     return float(np.median(times))
 
@@ -201,9 +195,8 @@ def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
 
     info: ArtifactInfo = verify_artifact(Path(args.model_dir), "diagnosis", args.version)
     meta = info.metadata
-    preprocessing = Preprocessing.from_metadata(meta["preprocessing"])
-    threshold = float(meta["output"]["mask"]["threshold"])
-    calibration = Calibration.from_manifest(meta["output"]["classes"], len(CLASS_NAMES))
+    spec = inference.ModelSpec.from_manifest(info.manifest)
+    preprocessing = spec.preprocessing
     samples = scan_sites(args.data_path)
     folds = load_site_folds(Path(args.split_file), samples)
     held = [i for i, s in enumerate(samples) if int(folds[s.key]["fold"]) == args.fold]
@@ -214,12 +207,8 @@ def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
 
     def prepared(indices: list[int]) -> tuple[list[np.ndarray], list[Any], Any]:
         data = load_split_images([samples[i] for i in indices])
-        layouts = [preprocessing.layout(im) for im in data.images]
-        inputs = [
-            preprocessing.normalise(preprocessing.resize_image(im, lay))[None].astype(np.float32)
-            for im, lay in zip(data.images, layouts, strict=True)
-        ]
-        return inputs, layouts, data
+        frames = [inference.model_input(preprocessing, im) for im in data.images]
+        return [x[None] for x, _ in frames], [layout for _, layout in frames], data
 
     calib_inputs, _, _ = prepared(calib_idx)
     graphs = {GRAPH_FULL: info.path / "model.onnx", GRAPH_CLASSIFY: info.path / "classify.onnx"}
@@ -241,8 +230,8 @@ def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
         ("fp32_classify", graphs[GRAPH_CLASSIFY]),
     ]:
         started = time.perf_counter()
-        rows[name] = _rows(_session(path, args.threads), inputs, layouts, data.masks,
-                           preprocessing, threshold, calibration)  # fmt: skip
+        graph = OnnxSessions.from_file(path, (args.threads,))
+        rows[name] = _rows(graph, inputs, layouts, data.masks, spec, args.threads)
         log.info("%s: %d images in %.0f s", name, len(inputs), time.perf_counter() - started)
 
     figures: dict[str, dict[str, dict[str, float]]] = {"pooled": {}}
@@ -289,7 +278,8 @@ def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
     for name, path in [("fp32", graphs[GRAPH_FULL]), ("int8", int8[GRAPH_FULL]),
                        ("fp32_classify", graphs[GRAPH_CLASSIFY]),
                        ("int8_classify", int8[GRAPH_CLASSIFY])]:  # fmt: skip
-        timing[name] = _median_ms(_session(path, args.threads), x, args.timing_runs)
+        timing[name] = _median_ms(OnnxSessions.from_file(path, (args.threads,)), x,
+                                  args.threads, args.timing_runs)  # fmt: skip
     report = {
         "artifact": {"task": "diagnosis", "version": info.version},
         "recipe": {"name": args.recipe, **RECIPES[args.recipe], "left_fp32": fp32_nodes},
