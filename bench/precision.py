@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from service.settings import available_cpus  # noqa: E402
 from shared.models.joint import JointFlipAverage  # noqa: E402
-from training.runtimes import OnnxRuntimeForward, export_onnx, score  # noqa: E402
+from training.export_onnx import OnnxRuntimeForward, export_onnx, score  # noqa: E402
 
 log = logging.getLogger("precision")
 

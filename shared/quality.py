@@ -243,7 +243,7 @@ def load_detector(path: Path = DEFAULT_DETECTOR_FILE) -> OodDetector:
 FEATURE_REASON = "the model's features of this image are unlike those of the scans it learnt from"
 FEATURE_QUALITY_OUTPUT = "quality"
 """The name of the graph output that carries the score (units of the threshold: above 1 is out
-of distribution) in a runtime file that computes the check (training.runtimes)."""
+of distribution) in a runtime file that computes the check (training.export_onnx)."""
 
 
 @dataclass(frozen=True)

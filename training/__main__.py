@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return promote.main(command, rest)
     elif command == "export-onnx":
-        from training import runtimes
+        from training import export_onnx
 
-        return runtimes.main(rest)
+        return export_onnx.main(rest)
     elif command == "quantize-onnx":
         from training import quantize
 

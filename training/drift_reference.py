@@ -141,7 +141,7 @@ def drift_reference_main(args: argparse.Namespace, command: str) -> dict[str, An
     publish_artifact and FileNotFoundError for a folder without images."""
     from training.data import data_fingerprint, load_image, scan_dataset
     from training.engine import configure_threads
-    from training.runtimes import spread
+    from training.export_onnx import spread
     from training.sites import site_name
 
     threads = configure_threads(args.threads)

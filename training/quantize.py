@@ -190,7 +190,7 @@ def _median_ms(graph: OnnxSessions, x: np.ndarray, threads: int, runs: int) -> f
 def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
     from shared.store import verify_artifact
     from training.data import load_split_images
-    from training.runtimes import spread
+    from training.export_onnx import spread
     from training.sites import load_site_folds, scan_sites
 
     info: ArtifactInfo = verify_artifact(Path(args.model_dir), "diagnosis", args.version)

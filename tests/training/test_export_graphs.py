@@ -7,13 +7,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from test_runtimes import _export, world  # noqa: F401 (the module-scoped fixture)
+from test_export_onnx import _export, world  # noqa: F401 (the module-scoped fixture)
 
 from shared.labels import TASK_DIAGNOSIS
 from shared.quality import FeatureOodDetector
 from shared.store import verify_artifact
 from shared.variants import GRAPH_CLASSIFY, RUNTIME_ONNX
-from training import joint, runtimes
+from training import export_onnx, joint
 from training.studies.ood import evaluate_feature_check
 
 PRESET = joint.get_preset("joint-smoke")
@@ -22,18 +22,18 @@ PRESET = joint.get_preset("joint-smoke")
 @pytest.fixture(scope="module")
 def served() -> torch.nn.Module:
     torch.manual_seed(0)
-    return runtimes.eager_network(PRESET, joint.build_model(PRESET, False).state_dict())
+    return export_onnx.eager_network(PRESET, joint.build_model(PRESET, False).state_dict())
 
 
 def test_the_classify_graph_and_the_quality_score_agree_with_the_full_network(served):
     x = torch.randn(3, 3, 64, 64)
     rng = np.random.default_rng(0)
-    classify = runtimes.ServedGraph(served, GRAPH_CLASSIFY)
+    classify = export_onnx.ServedGraph(served, GRAPH_CLASSIFY)
     with torch.inference_mode():
         features = classify.features(torch.randn(40, 3, 64, 64)).numpy()
     detector = FeatureOodDetector.fit(features + rng.normal(0, 1e-3, features.shape))
-    full = runtimes.ServedGraph(served, "full", detector)
-    cut = runtimes.ServedGraph(served, GRAPH_CLASSIFY, detector)
+    full = export_onnx.ServedGraph(served, "full", detector)
+    cut = export_onnx.ServedGraph(served, GRAPH_CLASSIFY, detector)
     assert full.output_names == ["classes", "masks", "quality"]
     assert cut.output_names == ["classes", "quality"]
     with torch.inference_mode():
@@ -49,7 +49,7 @@ def test_the_classify_graph_and_the_quality_score_agree_with_the_full_network(se
 
     example = torch.zeros((1, 3, 64, 64))
     for module, names in ((full, full.output_names), (cut, cut.output_names)):
-        session = ort.InferenceSession(runtimes.export_onnx(module, example))
+        session = ort.InferenceSession(export_onnx.export_onnx(module, example))
         assert [o.name for o in session.get_outputs()] == names
         got = session.run(None, {"x": x.numpy()})
         assert np.allclose(got[0], classes.numpy(), atol=1e-4)

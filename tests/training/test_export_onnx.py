@@ -19,7 +19,7 @@ from shared.manifest import Manifest
 from shared.promotion import PROMOTIONS_FILE
 from shared.store import list_versions, publish_artifact, verify_artifact
 from shared.variants import ONNX_FILE, RUNTIME_ONNX, VALIDATION_BAR
-from training import joint, runtimes
+from training import export_onnx, joint
 from training.__main__ import main as training_main
 from training.export import build_metadata, export_torchscript
 
@@ -42,7 +42,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runtimes")
     data = write_busi_folder(root / "busi", per_class=2)
     torch.manual_seed(0)
-    served = runtimes.eager_network(PRESET, joint.build_model(PRESET, False).state_dict())
+    served = export_onnx.eager_network(PRESET, joint.build_model(PRESET, False).state_dict())
     model_file = root / "model.pt"
     export_torchscript(served, torch.zeros((1, 3, PRESET.size, PRESET.size))).save(str(model_file))
     recipe = {k: v for k, v in asdict(PRESET).items() if k != "description"}
@@ -104,7 +104,7 @@ def test_export_onnx_publishes_a_new_version_whose_onnx_answers_as_model_pt(worl
     assert validation["n_images"] == 6 == validation["artifact_agreement"]["n_images"]
     assert set(validation["reference"]) == set(VALIDATION_BAR) == set(validation["variant"])
     assert validation["artifact_agreement"]["class_disagreements"] == 0
-    assert validation["onnx_opset"] == runtimes.ONNX_OPSET
+    assert validation["onnx_opset"] == export_onnx.ONNX_OPSET
     assert validation["onnxruntime_version"] == ort.__version__
     assert not (out / PROMOTIONS_FILE).exists()  # published, not promoted
 
@@ -128,7 +128,7 @@ def test_export_onnx_with_fold_models_validates_out_of_fold(world, tmp_path):
     assert validation["source"].startswith("out-of-fold")
     assert validation["n_images"] == 6 == validation["fold_models_agreement"]["n_images"]
     # the fold models are not the artifact: their figures are the folds', not the artifact's own
-    own = runtimes.bar_figures(_own_rows(world))
+    own = export_onnx.bar_figures(_own_rows(world))
     assert validation["reference"] != own
 
 
@@ -137,14 +137,14 @@ def _own_rows(world: dict[str, Path]) -> list[dict]:
 
     data = load_split_images(scan_dataset(world["data"]))
     scripted = torch.jit.load(str(world["models"] / TASK_DIAGNOSIS / SOURCE / "model.pt"))
-    return runtimes.score(
+    return export_onnx.score(
         scripted, joint.preprocessing_for(PRESET), data.images, data.masks, data.labels,
         [s.key for s in data.samples], 8, PRESET.threshold,
     )  # fmt: skip
 
 
 def test_export_onnx_publishes_nothing_when_the_files_disagree(world, tmp_path, monkeypatch):
-    monkeypatch.setattr(runtimes, "RUNTIME_AGREEMENT_ATOL", 0.0)
+    monkeypatch.setattr(export_onnx, "RUNTIME_AGREEMENT_ATOL", 0.0)
     out = tmp_path / "models"
     assert _export(world, out, "refused-1", "--limit", "3") == 1
     assert list_versions(out, TASK_DIAGNOSIS) == []
@@ -183,19 +183,19 @@ def _validation(variant: dict, agreement: dict | None = None) -> dict:
 
 def test_a_variant_within_the_bar_may_publish():
     nudged = {k: v - 0.9 * VALIDATION_BAR[k] for k, v in FIGURES.items()}
-    assert runtimes.refusals(_validation(nudged)) == []
+    assert export_onnx.refusals(_validation(nudged)) == []
 
 
 @pytest.mark.parametrize("key", sorted(VALIDATION_BAR))
 def test_a_variant_off_by_more_than_the_bar_is_refused(key):
     for sign in (-1, 1):
         off = {**FIGURES, key: FIGURES[key] + sign * 1.5 * VALIDATION_BAR[key]}
-        reasons = runtimes.refusals(_validation(off))
+        reasons = export_onnx.refusals(_validation(off))
         assert len(reasons) == 1 and reasons[0].startswith(key)
 
 
 def test_a_variant_missing_a_figure_is_refused():
-    reasons = runtimes.refusals(_validation({**FIGURES, "macro_auc": float("nan")}))
+    reasons = export_onnx.refusals(_validation({**FIGURES, "macro_auc": float("nan")}))
     assert reasons == ["not measured for both runtimes: macro_auc"]
 
 
@@ -209,18 +209,18 @@ def test_a_variant_missing_a_figure_is_refused():
     ],
 )
 def test_an_artifact_whose_onnx_disagrees_with_model_pt_is_refused(change, words):
-    reasons = runtimes.refusals(_validation(FIGURES, {**AGREEING, **change}))
+    reasons = export_onnx.refusals(_validation(FIGURES, {**AGREEING, **change}))
     assert len(reasons) == 1 and words in reasons[0]
 
 
 def test_only_joint_diagnosis_artifacts_are_rebuilt(publish_tiny, tmp_path):
     info = publish_tiny(tmp_path, "classification", "c1", promote=False)
     with pytest.raises(ValueError, match="joint diagnosis models only"):
-        runtimes.eager_model(info)
+        export_onnx.eager_model(info)
 
 
 def test_spread_keeps_every_class_of_a_sorted_folder():
-    assert runtimes.spread(10, 0) == list(range(10))
-    assert runtimes.spread(9, 3) == [0, 3, 6]
-    assert len(runtimes.spread(623, 30)) == 30
-    assert np.all(np.diff(runtimes.spread(623, 30)) > 0)
+    assert export_onnx.spread(10, 0) == list(range(10))
+    assert export_onnx.spread(9, 3) == [0, 3, 6]
+    assert len(export_onnx.spread(623, 30)) == 30
+    assert np.all(np.diff(export_onnx.spread(623, 30)) > 0)
