@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import Sampler
 
 from shared.decoding import decode_image
 from shared.labels import CLASS_NAMES
@@ -418,3 +420,40 @@ def fold_split(folds_doc: dict[str, Any], fold: int, val_fraction: float = 0.15)
     for key, split, group in zip(rest, splits, groups, strict=True):
         out[key] = {"split": split, "group": group}
     return {"seed": 0, "from_folds": {"fold": fold, "val_fraction": val_fraction}, "items": out}
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+def site_weights(samples: list[Sample]) -> np.ndarray:
+    """Per-sample draw probabilities that give every site the same share of an epoch (each
+    site's images equally likely within it); uniform when the samples come from one site."""
+    counts = Counter(s.site for s in samples)
+    weights = np.array([1.0 / (len(counts) * counts[s.site]) for s in samples])
+    return weights / weights.sum()
+
+
+class SiteBalancedSampler(Sampler[int]):
+    """Epochs of len(samples) draws, with replacement, in which every site weighs the same
+    (`site_weights`): a small site is seen as often as a large one. Under torchrun every rank
+    draws the same epoch (seeded by `seed` and the epoch's number) and takes its own
+    `rank::num_replicas` share of it, as DistributedSampler does."""
+
+    def __init__(
+        self, samples: list[Sample], seed: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if not samples:
+            raise ValueError("no samples to draw from")
+        self.weights = torch.from_numpy(site_weights(samples))
+        self.total = len(samples) - len(samples) % num_replicas
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.total // self.num_replicas
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1  # the next pass is the next epoch, on every rank alike
+        drawn = torch.multinomial(self.weights, self.total, replacement=True, generator=generator)
+        return iter(drawn[self.rank :: self.num_replicas].tolist())

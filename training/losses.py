@@ -18,11 +18,23 @@ from shared.labels import CLASS_NAMES
 
 
 def class_weights(
-    labels: list[int], num_classes: int = len(CLASS_NAMES), *, mean_one: bool = False
+    labels: list[int],
+    num_classes: int = len(CLASS_NAMES),
+    *,
+    mean_one: bool = False,
+    draw_weights: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Inverse-frequency weights n / (K * count) (a rare class counts more; an absent class as if
-    it had one image); with `mean_one`, scaled to mean 1 (the classification recipes)."""
-    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    it had one image); with `mean_one`, scaled to mean 1 (the classification recipes). With
+    `draw_weights` (each label's probability of being drawn, e.g. `training.data.site_weights`)
+    the counts are those an epoch is expected to show, scaled to len(labels) images."""
+    labels_array = np.asarray(labels)
+    if draw_weights is None:
+        counts = np.bincount(labels_array, minlength=num_classes).astype(np.float64)
+    else:
+        share = np.asarray(draw_weights, dtype=np.float64)
+        counts = np.bincount(labels_array, weights=share / share.sum(), minlength=num_classes)
+        counts = counts * len(labels) if len(labels) else counts
     weights = counts.sum() / (num_classes * np.maximum(counts, 1.0))
     return torch.tensor(weights / weights.mean() if mean_one else weights, dtype=torch.float32)
 

@@ -231,3 +231,51 @@ def test_zoom_crop_keeps_the_whole_lesion_and_zooms_normal_tissue() -> None:
     assert augment.zoom_crop(image, huge, rng)[0].shape == image.shape
     normal = augment.zoom_crop(image, np.zeros_like(mask), random.Random(0))[0]
     assert normal.shape[0] <= 300 and normal.shape[1] <= 200
+
+
+def test_site_balanced_epochs_give_every_site_the_same_share(two_sites) -> None:
+    from training.data import SiteBalancedSampler, site_weights
+
+    samples = sites.scan_sites(two_sites)
+    samples = [s for s in samples if s.site == "busi"][:6] + [
+        s for s in samples if s.site == "bus-bra"
+    ]  # 6 against 18: three to one
+    weights = site_weights(samples)
+    assert weights[:6].sum() == pytest.approx(0.5) and weights[6:].sum() == pytest.approx(0.5)
+    sampler = SiteBalancedSampler(samples * 50, seed=3)  # 1,200 draws an epoch
+    first, second = list(sampler), list(sampler)
+    assert len(first) == len(sampler) == 1200 and first != second  # a new draw every epoch
+    busi_share = np.mean([(samples * 50)[i].site == "busi" for i in first])
+    assert 0.45 < busi_share < 0.55  # uniform shuffling would give 0.25
+    # under torchrun: the same epoch on every rank, each rank its own disjoint share
+    ranks = [SiteBalancedSampler(samples * 50, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    shards = [list(r) for r in ranks]
+    assert [len(s) for s in shards] == [600, 600]
+    merged = [shards[i % 2][i // 2] for i in range(1200)]
+    assert merged == first
+    # one site: every image equally likely, as the recipe without balancing
+    assert np.allclose(site_weights(samples[6:]), 1 / 18)
+
+
+def test_class_weights_follow_the_draws_of_a_site_balanced_epoch() -> None:
+    from training.losses import class_weights
+
+    labels = [0, 1, 1, 1]
+    assert class_weights(labels).tolist() == pytest.approx([4 / 3, 4 / 9, 4 / 3])  # absent: as 1
+    plain = class_weights(labels, draw_weights=np.ones(4))
+    assert plain.tolist() == pytest.approx(class_weights(labels).tolist())
+    # the normal scan drawn half the time: normal and benign then weigh the same
+    balanced = class_weights(labels, draw_weights=np.array([3.0, 1.0, 1.0, 1.0]))
+    assert balanced[0] == pytest.approx(balanced[1])
+
+
+def test_a_site_balanced_recipe_trains_on_two_sites(two_sites, tmp_path) -> None:
+    out = tmp_path / "balanced"
+    argv = ["sites", "--data-path", *map(str, two_sites), "--holdout", "fold:0"]
+    argv += ["--preset", "joint-sites-balanced-zoom-lite0", "--smoke"]
+    argv += ["--split-file", str(tmp_path / "folds.json"), "--output-dir", str(out), "--no-progress"]
+    assert training_main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["preset"] == "joint-sites-balanced-zoom-lite0"
+    assert result["recipe"]["site_balanced"] is True
+    assert set(result["figures"]) == {"busi", "bus-bra"}
