@@ -6,6 +6,7 @@
 #   scripts/sites-sweep.sh                       # CPU, 2 threads: hours
 #   DEVICE=cuda THREADS=8 scripts/sites-sweep.sh # a GPU: minutes
 #   PRESETS="joint-sites-lite0 joint-sites-zoom-lite0" HOLDOUTS="site:bus-bra" scripts/sites-sweep.sh
+#   PRESETS=joint-sites-zoom-lite0 HOLDOUTS="device:GE Logiq 5,device:GE Logiq 7" scripts/sites-sweep.sh
 #
 # A run whose result.json exists is kept, not trained again. Data folders: BUSI and BUS-BRA
 # beside the repository (../shared/data/{busi,bus-bra}) unless DATA says otherwise.
@@ -14,12 +15,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-"../shared/data/busi ../shared/data/bus-bra"}
 PRESETS=${PRESETS:-"joint-sites-lite0 joint-sites-zoom-lite0 joint-sites-zoom-lite1"}
-HOLDOUTS=${HOLDOUTS:-"site:bus-bra site:busi fold:0"}
+HOLDOUTS=${HOLDOUTS:-"site:bus-bra,site:busi,fold:0"}  # comma-separated: scanners have spaces
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
+IFS=',' read -r -a holdouts <<< "$HOLDOUTS"
 runs=()
 for preset in $PRESETS; do
-  for holdout in $HOLDOUTS; do
+  for holdout in "${holdouts[@]}"; do
     out="training/reports/sites/$preset/$(echo "$holdout" | tr ':' '-' | tr ' ' '-' | tr 'A-Z' 'a-z')"
     runs+=("$out")
     if [[ -f "$out/result.json" ]]; then
