@@ -22,6 +22,7 @@
                                                              score it there, per site
     python -m training sites-report --runs R1 R2 ...         one table of those runs
     python -m training sites-publish --run R --data-path D1 D2 publish a sites run's model
+    python -m training normal-decision --runs R1 R2 ...     class head or mask head decides normal
 
 Each command's own `--help` lists its flags and their defaults. The training commands (classify,
 segment, cv, fit, oof) share one set of flags (training.cli: --preset, --data-path, --split-file,
@@ -64,6 +65,7 @@ COMMANDS = (
     "sites",
     "sites-report",
     "sites-publish",
+    "normal-decision",
 )
 
 
@@ -173,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         from training import drift_reference
 
         return drift_reference.main(rest)
-    elif command in ("calibrate", "ood", "shortcuts"):
-        from training.studies import calibration, ood, shortcuts
+    elif command in ("calibrate", "ood", "shortcuts", "normal-decision"):
+        from training.studies import calibration, normal_decision, ood, shortcuts
 
-        module = {"calibrate": calibration, "ood": ood, "shortcuts": shortcuts}[command]
+        module = {
+            "calibrate": calibration,
+            "ood": ood,
+            "shortcuts": shortcuts,
+            "normal-decision": normal_decision,
+        }[command]
         module.main(module.parse_args(rest))
     else:
         from training import segmentation

@@ -273,9 +273,53 @@ def test_a_site_balanced_recipe_trains_on_two_sites(two_sites, tmp_path) -> None
     out = tmp_path / "balanced"
     argv = ["sites", "--data-path", *map(str, two_sites), "--holdout", "fold:0"]
     argv += ["--preset", "joint-sites-balanced-zoom-lite0", "--smoke"]
-    argv += ["--split-file", str(tmp_path / "folds.json"), "--output-dir", str(out), "--no-progress"]
+    argv += [
+        "--split-file",
+        str(tmp_path / "folds.json"),
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     assert training_main(argv) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["preset"] == "joint-sites-balanced-zoom-lite0"
     assert result["recipe"]["site_balanced"] is True
     assert set(result["figures"]) == {"busi", "bus-bra"}
+
+
+def test_the_mask_head_rule_calls_normal_exactly_what_it_does_not_draw(tmp_path) -> None:
+    from training.studies import normal_decision
+
+    def row(label: int, probs: list[float], pixels: int, group: str) -> dict:
+        return {"label": label, "probs": probs, "mask_pixels": pixels, "dice": 0.5} | {
+            "site": "busi",
+            "device": "unrecorded",
+            "group": group,
+            "key": group,
+        }
+
+    rows = [
+        row(1, [0.7, 0.2, 0.1], 40, "a"),  # a lesion the class head calls normal, drawn
+        row(0, [0.8, 0.1, 0.1], 12, "b"),  # a normal scan with a speck drawn
+        row(2, [0.1, 0.3, 0.6], 0, "c"),  # a malignant lesion called malignant, nothing drawn
+        row(0, [0.9, 0.05, 0.05], 0, "d"),
+    ]
+    decided = [normal_decision.mask_decides_normal(r)["probs"] for r in rows]
+    assert decided[0] == pytest.approx([0.0, 2 / 3, 1 / 3])
+    assert np.argmax(decided[1]) != 0 and decided[2] == [1.0, 0.0, 0.0] == decided[3]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "rows.json").write_text(json.dumps({"holdout": "fold:0", "rows": rows}))
+    (run / "result.json").write_text(json.dumps({"preset": "p", "holdout": "fold:0"}))
+    out = tmp_path / "normal.md"
+    assert (
+        training_main(
+            ["normal-decision", "--runs", str(run), "--output", str(out), "--bootstrap", "0"]
+        )
+        == 0
+    )
+    sites_ = json.loads(out.with_suffix(".json").read_text())[0]["sites"]["busi"]
+    served, masked = sites_["class_head"], sites_["mask_head"]
+    assert served["lesion_called_normal"] == 0.5 and served["normal_called_lesion"] == 0.0
+    assert masked["lesion_called_normal"] == 0.5 and masked["normal_called_lesion"] == 0.5
+    assert "mask head" in out.read_text()
