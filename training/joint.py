@@ -150,6 +150,7 @@ PRESETS["joint-sites-zoom-lite1"] = replace(
 # finished: it replaces joint-sites-zoom-lite0 if its BUSI fold-0 accuracy is higher and neither
 # site's fold-0 malignant AUC is lower by more than 0.01 (zoom-lite0: BUSI 0.704, AUC 0.931;
 # BUS-BRA AUC 0.921).
+# Fold 0: BUSI accuracy 0.736, malignant AUC BUSI 0.934, BUS-BRA 0.901: not adopted.
 PRESETS["joint-sites-balanced-zoom-lite0"] = replace(
     PRESETS["joint-sites-zoom-lite0"],
     site_balanced=True,
