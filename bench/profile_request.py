@@ -7,10 +7,11 @@ protocol, the app from `create_app`, settings from the environment and `--env`),
 its own; one client (http.client, keep-alive, in a child process) posts the same synthetic PNG
 as bench/bench_service.py to each endpoint, one request at a time. For each endpoint:
 
-- per request: the wall time (p50), the CPU time of the whole process less the client's, and of
-  each group of threads: the event loop (uvicorn, middleware, routing, dependencies, the
-  response), the worker threads (decode, preprocess, postprocess, quality, encoding), the
-  batcher's forward thread and the runtime's own threads (ONNX Runtime's intra-op pool);
+- per request: the wall time (p50), the CPU time of the service's process, and of each group of
+  threads, with how often each blocked (a wake-up to resume it): the event loop (uvicorn,
+  middleware, routing, dependencies, the response), the worker threads (decode, preprocess,
+  postprocess, quality, encoding), the batcher's forward thread and the runtime's own threads
+  (ONNX Runtime's intra-op pool);
 - per stage, CPU on the thread that ran it (time.thread_time): the predictor's stages, the
   forward as the batcher calls it (its whole process CPU: the pool threads work for it), the
   audit/drift recorder, the response encoding;
@@ -104,6 +105,23 @@ def python_thread_cpu() -> dict[str, float]:
             groups[thread_group(thread.name)] += time.clock_gettime(clock)
         except (OSError, ProcessLookupError):
             continue
+    return dict(groups)
+
+
+def voluntary_switches() -> dict[str, int]:
+    """Voluntary context switches so far (a thread that blocked: each costs a wake-up to
+    resume it) of each thread of the process, summed by group; "native" for threads Python
+    does not know."""
+    names = {t.native_id: thread_group(t.name) for t in threading.enumerate()}
+    groups: dict[str, int] = defaultdict(int)
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                groups[names.get(int(task.name), "native")] += int(line.split()[1])
     return dict(groups)
 
 
@@ -251,6 +269,17 @@ def cpu_window() -> Iterator[dict[str, float]]:
     out["native"] = (process_after - process_before) - sum(out.values())
 
 
+@contextmanager
+def switches_window() -> Iterator[dict[str, int]]:
+    """Per-group voluntary context switches inside the block."""
+    out: dict[str, int] = {}
+    before = voluntary_switches()
+    yield out
+    after = voluntary_switches()
+    for group in set(before) | set(after):
+        out[group] = after.get(group, 0) - before.get(group, 0)
+
+
 def profile_endpoint(
     service: InProcessService, endpoint: str, png: Path, args: argparse.Namespace,
     clock: StageClock,
@@ -262,7 +291,7 @@ def profile_endpoint(
     if client.stdout.readline().strip() != "ready":
         raise RuntimeError(f"the client failed on {endpoint}")
     clock.reset()
-    with cpu_window() as cpu:
+    with switches_window() as switches, cpu_window() as cpu:
         client.stdin.write("go\n")
         client.stdin.flush()
         latencies = json.loads(client.stdout.readline())
@@ -272,6 +301,7 @@ def profile_endpoint(
         "wall_p50_ms": 1000 * statistics.median(latencies),
         "service_cpu_ms": 1000 * sum(cpu.values()) / n,
         "threads_cpu_ms": {k: 1000 * v / n for k, v in sorted(cpu.items())},
+        "threads_sleeps": {k: v / n for k, v in sorted(switches.items())},
         "stages_cpu_ms": {k: 1000 * v / n for k, v in clock.seconds.items()},
         "stage_calls": {k: c / n for k, c in clock.calls.items()},
     }
@@ -293,16 +323,17 @@ def bare_forward(service: InProcessService, endpoint: str, body: bytes, n: int) 
                  "/diagnose": ["classification", "segmentation"]}[endpoint]  # fmt: skip
         calls = [(registry.get(task), GRAPH_FULL) for task in tasks]
     threads = batcher.config.threads_alone
+    spinning = batcher.config.spin_us > 0  # as a lone request's forward runs
     result: dict[str, Any] = {"cpu_ms": 0.0, "wall_p50_ms": 0.0}
     for model, graph in calls:
         x, _ = runtime.predictor.input_batch(model, decode_image(body))
         for _ in range(3):
-            batcher.run(model, x, graph, threads)
+            batcher.run(model, x, graph, threads, spinning)
         walls = []
         started = time.process_time()
         for _ in range(n):
             began = time.perf_counter()
-            batcher.run(model, x, graph, threads)
+            batcher.run(model, x, graph, threads, spinning)
             walls.append(time.perf_counter() - began)
         result["cpu_ms"] += 1000 * (time.process_time() - started) / n
         result["wall_p50_ms"] += 1000 * statistics.median(walls)
@@ -379,9 +410,10 @@ def print_report(report: dict[str, Any]) -> None:
               f"{bare['threads']} threads, {'/'.join(bare['runtime'])})")  # fmt: skip
         print(f"  service CPU {figures['service_cpu_ms']:.2f} = bare forward CPU "
               f"{bare['cpu_ms']:.2f} + {added:.2f} added by the service")  # fmt: skip
-        print("  CPU by thread group:")
+        print("  CPU by thread group (and voluntary context switches, each a wake-up):")
+        sleeps = figures["threads_sleeps"]
         for group, ms in figures["threads_cpu_ms"].items():
-            print(f"    {group:<16} {ms:8.3f}")
+            print(f"    {group:<16} {ms:8.3f}  ({sleeps.get(group, 0):.1f})")
         print("  CPU by stage (calls per request):")
         for stage, ms in sorted(figures["stages_cpu_ms"].items(), key=lambda kv: -kv[1]):
             calls = figures["stage_calls"][stage]
