@@ -76,6 +76,28 @@ class BatchingConfig:
     threads_batched: int = 1  # a forward of two or more
     precision: Precision = "fp32"
     freeze: bool = False
+    spin_us: int = 0  # ONNX Runtime: a lone forward's idle threads spin this long (0: never)
+
+
+class InFlight:
+    """How many requests are being analysed now (decoded, preprocessed, forwarded,
+    postprocessed): `with in_flight:` around each."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._count -= 1
+
+    @property
+    def count(self) -> int:
+        return self._count
 
 
 @dataclass(eq=False)
@@ -121,6 +143,7 @@ class Batcher:
         self._threads_now = 0
         self._prepared: dict[int, _Prepared] = {}
         self._forward_started: float | None = None  # perf_counter() of the running forward
+        self.in_flight = InFlight()  # the predictor counts the requests it analyses here
 
     def stalled_s(self) -> float:
         """Seconds the oldest waiting request has waited, or the running forward has run, the
@@ -272,7 +295,7 @@ class Batcher:
             inputs = np.concatenate([p.batch for p in batch]) if len(batch) > 1 else batch[0].batch
             if model.runner(batch[0].graph) is None:
                 self._set_threads(threads)  # torch's pool, sized on this thread
-            outputs = self.run(model, inputs, batch[0].graph, threads)
+            outputs = self.run(model, inputs, batch[0].graph, threads, self._may_spin(rows))
         except BaseException as exc:  # every waiting request gets the forward's error
             self._forward_started = None
             for pending in batch:
@@ -292,16 +315,26 @@ class Batcher:
             start = stop
             pending.done.set()
 
+    def _may_spin(self, rows: int) -> bool:
+        """Whether a forward of `rows` rows may keep ONNX Runtime's idle threads spinning
+        between its operators: only a lone request's, while no other request is being analysed.
+        Then nothing else in the process needs the cores, and an idle thread that sleeps
+        between operators (tens of times a forward) costs a wake-up each time; beside other
+        work, a spinning thread takes the core that work needs, and waits spinning for a peer
+        thread the OS has descheduled."""
+        return self.config.spin_us > 0 and rows == 1 and self.in_flight.count <= 1
+
     def run(
-        self, model: Any, inputs: np.ndarray, graph: str, threads: int
+        self, model: Any, inputs: np.ndarray, graph: str, threads: int, spinning: bool = False
     ) -> np.ndarray | tuple[np.ndarray, ...]:
         """One forward of `model`'s `graph` on `inputs` under the forwards' lock, now, on the
-        calling thread: model.onnx / classify.onnx in ONNX Runtime on `threads` threads, else
-        the (prepared) TorchScript module on the calling thread's torch threads."""
+        calling thread: model.onnx / classify.onnx in ONNX Runtime on `threads` threads (their
+        session that spins between operators with `spinning`), else the (prepared) TorchScript
+        module on the calling thread's torch threads."""
         runner = model.runner(graph)
         with self.lock:
             if runner is not None:
-                return runner(inputs, threads)
+                return runner(inputs, threads, spinning)
             return self.run_module(self._module_for(model), inputs)
 
     def run_module(

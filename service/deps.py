@@ -43,25 +43,31 @@ def _text_part_bytes(value: str) -> bytes:
     return value.encode("utf-8")
 
 
-def get_app_state(request: Request) -> AppState:
+# The dependencies below only look things up: `async def` runs them on the event loop. A plain
+# `def` would send each to a worker thread and back (FastAPI's threadpool): four round trips per
+# image request before its own work starts, and /readyz, /models and /metrics would never answer
+# while every worker is held (requests waiting on a hung forward).
+
+
+async def get_app_state(request: Request) -> AppState:
     return request.app.state.runtime
 
 
 AppStateDep = Annotated[AppState, Depends(get_app_state)]
 
 
-def get_predictor(request: Request, app_state: AppStateDep) -> Predictor:
+async def get_predictor(request: Request, app_state: AppStateDep) -> Predictor:
     """The predictor, recording each input and result for the audit log and the drift metrics."""
     audited = request.app.state.audit is not None
     state = request.scope["state"] if audited else None
     return cast(Predictor, RecordingPredictor(app_state.predictor, app_state.metrics, state))
 
 
-def get_registry(app_state: AppStateDep) -> ModelRegistry:
+async def get_registry(app_state: AppStateDep) -> ModelRegistry:
     return app_state.registry
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     return request.scope["state"]["request_id"]
 
 

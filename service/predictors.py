@@ -416,6 +416,10 @@ class Predictor:
         lesion pixel, the one most likely a lesion (benign + malignant probability); the earliest
         of equals. Only it keeps its pixels and mask; the others leave a FrameResult.
         """
+        with self.registry.analysing():  # counted: service.batching.Batcher._may_spin
+            return self._analyse(request, plan)
+
+    def _analyse(self, request: ImageRequest, plan: _Plan) -> Analysis:
         request_started.set(time.perf_counter())  # REQUEST_DEADLINE_MS counts from here
         self._record_models(request, *plan.models)
         image = self.open(request)

@@ -354,7 +354,7 @@ def _encode(encode: Encoder, context: Context, analysis: Analysis) -> Response:
         return encode(analysis, context)
 
 
-def get_presentation(
+async def get_presentation(  # on the event loop: see service.deps
     request: Request, dicom: Annotated[DicomResults, Depends(get_dicom_results)]
 ) -> Presentation:
     return Presentation(

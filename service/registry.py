@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.batching import Batcher, BatchingConfig, example_input
+from service.batching import Batcher, BatchingConfig, InFlight, example_input
 from service.metrics import ServiceMetrics
 from service.settings import available_cpus
 from shared.calibration import Calibration
@@ -188,15 +188,18 @@ def load_model(
     lock: threading.Lock | None = None,
     runtime: str = "auto",
     threads: tuple[int, ...] = (),
+    spin_us: int = 0,
 ) -> LoadedModel:
     """Load a verified artifact on the CPU, check it against its manifest and warm it up.
 
     `lock` serialises the warm-up forwards with the requests being served. `runtime` is
     INFERENCE_RUNTIME: with "auto" or "onnxruntime", an artifact whose
     manifest carries a validated model.onnx runs its forwards in ONNX Runtime, with a session
-    for each of `threads` (default: torch's thread count). Raises ArtifactIntegrityError when
-    the manifest is inconsistent, the file is not TorchScript, or a forward fails or returns
-    another shape than the manifest declares.
+    for each of `threads` (default: torch's thread count) whose idle threads sleep between
+    operators, and with `spin_us`, one more for `threads[0]` (a lone request's forward) whose
+    idle threads spin that many microseconds first (service.batching). Raises
+    ArtifactIntegrityError when the manifest is inconsistent, the file is not TorchScript, or a
+    forward fails or returns another shape than the manifest declares.
     """
     if runtime not in INFERENCE_RUNTIMES:
         raise ValueError(f"runtime must be one of {INFERENCE_RUNTIMES}")
@@ -207,9 +210,9 @@ def load_model(
     onnx = classify = None
     if runtime != RUNTIME_TORCHSCRIPT:
         threads = threads or (default_threads(),)
-        onnx = _onnx_forward(info, lock, threads, runtime)
+        onnx = _onnx_forward(info, lock, threads, runtime, spin_us)
         if onnx is not None:
-            classify = _classify_forward(info, onnx, lock, threads)
+            classify = _classify_forward(info, onnx, lock, threads, spin_us)
     module = None
     if onnx is None:
         module = _torchscript_module(info, lock)
@@ -246,6 +249,7 @@ def _onnx_forward(
     lock: threading.Lock | None,
     threads: tuple[int, ...],
     runtime: str,
+    spin_us: int = 0,
 ) -> OnnxSessions | None:
     """model.onnx in ONNX Runtime when the artifact carries one that holds and agrees with
     model.pt; None (TorchScript serves) otherwise, logged when it is not the expected case.
@@ -275,8 +279,9 @@ def _onnx_forward(
     shape = manifest.input.shape
     batches = [np.zeros((2, *shape), np.float32), example_input(shape, 2)]
     try:
-        # spinning off: an idle intra-op thread would busy-wait on the cores the HTTP work needs
-        forward = OnnxSessions.from_file(info.runtime_path(variant), threads, spinning=False)
+        # spinning off but where a forward asks for it: an idle intra-op thread would
+        # busy-wait on the cores the HTTP work needs
+        forward = _sessions(info.runtime_path(variant), threads, spin_us, shape, lock)
         with lock or _NO_LOCK:
             outputs = forward.run(np.zeros((1, *shape), np.float32), threads[0])
         expected = [(1, *s) for s in manifest.output.shapes]
@@ -306,8 +311,28 @@ def _onnx_forward(
     return forward
 
 
+def _sessions(
+    path: Path,
+    threads: tuple[int, ...],
+    spin_us: int,
+    shape: tuple[int, ...],
+    lock: threading.Lock | None,
+) -> OnnxSessions:
+    """The ONNX file's sessions for `threads`, and with `spin_us` the spinning one for
+    `threads[0]`, warmed up by one forward (its first allocates its buffers)."""
+    forward = OnnxSessions.from_file(path, threads, spinning=False, spin_us=spin_us or None)
+    if spin_us:
+        with lock or _NO_LOCK:
+            forward.run(np.zeros((1, *shape), np.float32), threads[0], spinning=True)
+    return forward
+
+
 def _classify_forward(
-    info: ArtifactInfo, full: OnnxSessions, lock: threading.Lock | None, threads: tuple[int, ...]
+    info: ArtifactInfo,
+    full: OnnxSessions,
+    lock: threading.Lock | None,
+    threads: tuple[int, ...],
+    spin_us: int = 0,
 ) -> OnnxSessions | None:
     """classify.onnx when the artifact carries one that holds and gives model.onnx's class
     logits (and quality score) on the warm-up inputs; None (logged) otherwise: the full graph
@@ -324,9 +349,9 @@ def _classify_forward(
         )  # fmt: skip
         return None
     try:
-        forward = OnnxSessions.from_file(info.runtime_path(variant), threads, spinning=False)
-        wanted = forward.output_names
         shape = info.manifest.input.shape
+        forward = _sessions(info.runtime_path(variant), threads, spin_us, shape, lock)
+        wanted = forward.output_names
         worst = 0.0
         for batch in (np.zeros((2, *shape), np.float32), example_input(shape, 2)):
             with lock or _NO_LOCK:
@@ -448,11 +473,19 @@ class ModelRegistry:
         Raises ServiceOverloadedError when the queue is full, DeadlineExceededError when the
         request's deadline passes before its forward starts.
         """
+        return self._batcher().submit(model, batch, graph)
+
+    def analysing(self) -> InFlight:
+        """`with registry.analysing():` around the analysis of a request (the batcher lets a
+        forward spin only while it analyses one request, service.batching)."""
+        return self._batcher().in_flight
+
+    def _batcher(self) -> Batcher:
         if self.batcher is None:
             n = default_threads()
             config = BatchingConfig(max_batch_size=1, threads_alone=n, threads_batched=n)
             self.batcher = Batcher(config, self.metrics, self.inference_lock)
-        return self.batcher.submit(model, batch, graph)
+        return self.batcher
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -666,8 +699,9 @@ class ModelRegistry:
         """Load `info` and make it serve `task`; False (counted, logged) when it fails."""
         started = time.perf_counter()
         try:
+            spin_us = self.batcher.config.spin_us if self.batcher is not None else 0
             model = load_model(
-                info, self.inference_lock, self.inference_runtime, self._forward_threads()
+                info, self.inference_lock, self.inference_runtime, self._forward_threads(), spin_us
             )
         except ArtifactError as exc:
             self._refused[task].add((info.version, info.sha256))

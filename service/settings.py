@@ -135,6 +135,15 @@ class Settings(BaseSettings):
         description="Serve a frozen, inference-optimised copy of each model (same fp32 "
         "arithmetic, validated by bench/precision.py); false serves the TorchScript as loaded",
     )
+    INFERENCE_SPIN_US: int = Field(
+        200,
+        ge=0,
+        le=100_000,
+        description="ONNX Runtime only: in the forward of a lone request while no other request "
+        "is being analysed, how long (microseconds) an idle intra-op thread spins for the next "
+        "operator before it sleeps; every such forward's end stops the spinning. Forwards beside "
+        "other work never spin (it would take the cores that work needs); 0: none spins",
+    )
     CLASSIFICATION_VERSION: str = Field(
         "", description="Pinned classification version; empty serves the promoted one"
     )

@@ -85,4 +85,5 @@ def batching_config(settings: Settings) -> BatchingConfig:
         threads_batched=min(settings.TORCH_THREADS_BATCHED, settings.TORCH_THREADS),
         precision=settings.INFERENCE_PRECISION,
         freeze=settings.INFERENCE_FREEZE,
+        spin_us=settings.INFERENCE_SPIN_US,
     )

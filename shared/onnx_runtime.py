@@ -33,73 +33,104 @@ def onnxruntime_available() -> bool:
 
 
 class OnnxSessions:
-    """`model` (the bytes of an ONNX file) with one session per intra-op thread count.
+    """`model` (the bytes of an ONNX file) with one session per intra-op thread count and
+    spinning.
 
     `threads` makes those sessions up front (a service pays at load, not at its first request).
     `spinning=False` stops idle intra-op threads busy-waiting between operators, which would take
     the cores other work of the process needs (the service's decoding and HTTP; a batch job's
-    neighbours on a shared host). Raises ImportError when onnxruntime is not installed and
+    neighbours on a shared host). A caller may also ask for a spinning session per forward
+    (`run(..., spinning=True)`): with `spin_us`, such a session's idle threads spin at most that
+    many microseconds for the next operator before they sleep, and stop spinning when the forward
+    ends (ONNX Runtime's session.intra_op.spin_duration_us, 1.26 and later, and
+    session.force_spinning_stop); without it, onnxruntime's own spinning, which goes on for a
+    while after a forward. Raises ImportError when onnxruntime is not installed and
     onnxruntime's own errors for a file it cannot load.
     """
 
-    def __init__(self, model: bytes, threads: Iterable[int] = (), spinning: bool = True) -> None:
+    def __init__(
+        self,
+        model: bytes,
+        threads: Iterable[int] = (),
+        spinning: bool = True,
+        spin_us: int | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         self._ort = ort
         self._model = model
         self._spinning = spinning
-        self._sessions: dict[int, tuple[Any, str]] = {}
+        self._spin_us = spin_us
+        self._sessions: dict[tuple[int, bool], tuple[Any, str]] = {}
         self.version: str = ort.__version__
         for count in threads:
             self.session(count)
 
     @classmethod
     def from_file(
-        cls, path: Path, threads: Iterable[int] = (), spinning: bool = True
+        cls,
+        path: Path,
+        threads: Iterable[int] = (),
+        spinning: bool = True,
+        spin_us: int | None = None,
     ) -> OnnxSessions:
         """The ONNX file at `path`. Raises OSError when it cannot be read."""
-        return cls(Path(path).read_bytes(), threads, spinning)
+        return cls(Path(path).read_bytes(), threads, spinning, spin_us)
 
     @property
     def thread_counts(self) -> list[int]:
-        return sorted(self._sessions)
+        return sorted({threads for threads, _ in self._sessions})
 
     @property
     def default_threads(self) -> int:
-        """The first thread count a session was made for (1 when none was made yet)."""
+        """The fewest threads a session was made for (1 when none was made yet)."""
         return self.thread_counts[0] if self._sessions else 1
 
-    def session(self, threads: int) -> tuple[Any, str]:
-        """(session, its input's name) with `threads` intra-op threads."""
-        if threads not in self._sessions:
+    def session(self, threads: int, spinning: bool | None = None) -> tuple[Any, str]:
+        """(session, its input's name) with `threads` intra-op threads, spinning or not (None:
+        as the constructor's `spinning`)."""
+        spins = self._spinning if spinning is None else spinning
+        key = (threads, spins)
+        if key not in self._sessions:
             ort = self._ort
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            if not self._spinning:
+            if not spins:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            elif self._spin_us is not None:
+                options.add_session_config_entry(
+                    "session.intra_op.spin_duration_us", str(self._spin_us)
+                )
+                options.add_session_config_entry("session.force_spinning_stop", "1")
             options.log_severity_level = 3  # errors only: its warnings go to stderr
             session = ort.InferenceSession(self._model, options, providers=["CPUExecutionProvider"])
-            self._sessions[threads] = (session, session.get_inputs()[0].name)
-        return self._sessions[threads]
+            self._sessions[key] = (session, session.get_inputs()[0].name)
+        return self._sessions[key]
 
     @property
     def output_names(self) -> tuple[str, ...]:
         """The graph's output names, in the order a forward returns them."""
-        session, _ = self.session(self.default_threads)
+        made = next(iter(self._sessions.values()), None)
+        session, _ = made if made is not None else self.session(self.default_threads)
         return tuple(o.name for o in session.get_outputs())
 
-    def run(self, batch: np.ndarray, threads: int) -> list[np.ndarray]:
-        """The model's float32 outputs for a (N, C, H, W) batch, on `threads` threads."""
-        session, name = self.session(threads)
+    def run(
+        self, batch: np.ndarray, threads: int, spinning: bool | None = None
+    ) -> list[np.ndarray]:
+        """The model's float32 outputs for a (N, C, H, W) batch, on `threads` threads, spinning
+        or not (None: as the constructor's `spinning`)."""
+        session, name = self.session(threads, spinning)
         outputs = session.run(None, {name: np.ascontiguousarray(batch, np.float32)})
         return [np.asarray(o, dtype=np.float32) for o in outputs]
 
-    def __call__(self, batch: np.ndarray, threads: int) -> np.ndarray | tuple[np.ndarray, ...]:
+    def __call__(
+        self, batch: np.ndarray, threads: int, spinning: bool | None = None
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
         """Outputs for a (N, C, H, W) float32 batch, like the TorchScript module's: one array
         for a single output, else a tuple."""
-        outputs = self.run(batch, threads)
+        outputs = self.run(batch, threads, spinning)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def disagreement(

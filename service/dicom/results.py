@@ -185,7 +185,8 @@ class DicomResults:
         return report.model_dump(mode="json", exclude_none=True)
 
 
-def get_dicom_results(request: Request) -> DicomResults:
+async def get_dicom_results(request: Request) -> DicomResults:
+    """On the event loop: a lookup needs no worker thread (see service.deps)."""
     settings: Settings = request.app.state.runtime.settings
     return DicomResults(
         settings.DICOM_UID_ROOT, request.app.version, settings.ALLOW_NON_ULTRASOUND_DICOM

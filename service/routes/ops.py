@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.auth import SCOPE_METRICS, SCOPE_MODELS, require_scope
+from service.deps import AppStateDep
 from service.metrics import CONTENT_TYPE_LATEST
 from service.predictors import DEFAULT_UNCERTAIN_BELOW
 from service.schemas import (
@@ -29,16 +30,6 @@ router = APIRouter(tags=["operations"])
 WORKER_PROBE_S = 0.5
 
 
-async def _app_state(request: Request) -> AppState:
-    """The app state, on the event loop: service.deps.AppStateDep is a plain-def dependency,
-    which FastAPI runs on a worker thread, and when every worker is held (requests waiting on a
-    hung forward) the probes and the scrapes that wait for one never answer at all."""
-    return request.app.state.runtime
-
-
-OpsAppStateDep = Annotated[AppState, Depends(_app_state)]
-
-
 @router.get("/healthz", response_model=HealthResponse)
 async def healthz() -> HealthResponse:
     """Liveness: 200 while the process serves HTTP, models loaded or not."""
@@ -52,7 +43,7 @@ async def healthz() -> HealthResponse:
         503: {"model": ReadyResponse, "description": "Not ready, stalled, or shutting down"}
     },
 )
-async def readyz(request: Request, app_state: OpsAppStateDep) -> JSONResponse:
+async def readyz(request: Request, app_state: AppStateDep) -> JSONResponse:
     """Readiness: 200 only when every model is loaded and warmed up, inference makes progress,
     and no shutdown began. Answered from the event loop within about half a second, whatever the
     worker threads are doing; it shows no versions (/models does, with a key)."""
@@ -99,7 +90,7 @@ def _nothing() -> None:
     dependencies=[require_scope(SCOPE_MODELS)],
     responses=error_responses(401, 403),
 )
-async def models(app_state: OpsAppStateDep) -> ModelsResponse:
+async def models(app_state: AppStateDep) -> ModelsResponse:
     """The artifact serving each task: name, version, sha256, metadata and evaluation metrics."""
     loaded = app_state.registry.loaded()
     described: dict[str, ModelDescription | None] = {}
@@ -156,7 +147,7 @@ async def models(app_state: OpsAppStateDep) -> ModelsResponse:
         **error_responses(401, 403),
     },
 )
-async def metrics(app_state: OpsAppStateDep) -> Response:
+async def metrics(app_state: AppStateDep) -> Response:
     """Prometheus exposition: latencies per endpoint and stage, failures, model versions, served
     labels, the process."""
     return Response(app_state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

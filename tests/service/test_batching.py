@@ -198,6 +198,45 @@ def test_a_failed_forward_fails_every_request_of_its_batch_and_the_next_one_runs
     assert classes[0, 0] == pytest.approx(2.0)
 
 
+class Runner:
+    """An ONNX Runtime model's runner, as the batcher calls it: records (rows, threads,
+    spinning) of each forward; its gate can hold one until released."""
+
+    def __init__(self) -> None:
+        self.gate = Gated(Joint())
+        self.calls: list[tuple[int, int, bool]] = []
+
+    def __call__(self, x: np.ndarray, threads: int, spinning: bool = False) -> Any:
+        self.calls.append((len(x), threads, spinning))
+        classes, masks = self.gate(torch.from_numpy(x))
+        return classes.numpy(), masks.numpy()
+
+
+def test_only_a_lone_request_analysed_alone_spins():
+    runner = Runner()
+    model = FakeModel(None, onnx=runner)
+    made, _ = batcher(spin_us=200)
+    with made.in_flight:  # the request being analysed alone
+        made.submit(model, image(1.0))
+    with made.in_flight, made.in_flight:  # another request is being decoded meanwhile
+        made.submit(model, image(2.0))
+    runner.gate.release.clear()  # a lone forward holds two requests back: they run as a batch
+    runner.gate.entered.clear()
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(made.submit, model, image(3.0))
+        assert runner.gate.entered.wait(10)
+        rest = [pool.submit(made.submit, model, image(v)) for v in (4.0, 5.0)]
+        while len(made._queue) < 2:
+            time.sleep(0.01)
+        runner.gate.release.set()
+        first.result(10), [f.result(10) for f in rest]
+    assert runner.calls == [(1, 2, True), (1, 2, False), (1, 2, True), (2, 1, False)]
+    unset, _ = batcher()  # INFERENCE_SPIN_US=0: no forward spins
+    with unset.in_flight:
+        unset.submit(model, image(6.0))
+    assert runner.calls[-1] == (1, 2, False)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_frozen_model_serves_the_same_answers(precision):
     module = torch.jit.script(Joint()).eval()

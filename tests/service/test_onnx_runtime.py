@@ -161,3 +161,31 @@ def test_batched_onnx_forwards_give_each_request_its_own_result(onnx_dir):
         np.testing.assert_allclose(classes, expected_classes.numpy(), atol=1e-5)
         np.testing.assert_allclose(masks, expected_masks.numpy(), atol=1e-5)
     registry.batcher.stop()
+
+
+def config_entry(session, key: str) -> str | None:
+    try:
+        return session.get_session_options().get_session_config_entry(key)
+    except Exception:  # onnxruntime raises when the entry is not set
+        return None
+
+
+def test_a_lone_forward_spins_in_its_own_session_with_the_same_answers(onnx_dir):
+    from service.batching import Batcher, BatchingConfig
+
+    metrics = ServiceMetrics()
+    registry = ModelRegistry(onnx_dir, {}, metrics, tasks=(TASK_DIAGNOSIS,))
+    config = BatchingConfig(threads_alone=2, threads_batched=1, spin_us=150)
+    registry.batcher = Batcher(config, metrics, registry.inference_lock)
+    registry.refresh()
+    sessions = registry.get(TASK_DIAGNOSIS).onnx
+    quiet, _ = sessions.session(2)
+    spinning, _ = sessions.session(2, spinning=True)
+    assert spinning is not quiet
+    assert config_entry(quiet, "session.intra_op.allow_spinning") == "0"
+    assert config_entry(spinning, "session.intra_op.spin_duration_us") == "150"
+    assert config_entry(spinning, "session.force_spinning_stop") == "1"  # none after a forward
+    x = np.random.default_rng(2).normal(0.5, 0.3, (1, 3, 64, 64)).astype(np.float32)
+    for ours, theirs in zip(sessions.run(x, 2, spinning=True), sessions.run(x, 2), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    registry.batcher.stop()
