@@ -112,8 +112,7 @@ class OnnxSessions:
     @property
     def output_names(self) -> tuple[str, ...]:
         """The graph's output names, in the order a forward returns them."""
-        made = next(iter(self._sessions.values()), None)
-        session, _ = made if made is not None else self.session(self.default_threads)
+        session, _ = self.session(self.default_threads)
         return tuple(o.name for o in session.get_outputs())
 
     def run(

@@ -28,13 +28,12 @@ def class_weights(
     it had one image); with `mean_one`, scaled to mean 1 (the classification recipes). With
     `draw_weights` (each label's probability of being drawn, e.g. `training.data.site_weights`)
     the counts are those an epoch is expected to show, scaled to len(labels) images."""
-    labels_array = np.asarray(labels)
-    if draw_weights is None:
-        counts = np.bincount(labels_array, minlength=num_classes).astype(np.float64)
-    else:
+    expected = None  # each image counts once
+    if draw_weights is not None:
         share = np.asarray(draw_weights, dtype=np.float64)
-        counts = np.bincount(labels_array, weights=share / share.sum(), minlength=num_classes)
-        counts = counts * len(labels) if len(labels) else counts
+        expected = share * (len(labels) / share.sum())
+    counts = np.bincount(np.asarray(labels), weights=expected, minlength=num_classes)
+    counts = counts.astype(np.float64)
     weights = counts.sum() / (num_classes * np.maximum(counts, 1.0))
     return torch.tensor(weights / weights.mean() if mean_one else weights, dtype=torch.float32)
 

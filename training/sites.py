@@ -430,7 +430,8 @@ REPORT_ROWS = (
 )
 
 
-def _cell(fig: dict[str, Any], key: str) -> str:
+def figure_cell(fig: dict[str, Any], key: str) -> str:
+    """`fig[key]` with its 95% interval for a report's table; '–' when it is undefined."""
     value = fig.get(key, float("nan"))
     if value is None or math.isnan(value):
         return "–"
@@ -494,7 +495,7 @@ def recipe_table(results: list[dict[str, Any]]) -> list[str]:
     ]
     for preset, sites in ranked:
         cells = [
-            _cell(sites[site], key) if site in sites else "not run"
+            figure_cell(sites[site], key) if site in sites else "not run"
             for site in every_site
             for key, _ in SELECTION_FIGURES[:2]
         ]
@@ -533,7 +534,9 @@ def render_sites_report(results: list[dict[str, Any]]) -> str:
     ]
     for key, label in REPORT_ROWS:
         lines.append(
-            f"| {label} | " + " | ".join(_cell(r["figures"][s], key) for r, s in columns) + " |"
+            f"| {label} | "
+            + " | ".join(figure_cell(r["figures"][s], key) for r, s in columns)
+            + " |"
         )
     lines.append(
         "| called normal / benign / malignant | "
@@ -558,7 +561,7 @@ def render_sites_report(results: list[dict[str, Any]]) -> str:
         for key, label in REPORT_ROWS:
             if key in ("lesion_auc", "normal_called_lesion", "normal_with_lesion_diagnose"):
                 continue
-            cells = [_cell(r["lesion_images"][site], key) for r, site in lesion_columns]
+            cells = [figure_cell(r["lesion_images"][site], key) for r, site in lesion_columns]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Per scanner (no intervals):", ""]
     lines += [
@@ -569,8 +572,8 @@ def render_sites_report(results: list[dict[str, Any]]) -> str:
         for device, fig in r["figures"][site]["devices"].items():
             lines.append(
                 f"| {head(r)} → {site}, {device} | {int(fig['n'])} | "
-                f"{_cell(fig, 'accuracy')} | {_cell(fig, 'malignant_sensitivity')} | "
-                f"{_cell(fig, 'lesion_dice')} | "
+                f"{figure_cell(fig, 'accuracy')} | {figure_cell(fig, 'malignant_sensitivity')} | "
+                f"{figure_cell(fig, 'lesion_dice')} | "
                 + " / ".join(str(fig["predicted"][c]) for c in CLASS_NAMES)
                 + " |"
             )

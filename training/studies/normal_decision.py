@@ -30,7 +30,7 @@ import numpy as np
 
 from shared.labels import CLASS_NAMES
 from training import cli
-from training.sites import figures_with_intervals
+from training.sites import figure_cell, figures_with_intervals
 
 NORMAL, BENIGN, MALIGNANT = (CLASS_NAMES.index(c) for c in ("normal", "benign", "malignant"))
 FIGURES = (
@@ -77,16 +77,6 @@ def compare_run(run: Path, n_resamples: int) -> dict[str, Any]:
     }
 
 
-def _cell(fig: dict[str, Any], key: str) -> str:
-    value = fig.get(key, float("nan"))
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "–"
-    low_high = fig.get("ci95", {}).get(key)
-    if low_high and not any(v is None or np.isnan(v) for v in low_high):
-        return f"{value:.3f} [{low_high[0]:.3f}, {low_high[1]:.3f}]"
-    return f"{value:.3f}"
-
-
 def render(comparisons: list[dict[str, Any]]) -> str:
     lines = [
         '# Who decides "normal": the class head or the mask head',
@@ -104,7 +94,7 @@ def render(comparisons: list[dict[str, Any]]) -> str:
         for site, rules in comparison["sites"].items():
             name = f"{comparison['preset']}: {comparison['holdout']} → {site}"
             for rule, label in (("class_head", "class head (served)"), ("mask_head", "mask head")):
-                cells = " | ".join(_cell(rules[rule], key) for key, _ in FIGURES)
+                cells = " | ".join(figure_cell(rules[rule], key) for key, _ in FIGURES)
                 lines.append(f"| {name} | {label} | {cells} |")
     return "\n".join(lines) + "\n"
 
