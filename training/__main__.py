@@ -22,6 +22,8 @@
                                                              score it there, per site
     python -m training sites-report --runs R1 R2 ...         one table of those runs
     python -m training sites-publish --run R --data-path D1 D2 publish a sites run's model
+    python -m training sites-ensemble --runs F0 .. F4 --data-path D1 D2  a recipe's fold runs as
+                                                             one ensemble, their pooled figures
     python -m training normal-decision --runs R1 R2 ...     class head or mask head decides normal
 
 Each command's own `--help` lists its flags and their defaults. The training commands (classify,
@@ -65,6 +67,7 @@ COMMANDS = (
     "sites",
     "sites-report",
     "sites-publish",
+    "sites-ensemble",
     "normal-decision",
 )
 
@@ -148,10 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             args = joint.parse_fit_args(rest)
             setup_logging(Path(args.output_dir) / "train.log")
             joint.fit_main(args)
-    elif command in ("sites", "sites-report", "sites-publish"):
+    elif command in ("sites", "sites-report", "sites-publish", "sites-ensemble"):
         from training import sites
 
-        if command == "sites":
+        if command == "sites-ensemble":
+            from training import ensemble
+
+            args = ensemble.parse_args(rest)
+            setup_logging(args.output_dir / "ensemble.log")
+            ensemble.ensemble_main(args)
+        elif command == "sites":
             args = sites.parse_sites_args(rest)
             setup_logging(Path(args.output_dir) / "train.log")
             sites.sites_main(args)

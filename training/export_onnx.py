@@ -50,7 +50,7 @@ from shared import inference
 from shared.calibration import Calibration
 from shared.errors import ArtifactError
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS, TASKS
-from shared.models.joint import JointFlipAverage
+from shared.models.joint import JointEnsemble, JointFlipAverage
 from shared.onnx_runtime import OnnxSessions
 from shared.postprocessing import dice_iou
 from shared.preprocessing import Preprocessing
@@ -142,11 +142,17 @@ class OnnxRuntimeForward:
 # --- the served graphs ------------------------------------------------------------------------
 
 
-def _joint_parts(served: nn.Module) -> tuple[nn.Module, bool]:
-    """(the JointUNet inside `served`, whether `served` averages over the mirror image)."""
-    if isinstance(served, JointFlipAverage):
-        return served.model, True
-    return served, False
+def _joint_parts(served: nn.Module) -> tuple[list[nn.Module], bool]:
+    """(the JointUNets inside `served`: one, or an ensemble's members; whether `served` averages
+    over the mirror image). Raises ValueError for an ensemble whose members average themselves."""
+    flip = isinstance(served, JointFlipAverage)
+    inner = served.model if flip else served
+    if not isinstance(inner, JointEnsemble):
+        return [inner], flip
+    members = list(inner.members)
+    if any(isinstance(m, JointFlipAverage) for m in members):
+        raise ValueError("an ensemble is mirror-averaged as a whole, not member by member")
+    return members, flip
 
 
 class QualityScore(nn.Module):
@@ -170,7 +176,8 @@ class ServedGraph(nn.Module):
     encoder and the class head only (class logits), with the mirror averaging the served
     network does. With a `detector`, both add the quality score of the pooled deepest features
     (averaged over the mirror like the logits): the features the class head reads, so the check
-    costs one (D, D) product.
+    costs one (D, D) product. An ensemble (shared.models.joint.JointEnsemble) averages its
+    members' class logits, and its features are its members' pooled features side by side.
     """
 
     def __init__(
@@ -183,9 +190,10 @@ class ServedGraph(nn.Module):
         self.graph = graph
         self.quality = QualityScore(detector) if detector is not None else None
         self._deepest: list[torch.Tensor] = []
-        self._net, self._flip = _joint_parts(served)
+        self._nets, self._flip = _joint_parts(served)
         if graph == GRAPH_FULL and detector is not None:
-            self._net.encoder.register_forward_hook(self._keep_deepest)
+            for net in self._nets:
+                net.encoder.register_forward_hook(self._keep_deepest)
 
     @property
     def output_names(self) -> list[str]:
@@ -198,10 +206,15 @@ class ServedGraph(nn.Module):
     def _average(self, t: torch.Tensor, n: int) -> torch.Tensor:
         return 0.5 * (t[:n] + t[n:]) if self._flip else t
 
+    def _both(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, torch.flip(x, dims=[-1])], dim=0) if self._flip else x
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) pooled deepest encoder features, averaged over the mirror when served so."""
-        both = torch.cat([x, torch.flip(x, dims=[-1])], dim=0) if self._flip else x
-        return self._average(self._net.encoder(both)[-1].mean(dim=(2, 3)), x.shape[0])
+        """(N, D) pooled deepest encoder features (each member's, side by side), averaged over
+        the mirror when served so."""
+        both = self._both(x)
+        pooled = [net.encoder(both)[-1].mean(dim=(2, 3)) for net in self._nets]
+        return self._average(torch.cat(pooled, dim=1), x.shape[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = x.shape[0]
@@ -210,16 +223,19 @@ class ServedGraph(nn.Module):
             classes, masks = self.served(x)
             outputs: tuple[torch.Tensor, ...] = (classes, masks)
             if self.quality is not None:
-                pooled = self._average(self._deepest.pop().mean(dim=(2, 3)), n)
-                outputs += (self.quality(pooled),)
+                deepest = torch.cat([d.mean(dim=(2, 3)) for d in self._deepest], dim=1)
+                self._deepest.clear()
+                outputs += (self.quality(self._average(deepest, n)),)
             return outputs
-        both = torch.cat([x, torch.flip(x, dims=[-1])], dim=0) if self._flip else x
-        pooled = self._net.encoder(both)[-1].mean(dim=(2, 3))
-        # the class head as JointUNet applies it (its dropout is the identity in eval mode)
-        classes = self._average(self._net.classifier(self._net.dropout(pooled)), n)
+        both = self._both(x)
+        pooled = [net.encoder(both)[-1].mean(dim=(2, 3)) for net in self._nets]
+        # the class head as JointUNet applies it (its dropout is the identity in eval mode),
+        # averaged over the members as JointEnsemble averages them
+        logits = [net.classifier(net.dropout(p)) for net, p in zip(self._nets, pooled, strict=True)]
+        classes = self._average(torch.stack(logits).mean(dim=0), n)
         if self.quality is None:
             return (classes,)
-        return classes, self.quality(self._average(pooled, n))
+        return classes, self.quality(self._average(torch.cat(pooled, dim=1), n))
 
 
 # --- scoring --------------------------------------------------------------------------------
@@ -359,17 +375,25 @@ def joint_preset(training: Mapping[str, Any]) -> Any:
     from training.joint import JointPreset, get_preset
 
     preset = get_preset(str(training.get("preset")))
-    recipe = training.get("recipe") or {}
+    recipe = training.get("recipe") or training  # a manifest holds the recipe's fields flat
     names = {f.name for f in fields(JointPreset)} - {"description"}
     return replace(preset, **{k: v for k, v in recipe.items() if k in names})
 
 
-def eager_network(preset: Any, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+def eager_network(
+    preset: Any, state_dict: Mapping[str, torch.Tensor], members: int = 1
+) -> nn.Module:
     """The served form of a joint recipe (flip averaging when it says so) with these weights,
-    loaded strictly. `state_dict` holds the served module's keys or the bare network's."""
+    loaded strictly: one network, or with `members` > 1 the JointEnsemble of that many.
+    `state_dict` holds the served module's keys or the bare network's (ensemble's)."""
     from training.joint import build_model
 
-    model = build_model(preset, pretrained=False)
+    if members > 1:
+        model: nn.Module = JointEnsemble(
+            [build_model(preset, pretrained=False) for _ in range(members)]
+        )
+    else:
+        model = build_model(preset, pretrained=False)
     served: nn.Module = JointFlipAverage(model) if preset.flip_tta else model
     bare = not any(k.startswith("model.") for k in state_dict)
     (model if bare else served).load_state_dict(dict(state_dict), strict=True)
@@ -388,10 +412,12 @@ def eager_model(info: ArtifactInfo) -> tuple[nn.Module, Any]:
             f"export-onnx rebuilds joint diagnosis models only; {info.task} version "
             f"{info.version} is not one (its network would need its task's model builder)"
         )
-    preset = joint_preset(info.metadata.get("training") or {})
+    training = info.metadata.get("training") or {}
+    preset = joint_preset(training)
     scripted = inference.load_module(info)
     try:
-        return eager_network(preset, scripted.state_dict()), preset
+        members = int(training.get("ensemble_members") or 1)
+        return eager_network(preset, scripted.state_dict(), members), preset
     except RuntimeError as exc:  # load_state_dict: missing, unexpected or mis-shaped weights
         first = str(exc).strip().splitlines()[0][:300]
         raise ValueError(

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from shared import inference, models
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
-from shared.models.joint import JointFlipAverage, JointUNet
+from shared.models.joint import JointEnsemble, JointFlipAverage, JointUNet
 from shared.postprocessing import dice_iou
 from shared.preprocessing import Preprocessing
 from training import cli, distributed, engine
@@ -740,19 +740,21 @@ def joint_evaluation(
     intended_use: str | None = None,
 ) -> Evaluation:
     """What the finishing step exports and publishes for trained joint weights: the network
-    with the flip averaging baked in (and the calibration of --calibration) as `diagnosis`,
-    `metrics` in the manifest."""
+    (or a JointEnsemble of several) with the flip averaging baked in when the recipe says so
+    (and the calibration of --calibration) as `diagnosis`, `metrics` in the manifest."""
     calibration: dict[str, Any] = {}
     if args.calibration:
         from training.studies.calibration import manifest_fields
 
         # validated; see training.studies.calibration
         calibration = manifest_fields(args.calibration)
+    members = ensemble_size(model)
     return Evaluation(
         served=JointFlipAverage(model) if preset.flip_tta else model,
         example=torch.zeros((1, 3, preset.size, preset.size)),
         name=args.name or args.preset,
-        architecture=f"joint_unet_{preset.encoder}",
+        architecture=f"joint_unet_{preset.encoder}"
+        + (f"_ensemble_of_{members}" if members > 1 else ""),
         output={
             "type": "joint",
             "classes": {"type": "logits", "shape": [len(CLASS_NAMES)], **calibration},
@@ -764,9 +766,18 @@ def joint_evaluation(
         },
         metrics=metrics,
         extra=extra,
-        training={"flip_tta": preset.flip_tta, "n_images": n_images},
+        training={
+            "flip_tta": preset.flip_tta,
+            "n_images": n_images,
+            **({"ensemble_members": members} if members > 1 else {}),
+        },
         intended_use=intended_use,
     )
+
+
+def ensemble_size(model: nn.Module) -> int:
+    """How many networks `model` averages (1 unless it is a JointEnsemble)."""
+    return len(model.members) if isinstance(model, JointEnsemble) else 1
 
 
 def publish(

@@ -331,7 +331,7 @@ def sites_main(args: argparse.Namespace) -> dict[str, Any]:
         distributed.barrier()
         folds = load_site_folds(folds_file, samples)
     if args.max_per_class or args.smoke:
-        samples = _subset(samples, args.max_per_class or 3)
+        samples = subset_per_site_class(samples, args.max_per_class or 3)
     train_idx, test_idx = split_holdout(samples, args.holdout, folds)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -375,21 +375,21 @@ def sites_main(args: argparse.Namespace) -> dict[str, Any]:
         "figures": breakdown(rows, args.bootstrap),
         "bootstrap": {"resamples": args.bootstrap, "unit": "patient or near-duplicate group"},
     }
-    _write_json(output / "rows.json", {"holdout": args.holdout, "rows": rows})
-    _write_json(output / "result.json", result)
+    write_json(output / "rows.json", {"holdout": args.holdout, "rows": rows})
+    write_json(output / "result.json", result)
     torch.save(engine.cpu_state(model), output / "weights.pt")
     (output / engine.CHECKPOINT_NAME).unlink(missing_ok=True)
     for site, fig in result["figures"].items():
-        log.info("held out %s, site %s: %s", args.holdout, site, _brief(fig))
+        log.info("held out %s, site %s: %s", args.holdout, site, brief(fig))
     return result
 
 
-def _brief(fig: dict[str, Any]) -> str:
+def brief(fig: dict[str, Any]) -> str:
     keys = ("accuracy", "malignant_auc", "malignant_sensitivity", "lesion_dice")
     return ", ".join(f"{k} {fig[k]:.3f}" for k in keys if not math.isnan(fig[k]))
 
 
-def _subset(samples: list[Sample], n: int) -> list[Sample]:
+def subset_per_site_class(samples: list[Sample], n: int) -> list[Sample]:
     """The first `n` samples of each (site, class): a tiny data set with every site in it."""
     seen: Counter = Counter()
     out = []
@@ -403,11 +403,11 @@ def _subset(samples: list[Sample], n: int) -> list[Sample]:
 def write_site_folds(samples: list[Sample], path: Path, k: int = 5) -> dict[str, Any]:
     document = make_site_folds(samples, k)
     document["fingerprint"] = data_fingerprint(samples)
-    _write_json(Path(path), document, indent=1)
+    write_json(Path(path), document, indent=1)
     return document
 
 
-def _write_json(path: Path, document: Any, indent: int | None = None) -> None:
+def write_json(path: Path, document: Any, indent: int | None = None) -> None:
     """Write atomically: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -506,7 +506,7 @@ def recipe_table(results: list[dict[str, Any]]) -> list[str]:
 
 def render_sites_report(results: list[dict[str, Any]]) -> str:
     """Markdown: held-out sites first, then scanners, then folds; per site scored."""
-    order = {"site": 0, "device": 1, "fold": 2}
+    order = {"site": 0, "device": 1, "fold": 2, "folds": 3}
     results = sorted(
         results, key=lambda r: (order.get(r["holdout"].split(":")[0], 9), r["holdout"])
     )
@@ -522,8 +522,10 @@ def render_sites_report(results: list[dict[str, Any]]) -> str:
         "Each column is one run of `python -m training sites`: the recipe trained on every image "
         "except those held out (a site, a scanner or a fold), scored on the held-out images of "
         "the site named. 95% percentile intervals resample patients (BUS-BRA) or near-duplicate "
-        "groups (BUSI). Class decisions are the argmax of the flip-averaged probabilities, the "
-        "operating point the service answers with.",
+        "groups (BUSI). Class decisions are the argmax of the probabilities (flip-averaged "
+        "where the recipe says so), the operating point the service answers with. A "
+        "`folds:` column pools a recipe's fold runs: every image scored by the fold model that "
+        "did not train on it (`python -m training sites-ensemble`).",
         "",
         *recipe_table(results),
         "| figure | " + " | ".join(f"{head(r)} → {site}" for r, site in columns) + " |",
@@ -612,7 +614,7 @@ def report_main(args: argparse.Namespace) -> Path:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_sites_report(results))
-    _write_json(output.with_suffix(".json"), results, indent=1)
+    write_json(output.with_suffix(".json"), results, indent=1)
     return output
 
 
@@ -647,11 +649,14 @@ def manifest_metrics(run: Path, results: list[dict[str, Any]], n_resamples: int)
     site and scanner figures of the recipe first (other runs of the same recipe), then this very
     model's figures per site on the fold it did not train on, and, as the gate's headline
     (`cross_validation.plain`), that fold pooled over the sites."""
+    from training.ensemble import is_ensemble
     from training.joint import summarise
 
     shipped = json.loads((Path(run) / "result.json").read_text())
     rows = json.loads((Path(run) / "rows.json").read_text())["rows"]
-    same_recipe = [r for r in results if r["recipe"] == shipped["recipe"]]
+    # an ensemble serves its members without the flip averaging their runs were scored with:
+    # the held-out sites' runs are this recipe's whatever their flip averaging
+    same_recipe = [r for r in results if _training_recipe(r) == _training_recipe(shipped)]
     held_sites = {
         r["holdout"].split(":", 1)[1]: {
             **{site: _public(f) for site, f in r["figures"].items()},
@@ -668,12 +673,25 @@ def manifest_metrics(run: Path, results: list[dict[str, Any]], n_resamples: int)
         for r in same_recipe
         if r["holdout"].startswith("device:")
     }
+    if is_ensemble(shipped):
+        members = shipped["ensemble"]
+        sites_note = (
+            f"sites: the recipe's {members['members']}-fold cross-validation, every image scored "
+            "by the one fold model (member of this ensemble) that did not train on it, "
+            f"{'with' if members['flip_tta'] else 'without'} flip averaging as served, per site; "
+            "the ensemble averages those members, so no held-out figure of the ensemble itself "
+            "exists; held_out_sites and held_out_scanners are single networks of the recipe"
+        )
+    else:
+        sites_note = (
+            f"sites: this model scored on the images of {shipped['holdout']} that it did not "
+            "train on, per site"
+        )
     return {
         "kind": "site-held-out",
         "note": (
             "held_out_sites: the recipe trained without a site, scored on it (read these "
-            "first: they are what a new hospital can expect); sites: this model scored on the "
-            f"images of {shipped['holdout']} that it did not train on, per site; "
+            f"first: they are what a new hospital can expect); {sites_note}; "
             "cross_validation.plain: the same images pooled. 95% intervals resample patients "
             "or near-duplicate groups."
         ),
@@ -693,15 +711,23 @@ def manifest_metrics(run: Path, results: list[dict[str, Any]], n_resamples: int)
     }
 
 
+def _training_recipe(result: dict[str, Any]) -> dict[str, Any]:
+    """A run's recipe less what only changes how its model is scored (flip averaging)."""
+    return {k: v for k, v in result["recipe"].items() if k != "flip_tta"}
+
+
 def publish_main(args: argparse.Namespace) -> dict[str, Any]:
     """Publish the model of a `sites` run (its weights.pt) as a `diagnosis` candidate whose
     manifest carries the site-held-out figures of `--report` and its own per-site figures."""
+    from shared.models.joint import JointEnsemble
+    from training.ensemble import is_ensemble
     from training.joint import build_model, publish, resolve_preset
 
     run = Path(args.run)
     shipped = json.loads((run / "result.json").read_text())
     args.preset, args.smoke = shipped["preset"], bool(shipped.get("smoke"))
     args.seed = shipped["seed"]
+    args.no_flip_tta = not shipped["recipe"]["flip_tta"]
     preset = resolve_preset(args)
     if asdict(preset) != shipped["recipe"]:
         raise ValueError("the run's recipe differs from its preset's: publish with the same code")
@@ -709,13 +735,18 @@ def publish_main(args: argparse.Namespace) -> dict[str, Any]:
     holdout = shipped["holdout"]
     folds = load_site_folds(args.split_file, samples) if holdout.startswith("fold:") else None
     if shipped.get("max_per_class"):
-        samples = _subset(samples, int(shipped["max_per_class"]))
-    train_idx, _ = split_holdout(samples, holdout, folds)
-    trained_on = [samples[i] for i in train_idx]
+        samples = subset_per_site_class(samples, int(shipped["max_per_class"]))
+    if is_ensemble(shipped):  # every image trained all members but one
+        trained_on = samples
+    else:
+        train_idx, _ = split_holdout(samples, holdout, folds)
+        trained_on = [samples[i] for i in train_idx]
     if describe(trained_on) != shipped["trained_on"]:
         raise ValueError("the data folders are not the ones the run trained on")
     engine.configure_threads(args.threads)
-    model = build_model(preset, pretrained=False)
+    n_members = int(shipped.get("ensemble", {}).get("members", 1))
+    networks = [build_model(preset, pretrained=False) for _ in range(n_members)]
+    model = JointEnsemble(networks) if is_ensemble(shipped) else networks[0]
     model.load_state_dict(torch.load(run / "weights.pt", map_location="cpu", weights_only=True))
     model.eval()
     history = engine.History.from_dict(shipped["history"])

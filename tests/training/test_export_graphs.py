@@ -92,3 +92,52 @@ def test_the_feature_check_evaluation_holds_or_says_why():
     refused = evaluate_feature_check(features, sites, folds, near, ["synthetic"] * 30)
     assert not refused["holds"]
     assert any("AUROC" in reason for reason in refused["refusals"])
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_an_ensemble_exports_its_members_mean_and_their_features_side_by_side(flip):
+    from dataclasses import replace
+
+    from shared.models.joint import JointEnsemble
+
+    preset = replace(PRESET, flip_tta=flip)
+    torch.manual_seed(1)
+    nets = [joint.build_model(preset, False) for _ in range(2)]
+    state = JointEnsemble(nets).state_dict()
+    served = export_onnx.eager_network(preset, state, members=2)
+    singles = [export_onnx.eager_network(preset, net.state_dict()) for net in nets]
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        outs = [single(x) for single in singles]
+        classes, masks = served(x)
+        torch.testing.assert_close(classes, 0.5 * (outs[0][0] + outs[1][0]))
+        torch.testing.assert_close(masks, 0.5 * (outs[0][1] + outs[1][1]))
+        cut = export_onnx.ServedGraph(served, GRAPH_CLASSIFY)
+        one = export_onnx.ServedGraph(singles[0], GRAPH_CLASSIFY)
+        features = cut.features(torch.randn(40, 3, 64, 64)).numpy()
+        width = one.features(x).shape[1]
+        assert features.shape == (40, 2 * width)  # each member's pooled features, side by side
+        torch.testing.assert_close(cut.features(x)[:, :width], one.features(x))
+    rng = np.random.default_rng(0)
+    detector = FeatureOodDetector.fit(features + rng.normal(0, 1e-3, features.shape))
+    full = export_onnx.ServedGraph(served, "full", detector)
+    cut = export_onnx.ServedGraph(served, GRAPH_CLASSIFY, detector)
+    with torch.inference_mode():
+        full_out, cut_out = full(x), cut(x)
+        expected = detector.scores(cut.features(x).numpy())
+    torch.testing.assert_close(full_out[0], classes)
+    torch.testing.assert_close(cut_out[0], classes, rtol=0, atol=1e-5)
+    assert np.allclose(full_out[2].numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert np.allclose(cut_out[1].numpy(), expected, rtol=1e-4, atol=1e-4)
+    session = ort.InferenceSession(export_onnx.export_onnx(full, torch.zeros((1, 3, 64, 64))))
+    got = session.run(None, {"x": x.numpy()})
+    assert np.allclose(got[0], classes.numpy(), atol=1e-4)
+    assert np.allclose(got[1], masks.numpy(), atol=1e-3)
+
+
+def test_an_ensemble_of_self_averaging_members_is_refused():
+    from shared.models.joint import JointEnsemble, JointFlipAverage
+
+    members = [JointFlipAverage(joint.build_model(PRESET, False)) for _ in range(2)]
+    with pytest.raises(ValueError, match="as a whole"):
+        export_onnx.ServedGraph(JointEnsemble(members), GRAPH_CLASSIFY)
