@@ -16,6 +16,20 @@ site and per scanner, with intervals over patients or near-duplicate groups. It 
 and `python -m training sites-publish --run <output>` publishes the ensemble as one `diagnosis`
 model whose per-site figures are those pooled out-of-fold ones. No figure of the ensemble itself
 on these images exists: every image trained all members but one.
+
+What ships, decided on 2026-12-05 while folds 1-4 of joint-sites-zoom-lite0 were still training,
+before any of their figures existed: the five fold models as one ensemble, without flip
+averaging, replace the single fold-0 model if
+
+1. every member trained: each site's malignant AUC on the member's own fold is at least 0.80;
+2. export-onnx's validation holds (runtime agreement, the quality check's floors on both sites);
+3. the bench's bare /diagnose forward in ONNX Runtime stays within 60 ms on the 2-core machine.
+
+Why without flip averaging: the five members' forward with it measured 5.3x one flip-averaged
+network, without it 2.6x (about 90 and 45 ms on an idle machine): only the latter fits 60 ms, and
+five networks trained on different fifths already average away more variance than a mirror does.
+The pooled out-of-fold figures are reported, not used to choose between the ensemble and the
+fold-0 model: the ensemble has no held-out figures of its own to compare with.
 """
 
 from __future__ import annotations
