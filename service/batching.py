@@ -77,6 +77,7 @@ class BatchingConfig:
     precision: Precision = "fp32"
     freeze: bool = False
     spin_us: int = 0  # ONNX Runtime: a lone forward's idle threads spin this long (0: never)
+    onnx_arena: bool = True  # ONNX Runtime: keep a session's buffers between forwards
 
 
 class InFlight:

@@ -189,6 +189,7 @@ def load_model(
     runtime: str = "auto",
     threads: tuple[int, ...] = (),
     spin_us: int = 0,
+    arena: bool = True,
 ) -> LoadedModel:
     """Load a verified artifact on the CPU, check it against its manifest and warm it up.
 
@@ -197,7 +198,8 @@ def load_model(
     manifest carries a validated model.onnx runs its forwards in ONNX Runtime, with a session
     for each of `threads` (default: torch's thread count) whose idle threads sleep between
     operators, and with `spin_us`, one more for `threads[0]` (a lone request's forward) whose
-    idle threads spin that many microseconds first (service.batching). Raises
+    idle threads spin that many microseconds first (service.batching); `arena=False` frees a
+    forward's buffers when it ends (INFERENCE_ONNX_ARENA, shared.onnx_runtime). Raises
     ArtifactIntegrityError when the manifest is inconsistent, the file is not TorchScript, or a
     forward fails or returns another shape than the manifest declares.
     """
@@ -210,9 +212,9 @@ def load_model(
     onnx = classify = None
     if runtime != RUNTIME_TORCHSCRIPT:
         threads = threads or (default_threads(),)
-        onnx = _onnx_forward(info, lock, threads, runtime, spin_us)
+        onnx = _onnx_forward(info, lock, threads, runtime, spin_us, arena)
         if onnx is not None:
-            classify = _classify_forward(info, onnx, lock, threads, spin_us)
+            classify = _classify_forward(info, onnx, lock, threads, spin_us, arena)
     module = None
     if onnx is None:
         module = _torchscript_module(info, lock)
@@ -250,6 +252,7 @@ def _onnx_forward(
     threads: tuple[int, ...],
     runtime: str,
     spin_us: int = 0,
+    arena: bool = True,
 ) -> OnnxSessions | None:
     """model.onnx in ONNX Runtime when the artifact carries one that holds and agrees with
     model.pt; None (TorchScript serves) otherwise, logged when it is not the expected case.
@@ -281,7 +284,7 @@ def _onnx_forward(
     try:
         # spinning off but where a forward asks for it: an idle intra-op thread would
         # busy-wait on the cores the HTTP work needs
-        forward = _sessions(info.runtime_path(variant), threads, spin_us, shape, lock)
+        forward = _sessions(info.runtime_path(variant), threads, spin_us, arena, shape, lock)
         with lock or _NO_LOCK:
             outputs = forward.run(np.zeros((1, *shape), np.float32), threads[0])
         expected = [(1, *s) for s in manifest.output.shapes]
@@ -315,12 +318,15 @@ def _sessions(
     path: Path,
     threads: tuple[int, ...],
     spin_us: int,
+    arena: bool,
     shape: tuple[int, ...],
     lock: threading.Lock | None,
 ) -> OnnxSessions:
     """The ONNX file's sessions for `threads`, and with `spin_us` the spinning one for
     `threads[0]`, warmed up by one forward (its first allocates its buffers)."""
-    forward = OnnxSessions.from_file(path, threads, spinning=False, spin_us=spin_us or None)
+    forward = OnnxSessions.from_file(
+        path, threads, spinning=False, spin_us=spin_us or None, arena=arena
+    )
     if spin_us:
         with lock or _NO_LOCK:
             forward.run(np.zeros((1, *shape), np.float32), threads[0], spinning=True)
@@ -333,6 +339,7 @@ def _classify_forward(
     lock: threading.Lock | None,
     threads: tuple[int, ...],
     spin_us: int = 0,
+    arena: bool = True,
 ) -> OnnxSessions | None:
     """classify.onnx when the artifact carries one that holds and gives model.onnx's class
     logits (and quality score) on the warm-up inputs; None (logged) otherwise: the full graph
@@ -350,7 +357,7 @@ def _classify_forward(
         return None
     try:
         shape = info.manifest.input.shape
-        forward = _sessions(info.runtime_path(variant), threads, spin_us, shape, lock)
+        forward = _sessions(info.runtime_path(variant), threads, spin_us, arena, shape, lock)
         wanted = forward.output_names
         worst = 0.0
         for batch in (np.zeros((2, *shape), np.float32), example_input(shape, 2)):
@@ -699,9 +706,14 @@ class ModelRegistry:
         """Load `info` and make it serve `task`; False (counted, logged) when it fails."""
         started = time.perf_counter()
         try:
-            spin_us = self.batcher.config.spin_us if self.batcher is not None else 0
+            config = self.batcher.config if self.batcher is not None else BatchingConfig()
             model = load_model(
-                info, self.inference_lock, self.inference_runtime, self._forward_threads(), spin_us
+                info,
+                self.inference_lock,
+                self.inference_runtime,
+                self._forward_threads(),
+                config.spin_us,
+                config.onnx_arena,
             )
         except ArtifactError as exc:
             self._refused[task].add((info.version, info.sha256))

@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         "operator before it sleeps; every such forward's end stops the spinning. Forwards beside "
         "other work never spin (it would take the cores that work needs); 0: none spins",
     )
+    INFERENCE_ONNX_ARENA: bool = Field(
+        True,
+        description="ONNX Runtime only: keep each session's buffers in its CPU arena between "
+        "forwards (the peak of the largest batch it ran, per session); false frees them when "
+        "a forward ends, for less resident memory",
+    )
     CLASSIFICATION_VERSION: str = Field(
         "", description="Pinned classification version; empty serves the promoted one"
     )

@@ -126,11 +126,13 @@ class ShadowScorer:
         context = {"task": self.task, "version": self.version}
         try:
             info = verify_artifact(self.registry.model_dir, self.task, self.version)
+            batcher = self.registry.batcher
             self.candidate = load_model(
                 info,
                 self.registry.inference_lock,
                 self.registry.inference_runtime,
                 self.registry._forward_threads(),
+                arena=batcher.config.onnx_arena if batcher is not None else True,
             )
         except ArtifactError as exc:
             log.error(

@@ -86,4 +86,5 @@ def batching_config(settings: Settings) -> BatchingConfig:
         precision=settings.INFERENCE_PRECISION,
         freeze=settings.INFERENCE_FREEZE,
         spin_us=settings.INFERENCE_SPIN_US,
+        onnx_arena=settings.INFERENCE_ONNX_ARENA,
     )

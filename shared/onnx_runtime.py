@@ -44,8 +44,11 @@ class OnnxSessions:
     many microseconds for the next operator before they sleep, and stop spinning when the forward
     ends (ONNX Runtime's session.intra_op.spin_duration_us, 1.26 and later, and
     session.force_spinning_stop); without it, onnxruntime's own spinning, which goes on for a
-    while after a forward. Raises ImportError when onnxruntime is not installed and
-    onnxruntime's own errors for a file it cannot load.
+    while after a forward. `arena=False` frees each forward's buffers when it ends instead of
+    keeping them in onnxruntime's CPU arena for the next (SessionOptions.enable_cpu_mem_arena):
+    the arena keeps the peak of the largest batch a session ever ran, per session. Raises
+    ImportError when onnxruntime is not installed and onnxruntime's own errors for a file it
+    cannot load.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class OnnxSessions:
         threads: Iterable[int] = (),
         spinning: bool = True,
         spin_us: int | None = None,
+        arena: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -61,6 +65,7 @@ class OnnxSessions:
         self._model = model
         self._spinning = spinning
         self._spin_us = spin_us
+        self._arena = arena
         self._sessions: dict[tuple[int, bool], tuple[Any, str]] = {}
         self.version: str = ort.__version__
         for count in threads:
@@ -73,9 +78,10 @@ class OnnxSessions:
         threads: Iterable[int] = (),
         spinning: bool = True,
         spin_us: int | None = None,
+        arena: bool = True,
     ) -> OnnxSessions:
         """The ONNX file at `path`. Raises OSError when it cannot be read."""
-        return cls(Path(path).read_bytes(), threads, spinning, spin_us)
+        return cls(Path(path).read_bytes(), threads, spinning, spin_us, arena)
 
     @property
     def thread_counts(self) -> list[int]:
@@ -97,6 +103,7 @@ class OnnxSessions:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.enable_cpu_mem_arena = self._arena
             if not spins:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             elif self._spin_us is not None:

@@ -15,6 +15,7 @@ from test_joint_model import TinyJoint, frame_with_lesion, joint_metadata
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 from shared.labels import TASK_DIAGNOSIS
+from shared.onnx_runtime import OnnxSessions
 from shared.promotion import GateFloors, promote
 from shared.store import publish_artifact
 from shared.variants import RUNTIME_ONNX
@@ -187,5 +188,25 @@ def test_a_lone_forward_spins_in_its_own_session_with_the_same_answers(onnx_dir)
     assert config_entry(spinning, "session.force_spinning_stop") == "1"  # none after a forward
     x = np.random.default_rng(2).normal(0.5, 0.3, (1, 3, 64, 64)).astype(np.float32)
     for ours, theirs in zip(sessions.run(x, 2, spinning=True), sessions.run(x, 2), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    registry.batcher.stop()
+
+
+@pytest.mark.parametrize("arena", [True, False])
+def test_the_arena_setting_reaches_every_session_and_changes_no_answer(onnx_dir, arena):
+    from service.batching import Batcher, BatchingConfig
+
+    metrics = ServiceMetrics()
+    registry = ModelRegistry(onnx_dir, {}, metrics, tasks=(TASK_DIAGNOSIS,))
+    config = BatchingConfig(threads_alone=2, threads_batched=1, spin_us=150, onnx_arena=arena)
+    registry.batcher = Batcher(config, metrics, registry.inference_lock)
+    registry.refresh()
+    model = registry.get(TASK_DIAGNOSIS)
+    sessions = model.onnx
+    made = [sessions.session(2)[0], sessions.session(1)[0], sessions.session(2, spinning=True)[0]]
+    assert [s.get_session_options().enable_cpu_mem_arena for s in made] == [arena] * 3
+    x = np.random.default_rng(3).normal(0.5, 0.3, (1, 3, 64, 64)).astype(np.float32)
+    reference = OnnxSessions.from_file(model.info.path / "model.onnx", arena=not arena)
+    for ours, theirs in zip(sessions.run(x, 2), reference.run(x, 2), strict=True):
         np.testing.assert_array_equal(ours, theirs)
     registry.batcher.stop()
