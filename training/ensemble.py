@@ -57,6 +57,7 @@ from training.sites import (
     score,
     split_holdout,
     subset_per_site_class,
+    training_recipe,
     write_json,
 )
 
@@ -87,9 +88,11 @@ def check_members(results: list[dict[str, Any]], n_folds: int) -> list[int]:
         folds.append(int(k))
     first = results[0]
     for r in results[1:]:
-        for key in ("preset", "recipe", "seed", "smoke", "max_per_class"):
+        for key in ("preset", "seed", "smoke", "max_per_class"):
             if r.get(key) != first.get(key):
                 raise ValueError(f"the runs differ in {key}: members are one recipe's fold runs")
+        if training_recipe(r) != training_recipe(first):
+            raise ValueError("the runs differ in recipe: members are one recipe's fold runs")
     if sorted(folds) != list(range(n_folds)):
         raise ValueError(
             f"the runs hold out folds {sorted(folds)}; the fold file has folds 0-{n_folds - 1} "

@@ -656,7 +656,7 @@ def manifest_metrics(run: Path, results: list[dict[str, Any]], n_resamples: int)
     rows = json.loads((Path(run) / "rows.json").read_text())["rows"]
     # an ensemble serves its members without the flip averaging their runs were scored with:
     # the held-out sites' runs are this recipe's whatever their flip averaging
-    same_recipe = [r for r in results if _training_recipe(r) == _training_recipe(shipped)]
+    same_recipe = [r for r in results if training_recipe(r) == training_recipe(shipped)]
     held_sites = {
         r["holdout"].split(":", 1)[1]: {
             **{site: _public(f) for site, f in r["figures"].items()},
@@ -711,9 +711,14 @@ def manifest_metrics(run: Path, results: list[dict[str, Any]], n_resamples: int)
     }
 
 
-def _training_recipe(result: dict[str, Any]) -> dict[str, Any]:
-    """A run's recipe less what only changes how its model is scored (flip averaging)."""
-    return {k: v for k, v in result["recipe"].items() if k != "flip_tta"}
+def training_recipe(result: dict[str, Any]) -> dict[str, Any]:
+    """What a run's model was trained with: its preset with the recipe it recorded, every field
+    (a run recorded before a field existed trained with that field's preset value), less what
+    only changes how the model is scored (flip averaging) and the description."""
+    from training.export_onnx import joint_preset
+
+    recipe = asdict(joint_preset({"preset": result["preset"], "recipe": result["recipe"]}))
+    return {k: v for k, v in recipe.items() if k not in ("flip_tta", "description")}
 
 
 def publish_main(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from training.ensemble import check_members, ensemble_holdout, is_ensemble
 
 
 def _run(holdout: str, recipe: dict | None = None, seed: int = 0) -> dict:
-    return {"holdout": holdout, "preset": "p", "recipe": recipe or {"size": 64}, "seed": seed}
+    recipe = recipe or {"size": 64}
+    return {"holdout": holdout, "preset": "joint-smoke", "recipe": recipe, "seed": seed}
 
 
 def test_members_are_one_recipes_fold_runs_one_per_fold():
@@ -29,6 +30,10 @@ def test_members_are_one_recipes_fold_runs_one_per_fold():
         check_members([_run("site:busi"), _run("fold:0")], 2)
     with pytest.raises(ValueError, match="differ in recipe"):
         check_members([_run("fold:0"), _run("fold:1", {"size": 96})], 2)
+    # recorded before a field existed: trained with the preset's value of it, the same recipe
+    assert check_members([_run("fold:0"), _run("fold:1", {"size": 64, "zoom_p": 0.0})], 2)
+    # scored with or without the mirror: the same trained recipe
+    assert check_members([_run("fold:0"), _run("fold:1", {"size": 64, "flip_tta": False})], 2)
     with pytest.raises(ValueError, match="differ in seed"):
         check_members([_run("fold:0"), _run("fold:1", seed=1)], 2)
     with pytest.raises(ValueError, match="exactly one member"):
