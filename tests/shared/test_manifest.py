@@ -60,7 +60,7 @@ def test_shipped_manifests_expose_their_typed_fields():
     assert joint.output.classes.calibration.calibrated
     assert joint.class_names == CLASS_NAMES
     figures = joint.headline_figures
-    assert figures.source == "cross_validation" and figures.n_images == 500
+    assert figures.source == "cross_validation" and figures.n_images == 2498  # 5 folds pooled
     assert joint.training.preset == "joint-sites-zoom-lite0" and joint.training.epochs == 8
     segmenter = by_task[TASK_SEGMENTATION]
     assert segmenter.output.mask.threshold == 0.5 and segmenter.output.classes is None
