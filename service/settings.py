@@ -136,7 +136,7 @@ class Settings(BaseSettings):
         "arithmetic, validated by bench/precision.py); false serves the TorchScript as loaded",
     )
     INFERENCE_SPIN_US: int = Field(
-        200,
+        0,
         ge=0,
         le=100_000,
         description="ONNX Runtime only: in the forward of a lone request while no other request "
