@@ -25,6 +25,8 @@
     python -m training sites-ensemble --runs F0 .. F4 --data-path D1 D2  a recipe's fold runs as
                                                              one ensemble, their pooled figures
     python -m training normal-decision --runs R1 R2 ...     class head or mask head decides normal
+    python -m training ensemble-gain --runs R1 R2 ...       seeds' networks on a held-out site,
+                                                             alone and averaged
 
 Each command's own `--help` lists its flags and their defaults. The training commands (classify,
 segment, cv, fit, oof) share one set of flags (training.cli: --preset, --data-path, --split-file,
@@ -69,6 +71,7 @@ COMMANDS = (
     "sites-publish",
     "sites-ensemble",
     "normal-decision",
+    "ensemble-gain",
 )
 
 
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         from training import drift_reference
 
         return drift_reference.main(rest)
+    elif command == "ensemble-gain":
+        from training.studies import ensemble_gain
+
+        print(ensemble_gain.main(rest))
     elif command in ("calibrate", "ood", "shortcuts", "normal-decision"):
         from training.studies import calibration, normal_decision, ood, shortcuts
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from synthetic_busi import write_busi_folder
@@ -104,3 +105,51 @@ def test_fold_runs_make_an_ensemble_that_publishes_and_rebuilds(tmp_path):
     with torch.inference_mode():
         for rebuilt, shipped in zip(eager(x), scripted(x), strict=True):
             torch.testing.assert_close(rebuilt, shipped)
+
+
+def _softmax(logits: list[float]) -> list[float]:
+    z = np.exp(np.asarray(logits, dtype=float))
+    return (z / z.sum()).tolist()
+
+
+def _seed_run(folder, seed: int, logits: dict[str, list[float]], recipe: dict | None = None):
+    folder.mkdir(parents=True)
+    result = _run("site:bus-bra", recipe, seed)
+    (folder / "result.json").write_text(json.dumps(result))
+    labels = {"a": 2, "b": 1, "c": 2, "d": 1}
+    rows = [
+        {"key": k, "label": labels[k], "site": "bus-bra", "device": "GE Logiq 5",
+         "group": f"bus-bra:{k}", "logits": v, "probs": _softmax(v), "dice": 0.5,
+         "mask_pixels": 1}
+        for k, v in logits.items()
+    ]  # fmt: skip
+    (folder / "rows.json").write_text(json.dumps({"rows": rows}))
+    return folder
+
+
+def test_ensemble_gain_scores_the_mean_of_the_seeds_logits(tmp_path):
+    from training.studies import ensemble_gain
+
+    one = {"a": [0, 2, 1], "b": [0, 0, 3], "c": [0, 0, 4], "d": [0, 4, 0]}
+    two = {"a": [0, 0, 4], "b": [0, 4, 0], "c": [0, 0, 2], "d": [0, 1, 2]}
+    runs = [_seed_run(tmp_path / "s0", 0, one), _seed_run(tmp_path / "s1", 1, two)]
+    report = ensemble_gain.ensemble_gain(runs, n_resamples=0)
+    alone = [r["figures"]["bus-bra"]["accuracy"] for r in report["runs"]]
+    assert alone == [0.5, 0.75]  # seed 0 misses a and b; seed 1 misses d
+    # the mean of the logits: a [0, 1, 2.5] malignant, b [0, 2, 1.5] benign, c malignant,
+    # d [0, 2.5, 1] benign: every image right
+    assert report["average"]["bus-bra"]["accuracy"] == 1.0
+    averaged = ensemble_gain.average_rows([json.loads((r / "rows.json").read_text())["rows"]
+                                           for r in runs])  # fmt: skip
+    assert [r["logits"] for r in averaged if r["key"] == "a"] == [[0.0, 1.0, 2.5]]
+    out = tmp_path / "gain.md"
+    argv = ["ensemble-gain", "--runs", *map(str, runs), "--output", str(out), "--bootstrap", "10"]
+    assert training_main(argv) == 0
+    assert "mean of the 2" in out.read_text() and out.with_suffix(".json").is_file()
+
+    with pytest.raises(ValueError, match="share a seed"):
+        ensemble_gain.ensemble_gain([runs[0], _seed_run(tmp_path / "s0b", 0, two)], 0)
+    with pytest.raises(ValueError, match="different recipes"):
+        ensemble_gain.ensemble_gain([runs[0], _seed_run(tmp_path / "s2", 2, two, {"size": 96})], 0)
+    with pytest.raises(ValueError, match="different images"):
+        ensemble_gain.ensemble_gain([runs[0], _seed_run(tmp_path / "s3", 3, {"a": [0, 0, 1]})], 0)
