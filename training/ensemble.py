@@ -182,10 +182,10 @@ def ensemble_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m training sites-ensemble",
-        description="The fold runs of one recipe as one ensemble: their pooled out-of-fold "
-        "figures per site, and the ensemble's weights for sites-publish",
+    parser = cli.command_parser(
+        "sites-ensemble",
+        "The fold runs of one recipe as one ensemble: their pooled out-of-fold figures per "
+        "site, and the ensemble's weights for sites-publish",
     )
     parser.add_argument(
         "--runs", type=Path, nargs="+", required=True, help="the fold:<k> run folders"

@@ -206,15 +206,15 @@ class ServedGraph(nn.Module):
     def _average(self, t: torch.Tensor, n: int) -> torch.Tensor:
         return 0.5 * (t[:n] + t[n:]) if self._flip else t
 
-    def _both(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, torch.flip(x, dims=[-1])], dim=0) if self._flip else x
+    def _pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each network's pooled deepest encoder features of x (and its mirror when served so)."""
+        both = torch.cat([x, torch.flip(x, dims=[-1])], dim=0) if self._flip else x
+        return [net.encoder(both)[-1].mean(dim=(2, 3)) for net in self._nets]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) pooled deepest encoder features (each member's, side by side), averaged over
         the mirror when served so."""
-        both = self._both(x)
-        pooled = [net.encoder(both)[-1].mean(dim=(2, 3)) for net in self._nets]
-        return self._average(torch.cat(pooled, dim=1), x.shape[0])
+        return self._average(torch.cat(self._pooled(x), dim=1), x.shape[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = x.shape[0]
@@ -227,8 +227,7 @@ class ServedGraph(nn.Module):
                 self._deepest.clear()
                 outputs += (self.quality(self._average(deepest, n)),)
             return outputs
-        both = self._both(x)
-        pooled = [net.encoder(both)[-1].mean(dim=(2, 3)) for net in self._nets]
+        pooled = self._pooled(x)
         # the class head as JointUNet applies it (its dropout is the identity in eval mode),
         # averaged over the members as JointEnsemble averages them
         logits = [net.classifier(net.dropout(p)) for net, p in zip(self._nets, pooled, strict=True)]
@@ -386,14 +385,9 @@ def eager_network(
     """The served form of a joint recipe (flip averaging when it says so) with these weights,
     loaded strictly: one network, or with `members` > 1 the JointEnsemble of that many.
     `state_dict` holds the served module's keys or the bare network's (ensemble's)."""
-    from training.joint import build_model
+    from training.joint import build_networks
 
-    if members > 1:
-        model: nn.Module = JointEnsemble(
-            [build_model(preset, pretrained=False) for _ in range(members)]
-        )
-    else:
-        model = build_model(preset, pretrained=False)
+    model = build_networks(preset, members)
     served: nn.Module = JointFlipAverage(model) if preset.flip_tta else model
     bare = not any(k.startswith("model.") for k in state_dict)
     (model if bare else served).load_state_dict(dict(state_dict), strict=True)

@@ -333,6 +333,14 @@ def build_model(preset: JointPreset, pretrained: bool) -> JointUNet:
     )
 
 
+def build_networks(preset: JointPreset, members: int = 1) -> nn.Module:
+    """The recipe's network without pretrained weights, for weights to be loaded into: one
+    JointUNet, or with `members` > 1 the JointEnsemble of that many."""
+    if members > 1:
+        return JointEnsemble([build_model(preset, pretrained=False) for _ in range(members)])
+    return build_model(preset, pretrained=False)
+
+
 def _collate(batch: list) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     xs, targets = zip(*batch, strict=True)
     labels, masks = zip(*targets, strict=True)

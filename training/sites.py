@@ -724,9 +724,8 @@ def training_recipe(result: dict[str, Any]) -> dict[str, Any]:
 def publish_main(args: argparse.Namespace) -> dict[str, Any]:
     """Publish the model of a `sites` run (its weights.pt) as a `diagnosis` candidate whose
     manifest carries the site-held-out figures of `--report` and its own per-site figures."""
-    from shared.models.joint import JointEnsemble
     from training.ensemble import is_ensemble
-    from training.joint import build_model, publish, resolve_preset
+    from training.joint import build_networks, publish, resolve_preset
 
     run = Path(args.run)
     shipped = json.loads((run / "result.json").read_text())
@@ -750,8 +749,7 @@ def publish_main(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("the data folders are not the ones the run trained on")
     engine.configure_threads(args.threads)
     n_members = int(shipped.get("ensemble", {}).get("members", 1))
-    networks = [build_model(preset, pretrained=False) for _ in range(n_members)]
-    model = JointEnsemble(networks) if is_ensemble(shipped) else networks[0]
+    model = build_networks(preset, n_members)
     model.load_state_dict(torch.load(run / "weights.pt", map_location="cpu", weights_only=True))
     model.eval()
     history = engine.History.from_dict(shipped["history"])

@@ -17,7 +17,6 @@ chooses nothing: what ships was decided before it ran (training/ensemble.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.postprocessing import softmax
+from training import cli
 from training.sites import figure_cell, figures_with_intervals, training_recipe, write_json
 
 CLASS_FIGURES = (
@@ -33,11 +34,6 @@ CLASS_FIGURES = (
     ("malignant_sensitivity", "malignant sensitivity"),
     ("lesion_called_normal", "lesions called normal"),
 )
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
 
 
 def average_rows(runs_rows: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -55,7 +51,7 @@ def average_rows(runs_rows: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             {
                 **{k: first[k] for k in ("key", "label", "site", "device", "group")},
                 "logits": [round(float(v), 5) for v in logits],
-                "probs": [round(float(v), 6) for v in _softmax(logits)],
+                "probs": [round(float(v), 6) for v in softmax(logits)],
                 "dice": math.nan,
                 "mask_pixels": 0,
             }
@@ -124,9 +120,9 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> Path:
-    parser = argparse.ArgumentParser(
-        prog="python -m training ensemble-gain",
-        description="Class figures of several seeds' networks on one holdout, and of their mean",
+    parser = cli.command_parser(
+        "ensemble-gain",
+        "Class figures of several seeds' networks on one holdout, and of their mean",
     )
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="sites run folders")
     parser.add_argument(
