@@ -25,8 +25,9 @@ averaging, replace the single fold-0 model if
 2. export-onnx's validation holds (runtime agreement, the quality check's floors on both sites);
 3. the bench's bare /diagnose forward in ONNX Runtime stays within 60 ms on the 2-core machine.
 
-Why without flip averaging: the five members' forward with it measured 5.3x one flip-averaged
-network, without it 2.6x (about 90 and 45 ms on an idle machine): only the latter fits 60 ms, and
+Why without flip averaging: in a throwaway timing of five random-weight Lite0 networks (under
+training load, not a bench), their forward with it took 5.3x one flip-averaged network and
+without it 2.6x (about 90 and 45 ms on an idle machine): only the latter fits 60 ms, and
 five networks trained on different fifths already average away more variance than a mirror does.
 The pooled out-of-fold figures are reported, not used to choose between the ensemble and the
 fold-0 model: the ensemble has no held-out figures of its own to compare with.
