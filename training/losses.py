@@ -4,6 +4,8 @@
   `segmentation_loss(name)` picks theirs by name);
 - `JointLoss`: class-weighted, label-smoothed cross-entropy + mask_weight * (BCE + soft Dice)
   (the joint recipes);
+- `SiteAdversarialLoss`: a joint loss plus a site-adversarial term on the encoder's pooled
+  features, through gradient reversal and conditioned on the class (the two-site recipes);
 - `class_weights`: inverse-frequency class weights (a rare class counts more).
 """
 
@@ -89,3 +91,105 @@ class JointLoss(nn.Module):
         # DiceBCELoss's terms, summed in the order the joint models were trained with: floating
         # point addition is not associative, and a recipe must train the same model bit for bit.
         return self.ce(class_logits, labels) + self.mask_weight * (bce + 1.0 - dice)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by -scale backward (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return _ReverseGradient.apply(x, scale)
+
+
+class FeatureTap:
+    """The last training forward's pooled deepest encoder features (N, C), taken by a forward
+    hook on the encoder. Eval-mode and no-grad forwards are not taken, so scoring and export
+    are untouched while the hook is registered; `remove` unregisters it."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        self.features: torch.Tensor | None = None
+        self._handle = encoder.register_forward_hook(self._take)
+
+    def _take(self, module: nn.Module, inputs: object, output: list[torch.Tensor]) -> None:
+        if module.training and torch.is_grad_enabled():
+            self.features = output[-1].mean(dim=(2, 3))
+
+    def pop(self) -> torch.Tensor:
+        features, self.features = self.features, None
+        if features is None:
+            raise RuntimeError("no training forward of the encoder since the last loss")
+        return features
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.features = None
+
+
+class SiteAdversarialLoss(nn.Module):
+    """`base` (the joint loss) + the cross-entropy of a small site classifier that reads the
+    encoder's pooled features through gradient reversal: the classifier learns to tell the sites
+    apart, the encoder gets that gradient reversed and scaled by up to `weight`, pushing it to
+    make them indistinguishable (DANN, Ganin et al. 2016).
+
+    Conditioned on the class (the true class, one-hot, beside the features; CDAN-style): the
+    sites need only look alike *within* a class. An unconditioned adversary would fight the class
+    head wherever a class comes from one site only (BUS-BRA has no normal scans), which is the
+    link between site and class this term is meant to break, not to learn.
+
+    The reversal's strength rises from 0 to `weight` over training (2 / (1 + exp(-10 p)) - 1 of
+    it at progress p, DANN's schedule), counted in training steps; `total_steps` is set once the
+    optimiser knows the epoch's length. Targets are (class, mask, site index).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        tap: FeatureTap,
+        feature_dim: int,
+        num_sites: int,
+        weight: float,
+        num_classes: int = len(CLASS_NAMES),
+        hidden: int = 64,
+    ) -> None:
+        super().__init__()
+        if num_sites < 2:
+            raise ValueError("a site-adversarial term needs at least two sites")
+        self.base = base
+        self.tap = tap
+        self.weight = weight
+        self.num_classes = num_classes
+        self.total_steps = 0
+        self.steps = 0
+        self.adversary = nn.Sequential(
+            nn.Linear(feature_dim + num_classes, hidden), nn.ReLU(), nn.Linear(hidden, num_sites)
+        )
+
+    def strength(self) -> float:
+        """The reversal's scale at the current step."""
+        progress = min(1.0, self.steps / self.total_steps) if self.total_steps > 0 else 1.0
+        return self.weight * (2.0 / (1.0 + float(np.exp(-10.0 * progress))) - 1.0)
+
+    def forward(
+        self,
+        outputs: tuple[torch.Tensor, torch.Tensor],
+        targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        labels, masks, sites = targets
+        loss = self.base(outputs, (labels, masks))
+        if not torch.is_grad_enabled():
+            return loss
+        features = reverse_gradient(self.tap.pop(), self.strength())
+        onehot = F.one_hot(labels, self.num_classes).to(features.dtype)
+        site_logits = self.adversary(torch.cat([features, onehot], dim=1))
+        self.steps += 1
+        # The adversary learns at full strength; only the encoder's gradient is reversed and scaled.
+        return loss + F.cross_entropy(site_logits, sites)
