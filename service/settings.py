@@ -146,9 +146,9 @@ class Settings(BaseSettings):
     )
     INFERENCE_ONNX_ARENA: bool = Field(
         True,
-        description="ONNX Runtime only: keep each session's buffers in its CPU arena between "
-        "forwards (the peak of the largest batch it ran, per session); false frees them when "
-        "a forward ends, for less resident memory",
+        description="ONNX Runtime only: keep forwards' buffers between forwards in one CPU "
+        "arena that every session of the process shares (the peak of the largest forward any "
+        "of them ran); false frees them when a forward ends",
     )
     CLASSIFICATION_VERSION: str = Field(
         "", description="Pinned classification version; empty serves the promoted one"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,37 @@ def onnxruntime_available() -> bool:
     return True
 
 
+_arena_lock = threading.Lock()
+_arena_registered = False
+
+
+def shared_arena(ort: Any) -> None:
+    """Register, once per process, the CPU arena every arena-using session of this process
+    allocates from (session.use_env_allocators). One arena instead of one per session: the graphs
+    a service holds (model.onnx and classify.onnx, a shadow, the next version during a swap) run
+    their forwards one at a time, so a shared arena's peak is the largest forward's rather than
+    the sum of each session's largest."""
+    global _arena_registered
+    with _arena_lock:
+        if _arena_registered:
+            return
+        info = ort.OrtMemoryInfo(
+            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+        )
+        # max memory: unbounded (0); extend strategy: next power of two (0), onnxruntime's
+        # default; initial chunk and max dead bytes per chunk: its defaults (-1).
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 0, -1, -1))
+        _arena_registered = True
+
+
 class OnnxSessions:
-    """`model` (the bytes of an ONNX file) with one session per intra-op thread count and
+    """`model` (an ONNX file's path, or its bytes) with one session per intra-op thread count and
     spinning.
+
+    Given a path (`from_file`), every session reads the file itself and nothing keeps the file's
+    bytes: holding them would keep a second copy of every weight resident for as long as the
+    graph serves (150 MiB for the five-network ensemble's two graphs). A session made later, for a
+    thread count not made up front, reads the file again.
 
     `threads` makes those sessions up front (a service pays at load, not at its first request).
     `spinning=False` stops idle intra-op threads busy-waiting between operators, which would take
@@ -44,16 +73,17 @@ class OnnxSessions:
     many microseconds for the next operator before they sleep, and stop spinning when the forward
     ends (ONNX Runtime's session.intra_op.spin_duration_us, 1.26 and later, and
     session.force_spinning_stop); without it, onnxruntime's own spinning, which goes on for a
-    while after a forward. `arena=False` frees each forward's buffers when it ends instead of
-    keeping them in onnxruntime's CPU arena for the next (SessionOptions.enable_cpu_mem_arena):
-    the arena keeps the peak of the largest batch a session ever ran, per session. Raises
+    while after a forward. With `arena` (the default) a forward's buffers stay in the process's
+    one shared CPU arena for the next (`shared_arena`): it keeps the peak of the largest forward
+    any session ran. `arena=False` frees each forward's buffers when it ends
+    (SessionOptions.enable_cpu_mem_arena off). Raises
     ImportError when onnxruntime is not installed and onnxruntime's own errors for a file it
     cannot load.
     """
 
     def __init__(
         self,
-        model: bytes,
+        model: bytes | Path,
         threads: Iterable[int] = (),
         spinning: bool = True,
         spin_us: int | None = None,
@@ -62,7 +92,7 @@ class OnnxSessions:
         import onnxruntime as ort
 
         self._ort = ort
-        self._model = model
+        self._model: bytes | str = model if isinstance(model, bytes) else str(model)
         self._spinning = spinning
         self._spin_us = spin_us
         self._arena = arena
@@ -80,8 +110,12 @@ class OnnxSessions:
         spin_us: int | None = None,
         arena: bool = True,
     ) -> OnnxSessions:
-        """The ONNX file at `path`. Raises OSError when it cannot be read."""
-        return cls(Path(path).read_bytes(), threads, spinning, spin_us, arena)
+        """The ONNX file at `path`, read by each session as it is made. Raises OSError when
+        it is not a readable file."""
+        path = Path(path)
+        with path.open("rb"):  # a clear OSError now rather than onnxruntime's at the first session
+            pass
+        return cls(path, threads, spinning, spin_us, arena)
 
     @property
     def thread_counts(self) -> list[int]:
@@ -104,6 +138,9 @@ class OnnxSessions:
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             options.enable_cpu_mem_arena = self._arena
+            if self._arena:
+                shared_arena(ort)
+                options.add_session_config_entry("session.use_env_allocators", "1")
             if not spins:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             elif self._spin_us is not None:

@@ -192,6 +192,14 @@ def test_a_lone_forward_spins_in_its_own_session_with_the_same_answers(onnx_dir)
     registry.batcher.stop()
 
 
+def _config(session, key: str) -> str | None:
+    """A session's config entry, None when it was not set."""
+    try:
+        return session.get_session_options().get_session_config_entry(key)
+    except RuntimeError:  # onnxruntime: "SessionOptions does not have configuration with key"
+        return None
+
+
 @pytest.mark.parametrize("arena", [True, False])
 def test_the_arena_setting_reaches_every_session_and_changes_no_answer(onnx_dir, arena):
     from service.batching import Batcher, BatchingConfig
@@ -205,6 +213,8 @@ def test_the_arena_setting_reaches_every_session_and_changes_no_answer(onnx_dir,
     sessions = model.onnx
     made = [sessions.session(2)[0], sessions.session(1)[0], sessions.session(2, spinning=True)[0]]
     assert [s.get_session_options().enable_cpu_mem_arena for s in made] == [arena] * 3
+    # With the arena, every session allocates from the process's one shared arena.
+    assert [_config(s, "session.use_env_allocators") for s in made] == ["1" if arena else None] * 3
     x = np.random.default_rng(3).normal(0.5, 0.3, (1, 3, 64, 64)).astype(np.float32)
     reference = OnnxSessions.from_file(model.info.path / "model.onnx", arena=not arena)
     for ours, theirs in zip(sessions.run(x, 2), reference.run(x, 2), strict=True):
