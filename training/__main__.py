@@ -27,6 +27,8 @@
     python -m training normal-decision --runs R1 R2 ...     class head or mask head decides normal
     python -m training ensemble-gain --runs R1 R2 ...       seeds' networks on a held-out site,
                                                              alone and averaged
+    python -m training fold-compare --baseline R0,R1 --candidate R0,R1  two recipes' fold runs
+                                                             pooled, with the paired difference
 
 Each command's own `--help` lists its flags and their defaults. The training commands (classify,
 segment, cv, fit, oof) share one set of flags (training.cli: --preset, --data-path, --split-file,
@@ -72,6 +74,7 @@ COMMANDS = (
     "sites-ensemble",
     "normal-decision",
     "ensemble-gain",
+    "fold-compare",
 )
 
 
@@ -191,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.studies import ensemble_gain
 
         print(ensemble_gain.main(rest))
+    elif command == "fold-compare":
+        from training.studies import fold_compare
+
+        print(fold_compare.main(rest))
     elif command in ("calibrate", "ood", "shortcuts", "normal-decision"):
         from training.studies import calibration, normal_decision, ood, shortcuts
 
