@@ -462,7 +462,6 @@ class JointTask:
         adversarial: SiteAdversarialLoss | None = run.state.get("site_adversary")
         if adversarial is not None:  # the site classifier trains with the network
             params += list(adversarial.adversary.parameters())
-            adversarial.total_steps = preset.epochs * steps_per_epoch
         optimizer = torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
@@ -471,6 +470,9 @@ class JointTask:
             steps_per_epoch=steps_per_epoch,
             pct_start=preset.pct_start,
         )
+        if adversarial is not None:  # the reversal's ramp follows the schedule's steps
+            adversarial.total_steps = preset.epochs * steps_per_epoch
+            adversarial.schedule = scheduler
         return optimizer, scheduler, "step"
 
     def selection(self, preset: JointPreset) -> engine.Selection:

@@ -146,8 +146,14 @@ class SiteAdversarialLoss(nn.Module):
     link between site and class this term is meant to break, not to learn.
 
     The reversal's strength rises from 0 to `weight` over training (2 / (1 + exp(-10 p)) - 1 of
-    it at progress p, DANN's schedule), counted in training steps; `total_steps` is set once the
-    optimiser knows the epoch's length. Targets are (class, mask, site index).
+    it at progress p, DANN's schedule), counted in training steps: the per-batch scheduler's
+    (`schedule`, set with `total_steps` once the optimiser knows the epoch's length; it is
+    checkpointed, so a resumed run picks the ramp up where it stopped), else this loss's own
+    count. Targets are (class, mask, site index).
+
+    The site classifier is not part of the network: it is not published, not checkpointed (a
+    resumed run starts it afresh) and, under torchrun, not synchronised between ranks (each rank
+    trains its own against the shared encoder, whose gradients are).
     """
 
     def __init__(
@@ -169,13 +175,15 @@ class SiteAdversarialLoss(nn.Module):
         self.num_classes = num_classes
         self.total_steps = 0
         self.steps = 0
+        self.schedule: torch.optim.lr_scheduler.LRScheduler | None = None
         self.adversary = nn.Sequential(
             nn.Linear(feature_dim + num_classes, hidden), nn.ReLU(), nn.Linear(hidden, num_sites)
         )
 
     def strength(self) -> float:
         """The reversal's scale at the current step."""
-        progress = min(1.0, self.steps / self.total_steps) if self.total_steps > 0 else 1.0
+        steps = self.schedule.last_epoch if self.schedule is not None else self.steps
+        progress = min(1.0, steps / self.total_steps) if self.total_steps > 0 else 1.0
         return self.weight * (2.0 / (1.0 + float(np.exp(-10.0 * progress))) - 1.0)
 
     def forward(

@@ -113,6 +113,14 @@ def test_the_reversal_ramps_from_nothing_to_its_weight() -> None:
     assert strengths[0] == 0.0
     assert strengths == sorted(strengths)
     assert 0.49 < strengths[-1] <= 0.5 and strengths[-2] == strengths[-1]
+    # Given the per-batch schedule (checkpointed with the run), the ramp counts its steps.
+    optimizer = torch.optim.SGD(loss_fn.adversary.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=100)
+    loss_fn.schedule, loss_fn.steps = schedule, 0
+    for _ in range(50):
+        optimizer.step()
+        schedule.step()
+    assert loss_fn.strength() == strengths[2]  # step 50, whatever the loss's own count says
     with pytest.raises(ValueError, match="two sites"):
         SiteAdversarialLoss(JointLoss(None, 0.0, 1.0), FeatureTap(_Encoder()), 4, 1, 0.5)
 
