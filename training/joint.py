@@ -201,6 +201,10 @@ PRESETS["joint-sites-zoom-nopatch-lite0"] = replace(
 # replaces joint-sites-zoom-lite0 if, over folds 0 and 1 together (each scored as its run scores
 # it, with the mirror), BUSI's accuracy is higher, no more of BUSI's normal scans get a lesion,
 # and neither site's malignant AUC is lower by more than 0.01.
+# Folds 0 and 1 (training/reports/sites/adversarial-fold-compare.md): BUSI accuracy 0.728 against
+# 0.736, BUSI normals given a lesion 7 of 44 against 4, malignant AUC BUSI 0.918 against 0.911,
+# BUS-BRA 0.920 against 0.916: not adopted (BUSI's lesions called normal fell, 37 of 206 against
+# 48, and its normal scans paid for it).
 PRESETS["joint-sites-adversarial-zoom-lite0"] = replace(
     PRESETS["joint-sites-zoom-lite0"],
     site_adversarial=0.5,
