@@ -436,7 +436,6 @@ class JointTask:
         model = build_model(run.preset, pretrained=not run.args.no_pretrained)
         if adversary_sites(run.data["train"].samples, run.preset):
             run.state["feature_tap"] = FeatureTap(model.encoder)
-            run.state["feature_width"] = model.encoder.feature_info.channels()[-1]
         return model
 
     def build_loss(self, run: Run) -> nn.Module:
@@ -452,8 +451,7 @@ class JointTask:
         if not sites:
             return loss
         tap: FeatureTap = run.state["feature_tap"]
-        width = run.state["feature_width"]
-        adversarial = SiteAdversarialLoss(loss, tap, width, len(sites), preset.site_adversarial)
+        adversarial = SiteAdversarialLoss(loss, tap, len(sites), preset.site_adversarial)
         run.state["site_adversary"] = adversarial
         return adversarial
 

@@ -111,12 +111,14 @@ def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class FeatureTap:
-    """The last training forward's pooled deepest encoder features (N, C), taken by a forward
-    hook on the encoder. Eval-mode and no-grad forwards are not taken, so scoring and export
-    are untouched while the hook is registered; `remove` unregisters it."""
+    """The last training forward's pooled deepest encoder features (N, `width`), taken by a
+    forward hook on the encoder (a timm features_only encoder: its `feature_info` gives the
+    width). Eval-mode and no-grad forwards are not taken, so scoring and export are untouched
+    while the hook is registered; `remove` unregisters it."""
 
     def __init__(self, encoder: nn.Module) -> None:
         self.features: torch.Tensor | None = None
+        self.width: int = encoder.feature_info.channels()[-1]
         self._handle = encoder.register_forward_hook(self._take)
 
     def _take(self, module: nn.Module, inputs: object, output: list[torch.Tensor]) -> None:
@@ -146,10 +148,10 @@ class SiteAdversarialLoss(nn.Module):
     link between site and class this term is meant to break, not to learn.
 
     The reversal's strength rises from 0 to `weight` over training (2 / (1 + exp(-10 p)) - 1 of
-    it at progress p, DANN's schedule), counted in training steps: the per-batch scheduler's
+    it at progress p, DANN's schedule), p counted in the steps of the per-batch scheduler
     (`schedule`, set with `total_steps` once the optimiser knows the epoch's length; it is
-    checkpointed, so a resumed run picks the ramp up where it stopped), else this loss's own
-    count. Targets are (class, mask, site index).
+    checkpointed, so a resumed run picks the ramp up where it stopped); without one, full
+    strength. Targets are (class, mask, site index).
 
     The site classifier is not part of the network: it is not published, not checkpointed (a
     resumed run starts it afresh) and, under torchrun, not synchronised between ranks (each rank
@@ -160,7 +162,6 @@ class SiteAdversarialLoss(nn.Module):
         self,
         base: nn.Module,
         tap: FeatureTap,
-        feature_dim: int,
         num_sites: int,
         weight: float,
         num_classes: int = len(CLASS_NAMES),
@@ -174,16 +175,16 @@ class SiteAdversarialLoss(nn.Module):
         self.weight = weight
         self.num_classes = num_classes
         self.total_steps = 0
-        self.steps = 0
         self.schedule: torch.optim.lr_scheduler.LRScheduler | None = None
         self.adversary = nn.Sequential(
-            nn.Linear(feature_dim + num_classes, hidden), nn.ReLU(), nn.Linear(hidden, num_sites)
+            nn.Linear(tap.width + num_classes, hidden), nn.ReLU(), nn.Linear(hidden, num_sites)
         )
 
     def strength(self) -> float:
         """The reversal's scale at the current step."""
-        steps = self.schedule.last_epoch if self.schedule is not None else self.steps
-        progress = min(1.0, steps / self.total_steps) if self.total_steps > 0 else 1.0
+        if self.schedule is None or self.total_steps <= 0:
+            return self.weight
+        progress = min(1.0, self.schedule.last_epoch / self.total_steps)
         return self.weight * (2.0 / (1.0 + float(np.exp(-10.0 * progress))) - 1.0)
 
     def forward(
@@ -198,6 +199,5 @@ class SiteAdversarialLoss(nn.Module):
         features = reverse_gradient(self.tap.pop(), self.strength())
         onehot = F.one_hot(labels, self.num_classes).to(features.dtype)
         site_logits = self.adversary(torch.cat([features, onehot], dim=1))
-        self.steps += 1
         # The adversary learns at full strength; only the encoder's gradient is reversed and scaled.
         return loss + F.cross_entropy(site_logits, sites)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ class _Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.feature_info = SimpleNamespace(channels=lambda: [1, 4])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         y = self.conv(x)
@@ -77,16 +79,15 @@ def test_the_encoder_gets_the_site_gradient_reversed_and_the_adversary_learns() 
     encoder = _Encoder()
     tap = FeatureTap(encoder)
     base = JointLoss(None, 0.0, 1.0)
-    loss_fn = SiteAdversarialLoss(base, tap, feature_dim=4, num_sites=2, weight=0.5)
-    loss_fn.total_steps = 10
+    loss_fn = SiteAdversarialLoss(base, tap, num_sites=2, weight=0.5)
+    assert loss_fn.strength() == 0.5  # no schedule: full strength
     x = torch.randn(6, 1, 8, 8)
     labels = torch.tensor([0, 1, 2, 1, 2, 1])
     sites_ = torch.tensor([0, 0, 0, 1, 1, 1])
     masks = torch.zeros(6, 1, 8, 8)
     outputs = (torch.zeros(6, 3, requires_grad=True), torch.zeros(6, 1, 8, 8, requires_grad=True))
 
-    loss_fn.steps = 10  # full strength
-    features = encoder(x)[-1]
+    encoder(x)  # the training forward the tap takes
     loss = loss_fn(outputs, (labels, masks, sites_))
     loss.backward()
     reversed_grad = encoder.conv.weight.grad.clone()
@@ -103,26 +104,26 @@ def test_the_encoder_gets_the_site_gradient_reversed_and_the_adversary_learns() 
     assert torch.isclose(loss, base(outputs, (labels, masks)) + plain.detach(), atol=1e-6)
 
 
-def test_the_reversal_ramps_from_nothing_to_its_weight() -> None:
-    loss_fn = SiteAdversarialLoss(JointLoss(None, 0.0, 1.0), FeatureTap(_Encoder()), 4, 2, 0.5)
+def test_the_reversal_ramps_from_nothing_to_its_weight_with_the_schedule() -> None:
+    loss_fn = SiteAdversarialLoss(JointLoss(None, 0.0, 1.0), FeatureTap(_Encoder()), 2, 0.5)
+    # The per-batch schedule (checkpointed with the run) counts the steps.
+    optimizer = torch.optim.SGD(loss_fn.adversary.parameters(), lr=0.1)
+    loss_fn.schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=100)
     loss_fn.total_steps = 100
     strengths = []
-    for step in (0, 10, 50, 100, 200):
-        loss_fn.steps = step
-        strengths.append(loss_fn.strength())
+    for step in range(101):
+        if step in (0, 10, 50, 100):
+            strengths.append(loss_fn.strength())
+        if step < 100:
+            optimizer.step()
+            loss_fn.schedule.step()
     assert strengths[0] == 0.0
-    assert strengths == sorted(strengths)
-    assert 0.49 < strengths[-1] <= 0.5 and strengths[-2] == strengths[-1]
-    # Given the per-batch schedule (checkpointed with the run), the ramp counts its steps.
-    optimizer = torch.optim.SGD(loss_fn.adversary.parameters(), lr=0.1)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=100)
-    loss_fn.schedule, loss_fn.steps = schedule, 0
-    for _ in range(50):
-        optimizer.step()
-        schedule.step()
-    assert loss_fn.strength() == strengths[2]  # step 50, whatever the loss's own count says
+    assert strengths == sorted(strengths) and len(set(strengths)) == 4
+    assert 0.49 < strengths[-1] <= 0.5
+    loss_fn.total_steps = 50  # past the end of the ramp: it stays at its top
+    assert loss_fn.strength() == strengths[-1]
     with pytest.raises(ValueError, match="two sites"):
-        SiteAdversarialLoss(JointLoss(None, 0.0, 1.0), FeatureTap(_Encoder()), 4, 1, 0.5)
+        SiteAdversarialLoss(JointLoss(None, 0.0, 1.0), FeatureTap(_Encoder()), 1, 0.5)
 
 
 def test_images_carry_their_site_only_where_the_adversary_has_two_sites(two_sites) -> None:

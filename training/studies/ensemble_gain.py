@@ -26,7 +26,8 @@ import numpy as np
 
 from shared.postprocessing import softmax
 from training import cli
-from training.sites import figure_cell, figures_with_intervals, training_recipe, write_json
+from training.sites import figure_cell, figures_with_intervals, training_recipe
+from training.studies import add_report_arguments, write_report
 
 CLASS_FIGURES = (
     ("accuracy", "accuracy"),
@@ -125,18 +126,9 @@ def main(argv: list[str]) -> Path:
         "Class figures of several seeds' networks on one holdout, and of their mean",
     )
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="sites run folders")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=Path("training/reports/sites/ensemble-gain.md"),
-        help="report to write, with its .json beside it",
-    )
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (default: 1000)")
+    add_report_arguments(parser, "training/reports/sites/ensemble-gain.md")
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         parser.error("give at least two runs")
     report = ensemble_gain(args.runs, args.bootstrap)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render(report))
-    write_json(args.output.with_suffix(".json"), report, indent=1)
-    return args.output
+    return write_report(args.output, render(report), report)

@@ -27,8 +27,8 @@ from training.sites import (
     figures_with_intervals,
     site_figures,
     training_recipe,
-    write_json,
 )
+from training.studies import add_report_arguments, write_report
 
 FIGURES = (
     ("accuracy", "accuracy"),
@@ -148,16 +148,7 @@ def main(argv: list[str]) -> Path:
     )
     parser.add_argument("--baseline", type=_runs, required=True, help="R0,R1,...: fold runs")
     parser.add_argument("--candidate", type=_runs, required=True, help="R0,R1,...: fold runs")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=Path("training/reports/sites/fold-compare.md"),
-        help="report to write, with its .json beside it",
-    )
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (default: 1000)")
+    add_report_arguments(parser, "training/reports/sites/fold-compare.md")
     args = parser.parse_args(argv)
     report = compare(args.baseline, args.candidate, args.bootstrap)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render(report))
-    write_json(args.output.with_suffix(".json"), report, indent=1)
-    return args.output
+    return write_report(args.output, render(report), report)
