@@ -62,7 +62,7 @@ class OnnxSessions:
 
     Given a path (`from_file`), every session reads the file itself and nothing keeps the file's
     bytes: holding them would keep a second copy of every weight resident for as long as the
-    graph serves (150 MiB for the five-network ensemble's two graphs). A session made later, for a
+    graph serves (143 MiB for the five-network ensemble's two graphs). A session made later, for a
     thread count not made up front, reads the file again.
 
     `threads` makes those sessions up front (a service pays at load, not at its first request).
