@@ -55,6 +55,7 @@ from shared.labels import (
 )
 from shared.onnx_runtime import OnnxSessions, onnxruntime_available, torchscript_outputs
 from shared.preprocessing import Preprocessing
+from shared.probe import read_probe
 from shared.promotion import (
     PROMOTIONS_FILE,
     GateFloors,
@@ -257,9 +258,11 @@ def _onnx_forward(
     """model.onnx in ONNX Runtime when the artifact carries one that holds and agrees with
     model.pt; None (TorchScript serves) otherwise, logged when it is not the expected case.
 
-    model.pt's answers on the check inputs come from a short-lived process
-    (shared.onnx_runtime.torchscript_outputs), so that serving ONNX Runtime never imports torch
-    here.
+    model.pt's answers come from the artifact's probe (shared.probe: model.pt's outputs on fixed
+    inputs, recorded when model.onnx was exported and covered by the manifest's checksums), or,
+    for an artifact without one, from a short-lived process that runs model.pt
+    (shared.onnx_runtime.torchscript_outputs): either way serving ONNX Runtime never imports
+    torch here.
     """
     manifest = info.manifest
     variant = manifest.runtime(RUNTIME_ONNX)
@@ -280,7 +283,7 @@ def _onnx_forward(
         return None
     assert variant is not None
     shape = manifest.input.shape
-    batches = [np.zeros((2, *shape), np.float32), example_input(shape, 2)]
+    against = "model.pt"
     try:
         # spinning off but where a forward asks for it: an idle intra-op thread would
         # busy-wait on the cores the HTTP work needs
@@ -289,7 +292,13 @@ def _onnx_forward(
             outputs = forward.run(np.zeros((1, *shape), np.float32), threads[0])
         expected = [(1, *s) for s in manifest.output.shapes]
         check_output_shapes([list(o.shape) for o in outputs[: len(expected)]], expected)
-        references = torchscript_outputs(info.model_path, batches, threads[0])
+        if info.probe_path is not None:
+            probe = read_probe(info.probe_path)
+            batches, references = list(probe.inputs), list(probe.outputs)
+            against = f"model.pt's answers recorded in {info.probe_path.name}"
+        else:
+            batches = [np.zeros((2, *shape), np.float32), example_input(shape, 2)]
+            references = torchscript_outputs(info.model_path, batches, threads[0])
         worst = 0.0
         for batch, reference in zip(batches, references, strict=True):
             with lock or _NO_LOCK:
@@ -298,18 +307,18 @@ def _onnx_forward(
     except Exception:
         log.exception(
             "%s version %s runs in TorchScript: its model.onnx could not be loaded or checked "
-            "against model.pt", info.task, info.version, extra=context,
+            "against %s", info.task, info.version, against, extra=context,
         )  # fmt: skip
         return None
     if not worst <= RUNTIME_AGREEMENT_ATOL:
         log.error(
-            "%s version %s runs in TorchScript: its model.onnx disagrees with model.pt by %.3g",
-            info.task, info.version, worst, extra=context,
+            "%s version %s runs in TorchScript: its model.onnx disagrees with %s by %.3g",
+            info.task, info.version, against, worst, extra=context,
         )  # fmt: skip
         return None
     log.info(
-        "%s version %s runs in ONNX Runtime %s (model.onnx; agrees with model.pt within %.1g)",
-        info.task, info.version, forward.version, worst, extra=context,
+        "%s version %s runs in ONNX Runtime %s (model.onnx; agrees with %s within %.1g)",
+        info.task, info.version, forward.version, against, worst, extra=context,
     )  # fmt: skip
     return forward
 

@@ -8,7 +8,8 @@ is imported only here, and only when a model is loaded.
 
 A graph is checked against model.pt before anything relies on it (`disagreement`). Where the
 caller must not import torch (the service serving ONNX Runtime: torch's import alone is hundreds
-of MiB resident), model.pt's answers come from a short-lived process (`torchscript_outputs`).
+of MiB resident), model.pt's answers come from the artifact's probe (shared.probe: recorded at
+export) or, for an artifact without one, from a short-lived process (`torchscript_outputs`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from shared.probe import largest_difference
 
 
 def onnxruntime_available() -> bool:
@@ -183,16 +186,7 @@ class OnnxSessions:
         another graph's): this graph's first outputs are compared; it may add outputs after them
         (the quality score). inf when it gives fewer outputs or other shapes."""
         got = self.run(batch, threads or self.default_threads)
-        reference = tuple(reference)
-        if len(got) < len(reference):
-            return float("inf")
-        worst = 0.0
-        for expected, actual in zip(reference, got[: len(reference)], strict=True):
-            expected = np.asarray(expected, dtype=np.float32)
-            if expected.shape != actual.shape:
-                return float("inf")
-            worst = max(worst, float(np.max(np.abs(expected - actual), initial=0.0)))
-        return worst
+        return largest_difference(tuple(reference), got)
 
 
 # Run by `torchscript_outputs` in a child process: model.pt's outputs for each saved batch.

@@ -5,6 +5,8 @@ Layout on the model volume:
     <MODEL_DIR>/<task>/<version>/model.pt        TorchScript file
     <MODEL_DIR>/<task>/<version>/model.onnx      optional: the same model for ONNX Runtime
                                                  (shared.variants)
+    <MODEL_DIR>/<task>/<version>/probe.npz       optional: model.pt's answers on fixed inputs
+                                                 (shared.probe)
     <MODEL_DIR>/<task>/<version>/metadata.json   the manifest (shared.manifest), written last
     <MODEL_DIR>/promotions.json                  which versions may serve (shared.promotion)
 
@@ -44,6 +46,7 @@ from shared.manifest import (
     validate_task,
     validate_version,
 )
+from shared.probe import PROBE_FILE, PROBE_KEY, probe_record
 from shared.variants import (
     GRAPH_FULL,
     RUNTIME_FILE_NAMES,
@@ -82,6 +85,12 @@ class ArtifactInfo:
     @property
     def sha256(self) -> str:
         return str(self.metadata["sha256"])
+
+    @property
+    def probe_path(self) -> Path | None:
+        """The probe file (shared.probe) when the manifest records one (verify_artifact has
+        checked its sha256), else None."""
+        return self.path / PROBE_FILE if PROBE_KEY in self.metadata else None
 
     @cached_property
     def manifest(self) -> Manifest:
@@ -124,6 +133,7 @@ def publish_artifact(
     model_file: Path,
     metadata: Mapping[str, Any],
     runtime_files: Mapping[str, Path] | None = None,
+    probe_file: Path | None = None,
 ) -> ArtifactInfo:
     """Publish `model_file` (a TorchScript file) with `metadata` as `<model_dir>/<task>/<version>`.
 
@@ -131,10 +141,13 @@ def publish_artifact(
     absent) status, validates the result as a Manifest and writes its `to_dict()`.
     `runtime_files` maps the file name of each entry of the metadata's `runtimes` list
     (runtime_file_name: model.onnx, classify.onnx, ...; a runtime's name stands for its full fp32
-    graph) to the file to copy in; the entry's `file` and sha256 are filled in. The version is
-    a candidate: it serves only once promoted (shared.promotion). Raises InvalidVersionError for
-    a bad task/version name, ManifestError (an ArtifactIntegrityError) for an invalid manifest,
-    and ArtifactIntegrityError if the version already exists.
+    graph) to the file to copy in; the entry's `file` and sha256 are filled in. `probe_file`
+    (shared.probe) is copied in as probe.npz and the manifest's `probe` entry (which the metadata
+    must then hold, and only then) gets its `file` and sha256. The version is a candidate: it
+    serves only once promoted (shared.promotion). Raises InvalidVersionError for a bad
+    task/version name, ManifestError (an ArtifactIntegrityError) for an invalid manifest, and
+    ArtifactIntegrityError if the version already exists (or a probe comes without its entry, or
+    an entry without its probe).
     """
     validate_task(task)
     validate_version(version)
@@ -176,6 +189,18 @@ def publish_artifact(
         entry["sha256"] = sha256_file(runtime_files[entry["file"]])
     if entries:
         fields_in["runtimes"] = entries
+    if (PROBE_KEY in fields_in) != (probe_file is not None):
+        raise ArtifactIntegrityError(
+            "a probe file is published with the manifest's probe entry, and only with it"
+        )
+    if probe_file is not None:
+        if not isinstance(fields_in[PROBE_KEY], Mapping):
+            raise ManifestError([f"the manifest's {PROBE_KEY} entry must be an object"])
+        fields_in[PROBE_KEY] = {
+            **fields_in[PROBE_KEY],
+            "file": PROBE_FILE,
+            "sha256": sha256_file(Path(probe_file)),
+        }
     manifest = Manifest.from_dict(fields_in)  # an invalid manifest is never written
     task_dir.mkdir(parents=True, exist_ok=True)
 
@@ -195,6 +220,12 @@ def publish_artifact(
                 os.fsync(dst.fileno())
             if sha256_file(staging / variant.file) != variant.sha256:
                 raise ArtifactIntegrityError(f"{variant.file} changed while it was being published")
+        if probe_file is not None:
+            shutil.copyfile(probe_file, staging / PROBE_FILE)
+            with (staging / PROBE_FILE).open("rb") as fh:
+                os.fsync(fh.fileno())
+            if sha256_file(staging / PROBE_FILE) != fields_in[PROBE_KEY]["sha256"]:
+                raise ArtifactIntegrityError(f"{PROBE_FILE} changed while it was being published")
         body = json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
         _write_synced(staging / MANIFEST_FILE, body)  # the manifest last
         os.chmod(staging, 0o755)
@@ -228,7 +259,8 @@ def copy_artifact(source_dir: Path, model_dir: Path, task: str, version: str) ->
     staging = Path(tempfile.mkdtemp(prefix=f".copy-{version}-", dir=task_dir))
     try:
         runtime_files = [v.file for v in source.manifest.runtimes]
-        for name in (MODEL_FILE, *runtime_files, MANIFEST_FILE):  # the manifest last
+        probe = [PROBE_FILE] if source.probe_path is not None else []
+        for name in (MODEL_FILE, *runtime_files, *probe, MANIFEST_FILE):  # the manifest last
             with (source.path / name).open("rb") as src, (staging / name).open("wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
@@ -286,6 +318,7 @@ def verify_artifact(model_dir: Path, task: str, version: str) -> ArtifactInfo:
     if sha256_file(model_path) != metadata["sha256"]:
         raise ArtifactIntegrityError(f"{task} version {version} fails its checksum")
     _verify_runtime_files(folder, metadata, f"{task} version {version}")
+    _verify_probe_file(folder, metadata, f"{task} version {version}")
     return ArtifactInfo(task=task, version=version, path=folder, metadata=metadata)
 
 
@@ -303,6 +336,22 @@ def _verify_runtime_files(folder: Path, metadata: Mapping[str, Any], what: str) 
             raise ArtifactIntegrityError(f"{what} lacks {name}")
         if sha256_file(path) != entry.get("sha256"):
             raise ArtifactIntegrityError(f"{what} fails the checksum of {name}")
+
+
+def _verify_probe_file(folder: Path, metadata: Mapping[str, Any], what: str) -> None:
+    """The probe file the manifest names (if it names one) must be a plain file with its
+    sha256."""
+    try:
+        entry = probe_record(metadata)
+    except ValueError as exc:
+        raise ArtifactIntegrityError(f"{what}: {exc}") from exc
+    if entry is None:
+        return
+    path = folder / PROBE_FILE
+    if path.is_symlink() or not path.is_file():
+        raise ArtifactIntegrityError(f"{what} lacks {PROBE_FILE}")
+    if sha256_file(path) != entry.get("sha256"):
+        raise ArtifactIntegrityError(f"{what} fails the checksum of {PROBE_FILE}")
 
 
 def list_versions(model_dir: Path, task: str) -> list[str]:

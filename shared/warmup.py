@@ -6,8 +6,10 @@ of other shapes than the manifest declares) is refused there instead of by every
 the operator believes it is live. The checks are those of service.registry.load_model: the
 manifest's input must be one the service can feed, model.pt must load on the CPU and answer
 two forwards of the declared input (TorchScript specialises its graph on the second) with the
-declared output shapes. A model.onnx is loaded and compared with model.pt too, but its failure
-only means the service runs TorchScript, so it is reported, not refused.
+declared output shapes. A probe (shared.probe), which the service trusts in model.pt's place when
+it checks model.onnx, must hold model.pt's answers to its inputs, or the version is refused. A
+model.onnx is loaded and compared with model.pt too, but its failure only means the service runs
+TorchScript, so it is reported, not refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 from shared.errors import ArtifactIntegrityError
 from shared.inference import load_module, onnx_graph, warm_up
+from shared.probe import PROBE_FILE, largest_difference, read_probe
 from shared.store import ArtifactInfo
 from shared.variants import RUNTIME_AGREEMENT_ATOL, RUNTIME_ONNX
 
@@ -43,6 +46,8 @@ def check_loads(info: ArtifactInfo) -> WarmUp:
         raise ArtifactIntegrityError("; ".join(problems))
     module = load_module(info)
     reference = warm_up(module, manifest)
+    if info.probe_path is not None:
+        _check_probe(info, module)
     runtime, note = "torchscript", None
     variant = manifest.runtime(RUNTIME_ONNX)
     if variant is not None:
@@ -62,3 +67,35 @@ def check_loads(info: ArtifactInfo) -> WarmUp:
             except Exception as exc:  # onnxruntime missing, a corrupt file, another graph
                 note = f"its model.onnx does not load ({type(exc).__name__})"
     return WarmUp(runtime, time.perf_counter() - started, note)
+
+
+def _check_probe(info: ArtifactInfo, module: object) -> None:
+    """Raises ArtifactIntegrityError unless model.pt answers the probe's inputs as it records
+    (within RUNTIME_AGREEMENT_ATOL: another torch build may reorder a sum)."""
+    import torch
+
+    assert info.probe_path is not None
+    try:
+        probe = read_probe(info.probe_path)
+    except ValueError as exc:
+        raise ArtifactIntegrityError(str(exc)) from exc
+    worst = 0.0
+    with torch.inference_mode():
+        for batch, recorded in zip(probe.inputs, probe.outputs, strict=True):
+            try:
+                out = module(torch.from_numpy(batch))  # type: ignore[operator]
+            except Exception as exc:
+                raise ArtifactIntegrityError(
+                    f"model.pt does not take the inputs of its {PROBE_FILE}"
+                ) from exc
+            out = out if isinstance(out, tuple | list) else (out,)
+            answers = [t.float().numpy() for t in out]
+            # model.pt's answers are the whole record: as many outputs, no more
+            difference = largest_difference(recorded, answers)
+            if len(answers) != len(recorded):
+                difference = float("inf")
+            worst = max(worst, difference)
+    if not worst <= RUNTIME_AGREEMENT_ATOL:
+        raise ArtifactIntegrityError(
+            f"its {PROBE_FILE} does not hold model.pt's answers (off by {worst:.3g})"
+        )

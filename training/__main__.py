@@ -18,6 +18,8 @@
     python -m training quantize-onnx --version V --data-path D1 D2  int8 graphs, validated
     python -m training drift-reference --version V --data-path D1 D2  republish with the drift
                                                              reference of its training sites
+    python -m training add-probe --version V                 republish with model.pt's answers on
+                                                             fixed inputs (probe.npz)
     python -m training sites --data-path D1 D2 --holdout site:S  train without a site/scanner/fold,
                                                              score it there, per site
     python -m training sites-report --runs R1 R2 ...         one table of those runs
@@ -68,6 +70,7 @@ COMMANDS = (
     "export-onnx",
     "quantize-onnx",
     "drift-reference",
+    "add-probe",
     "sites",
     "sites-report",
     "sites-publish",
@@ -190,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         from training import drift_reference
 
         return drift_reference.main(rest)
+    elif command == "add-probe":
+        from training import add_probe
+
+        return add_probe.main(rest)
     elif command == "ensemble-gain":
         from training.studies import ensemble_gain
 

@@ -181,11 +181,13 @@ def drift_reference_main(args: argparse.Namespace, command: str) -> dict[str, An
         args.json.write_text(json.dumps(document, indent=2) + "\n")
     output_dir = args.output_model_dir or args.model_dir
     version = args.new_version or new_version_name()
-    # every runtime file the source carries (model.onnx, classify.onnx, ...), byte for byte
+    # every runtime file the source carries (model.onnx, classify.onnx, ...) and its probe, byte
+    # for byte
     runtime_files = {v.file: info.runtime_path(v) for v in info.manifest.runtimes}
     publish_artifact(
         Path(output_dir), info.task, version, info.model_path,
         derived_metadata(info, document), runtime_files=runtime_files,
+        probe_file=info.probe_path,
     )  # fmt: skip
     published = verify_artifact(Path(output_dir), info.task, version)
     log.info("published %s %s with its drift reference to %s (%d images in %.0f s; a "

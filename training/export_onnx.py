@@ -54,6 +54,7 @@ from shared.models.joint import JointEnsemble, JointFlipAverage
 from shared.onnx_runtime import OnnxSessions
 from shared.postprocessing import dice_iou
 from shared.preprocessing import Preprocessing
+from shared.probe import PROBE_BATCH, PROBE_KEY, probe_inputs, write_probe
 from shared.quality import FEATURE_QUALITY_OUTPUT, FeatureOodDetector
 from shared.store import ArtifactInfo, new_version_name, publish_artifact, verify_artifact
 from shared.variants import (
@@ -694,14 +695,17 @@ def derived_metadata(
     classify: Mapping[str, Any] | None = None,
     outputs: Mapping[str, list[str]] | None = None,
     quality: Mapping[str, Any] | None = None,
+    probe: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The source manifest with a new created_at, where it came from and the ONNX runtime
     entries: model.onnx, and classify.onnx with its `classify` validation when given; the
-    quality check's record when the graphs compute it (publish_artifact fills in version,
-    files and sha256)."""
+    quality check's record when the graphs compute it; the `probe` entry (shared.probe) when
+    given (publish_artifact fills in version, files and sha256)."""
     outputs = outputs or {}
     metadata = {
-        k: v for k, v in info.metadata.items() if k not in ("version", "runtimes", "quality")
+        k: v
+        for k, v in info.metadata.items()
+        if k not in ("version", "runtimes", "quality", PROBE_KEY)
     }
     metadata["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     change = "adds model.onnx for ONNX Runtime"
@@ -709,6 +713,9 @@ def derived_metadata(
         change += ", classify.onnx (the encoder and class head only) for /classify"
     if quality is not None:
         change += ", the quality check on the encoder's features in both graphs"
+    if probe is not None:
+        change += ", model.pt's answers on fixed inputs for the check at load (probe.npz)"
+        metadata[PROBE_KEY] = dict(probe)
     metadata["derived_from"] = {"version": info.version, "sha256": info.sha256, "change": change}
     full: dict[str, Any] = {"runtime": RUNTIME_ONNX, "precision": "fp32"}
     if GRAPH_FULL in outputs:
@@ -869,15 +876,20 @@ def export_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
     output_dir = args.output_model_dir or args.model_dir
     version = args.new_version or new_version_name()
     outputs = {graph: module.output_names for graph, module in graphs.items()}
-    metadata = derived_metadata(info, validation, classify, outputs, quality)
+    inputs = probe_inputs(info.manifest.input.shape)
+    metadata = derived_metadata(
+        info, validation, classify, outputs, quality, probe_entry(len(inputs))
+    )
     with tempfile.TemporaryDirectory(prefix="export-onnx-") as tmp:
         files = {}
         for graph, data_bytes in exported.items():
             name = runtime_file_name(RUNTIME_ONNX, graph)
             (Path(tmp) / name).write_bytes(data_bytes)
             files[name] = Path(tmp) / name
+        probe_file = Path(tmp) / "probe.npz"
+        write_probe(probe_file, inputs, model_pt_answers(info, inputs))
         publish_artifact(Path(output_dir), info.task, version, info.model_path, metadata,
-                         runtime_files=files)  # fmt: skip
+                         runtime_files=files, probe_file=probe_file)  # fmt: skip
     published = verify_artifact(Path(output_dir), info.task, version)
     variant = published.manifest.runtime(RUNTIME_ONNX)
     assert variant is not None and variant.holds  # refusals() checked it
@@ -895,6 +907,28 @@ def export_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "quality": quality,
         "promote": f"python -m training promote {info.task} {version} --model-dir {output_dir}",
     }
+
+
+def probe_entry(count: int) -> dict[str, Any]:
+    """The manifest's probe entry for `count` batches of probe_inputs (publish_artifact adds its
+    file and sha256)."""
+    return {
+        "batches": count,
+        "source": f"the artifact's model.pt (TorchScript fp32, torch {torch.__version__}) on "
+        f"{count} batches of {PROBE_BATCH}: zeros, and normal(0, 1) noise of seed 0",
+    }
+
+
+def model_pt_answers(info: ArtifactInfo, inputs: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+    """The artifact's model.pt's float32 outputs for each input batch (what a probe records)."""
+    module = inference.load_module(info)
+    answers = []
+    with torch.inference_mode():
+        for batch in inputs:
+            out = module(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
+            out = out if isinstance(out, tuple | list) else (out,)
+            answers.append([t.float().numpy() for t in out])
+    return answers
 
 
 def _check_fold_recipe(cv_dir: Path, preset: Any) -> None:

@@ -12,10 +12,12 @@ import torch
 from service_inputs import png
 from test_joint_model import TinyJoint, frame_with_lesion, joint_metadata
 
+from service import registry
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 from shared.labels import TASK_DIAGNOSIS
 from shared.onnx_runtime import OnnxSessions
+from shared.probe import probe_inputs, write_probe
 from shared.promotion import GateFloors, promote
 from shared.store import publish_artifact
 from shared.variants import RUNTIME_ONNX
@@ -47,7 +49,15 @@ def validation(accuracy_delta: float = 0.0) -> dict:
     }
 
 
-def publish_joint(models: Path, version: str, onnx_module: torch.nn.Module, record: dict) -> None:
+def publish_joint(
+    models: Path,
+    version: str,
+    onnx_module: torch.nn.Module,
+    record: dict,
+    probe_of: torch.nn.Module | None = None,
+) -> None:
+    """A promoted TinyJoint whose model.onnx is `onnx_module`, with (`probe_of`) a probe of that
+    module's answers, as export-onnx records model.pt's."""
     work = models.parent / f"work-{version}"
     work.mkdir()
     model_file = work / "model.pt"
@@ -55,9 +65,18 @@ def publish_joint(models: Path, version: str, onnx_module: torch.nn.Module, reco
     metadata = joint_metadata()
     metadata["runtimes"] = [{"runtime": RUNTIME_ONNX, "precision": "fp32", "validation": record}]
     onnx_file = export_onnx(onnx_module, work / "model.onnx")
+    probe_file = None
+    if probe_of is not None:
+        inputs = probe_inputs((3, 64, 64))
+        with torch.inference_mode():
+            answers = [[t.numpy() for t in probe_of.eval()(torch.from_numpy(b))] for b in inputs]
+        probe_file = work / "probe.npz"
+        write_probe(probe_file, inputs, answers)
+        metadata["probe"] = {"batches": len(inputs), "source": "tests"}
     publish_artifact(
-        models, TASK_DIAGNOSIS, version, model_file, metadata, {RUNTIME_ONNX: onnx_file}
-    )
+        models, TASK_DIAGNOSIS, version, model_file, metadata, {RUNTIME_ONNX: onnx_file},
+        probe_file=probe_file,
+    )  # fmt: skip
     promote(models, TASK_DIAGNOSIS, version, GateFloors())
 
 
@@ -127,6 +146,35 @@ def test_a_model_onnx_that_disagrees_with_model_pt_does_not_serve(serve, tmp_pat
         assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == "torchscript"
         assert client.get("/readyz").status_code == 200
     assert any("disagrees with model.pt" in r.getMessage() for r in caplog.records)
+
+
+def _no_model_pt_process(*args, **kwargs):
+    raise AssertionError("model.pt was run for the check although the artifact has a probe")
+
+
+def test_with_a_probe_model_onnx_is_checked_without_running_model_pt(
+    serve, tmp_path, monkeypatch, caplog
+):
+    models = tmp_path / "models"
+    publish_joint(models, "j1", TinyJoint(), validation(), probe_of=TinyJoint())
+    monkeypatch.setattr(registry, "torchscript_outputs", _no_model_pt_process)
+    with caplog.at_level(logging.INFO), serve(models) as client:
+        assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == RUNTIME_ONNX
+        assert diagnose(client, png(frame_with_lesion()[0]))["classification"]["label"]
+    assert "agrees with model.pt's answers recorded in probe.npz" in caplog.text
+
+
+def test_a_model_onnx_that_disagrees_with_its_probe_does_not_serve(
+    serve, tmp_path, monkeypatch, caplog
+):
+    models = tmp_path / "models"
+    # the probe holds model.pt's answers; model.onnx is another model
+    publish_joint(models, "j1", Disagreeing(), validation(), probe_of=TinyJoint())
+    monkeypatch.setattr(registry, "torchscript_outputs", _no_model_pt_process)
+    with caplog.at_level(logging.ERROR), serve(models) as client:
+        assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == "torchscript"
+        assert client.get("/readyz").status_code == 200
+    assert "disagrees with model.pt's answers recorded in probe.npz by 1" in caplog.text
 
 
 def test_an_artifact_without_model_onnx_runs_in_torchscript_quietly(serve, tmp_path, caplog):

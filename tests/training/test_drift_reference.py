@@ -15,6 +15,7 @@ from torch import nn
 from shared.drift import MANIFEST_FIELD, DriftReference
 from shared.labels import CLASS_NAMES, TASK_CLASSIFICATION, TASK_DIAGNOSIS, TASK_SEGMENTATION
 from shared.preprocessing import Preprocessing
+from shared.probe import probe_inputs, write_probe
 from shared.promotion import PROMOTIONS_FILE
 from shared.store import publish_artifact, verify_artifact
 from training import drift_reference, promote
@@ -91,6 +92,48 @@ def test_drift_reference_publishes_a_new_version_with_the_sites_reference(
 
 def _promote(model_dir: Path, task: str, version: str, *extra: str) -> int:
     return promote.main("promote", [task, version, "--model-dir", str(model_dir), *extra])
+
+
+def _publish_with_probe(tmp_path: Path, version: str, off_by: float = 0.0) -> None:
+    """TinyJoint with a probe of its answers (`off_by` added to its class logits)."""
+    model_file = tmp_path / f"{version}.pt"
+    torch.jit.script(TinyJoint().eval()).save(str(model_file))
+    inputs = probe_inputs((3, 64, 64))
+    with torch.inference_mode():
+        answers = [[t.numpy() for t in TinyJoint()(torch.from_numpy(b))] for b in inputs]
+    for batch_answers in answers:
+        batch_answers[0] = batch_answers[0] + off_by
+    write_probe(tmp_path / f"{version}.npz", inputs, answers)
+    metadata = {**joint_metadata(), "probe": {"batches": 2, "source": "tests"}}
+    publish_artifact(
+        tmp_path / "models", TASK_DIAGNOSIS, version, model_file, metadata,
+        probe_file=tmp_path / f"{version}.npz",
+    )  # fmt: skip
+
+
+def test_drift_reference_carries_the_probe_and_promote_checks_it(
+    world, tmp_path, caplog, denormals_restored
+):
+    _publish_with_probe(tmp_path, "probed")
+    status = drift_reference.main([
+        "--model-dir", str(world["models"]), "--version", "probed",
+        "--data-path", str(world["a"]), "--new-version", "probed-drift", "--threads", "1",
+    ])  # fmt: skip
+    assert status == 0
+    source = verify_artifact(world["models"], TASK_DIAGNOSIS, "probed")
+    derived = verify_artifact(world["models"], TASK_DIAGNOSIS, "probed-drift")
+    assert source.probe_path is not None and derived.probe_path is not None
+    assert derived.probe_path.read_bytes() == source.probe_path.read_bytes()
+    assert derived.metadata["probe"] == source.metadata["probe"]
+    assert _promote(world["models"], TASK_DIAGNOSIS, "probed-drift") == 0
+
+    _publish_with_probe(tmp_path, "misrecorded", off_by=0.5)
+    verify_artifact(world["models"], TASK_DIAGNOSIS, "misrecorded")  # its checksums hold
+    with caplog.at_level(logging.INFO):
+        assert _promote(world["models"], TASK_DIAGNOSIS, "misrecorded") == 1
+    assert "probe.npz does not hold model.pt's answers (off by 0.5)" in caplog.text
+    record = json.loads((world["models"] / PROMOTIONS_FILE).read_text())
+    assert record["promoted"][TASK_DIAGNOSIS] == ["probed-drift"]
 
 
 def test_promote_refuses_a_version_that_verifies_but_does_not_load(tmp_path, publish_tiny, caplog):

@@ -16,6 +16,7 @@ from synthetic_busi import write_busi_folder
 from shared.errors import ArtifactIntegrityError
 from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.manifest import Manifest
+from shared.probe import probe_inputs, read_probe
 from shared.promotion import PROMOTIONS_FILE
 from shared.store import list_versions, publish_artifact, verify_artifact
 from shared.variants import ONNX_FILE, RUNTIME_ONNX, VALIDATION_BAR
@@ -94,7 +95,7 @@ def test_export_onnx_publishes_a_new_version_whose_onnx_answers_as_model_pt(worl
     assert info.metadata["derived_from"] == {
         "version": SOURCE, "sha256": source.sha256,
         "change": "adds model.onnx for ONNX Runtime, classify.onnx (the encoder and class head "
-        "only) for /classify",
+        "only) for /classify, model.pt's answers on fixed inputs for the check at load (probe.npz)",
     }  # fmt: skip
     variant = manifest.runtime(RUNTIME_ONNX)
     assert variant is not None and variant.file == ONNX_FILE and variant.holds
@@ -115,6 +116,18 @@ def test_export_onnx_publishes_a_new_version_whose_onnx_answers_as_model_pt(worl
     expected = scripted(x)
     torch.testing.assert_close(torch.from_numpy(classes), expected[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.from_numpy(masks), expected[1], rtol=0, atol=1e-4)
+
+    # model.pt's own answers on the probe's inputs, for the service's check at load
+    assert info.probe_path is not None and info.metadata["probe"]["batches"] == 2
+    probe = read_probe(info.probe_path)
+    for batch, fixed in zip(probe.inputs, probe_inputs((3, 64, 64)), strict=True):
+        np.testing.assert_array_equal(batch, fixed)
+    with torch.inference_mode():
+        for batch, recorded in zip(probe.inputs, probe.outputs, strict=True):
+            answers = scripted(torch.from_numpy(batch))
+            assert len(recorded) == len(answers) == 2
+            for r, a in zip(recorded, answers, strict=True):
+                torch.testing.assert_close(torch.from_numpy(r), a, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
