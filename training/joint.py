@@ -140,6 +140,14 @@ PRESETS["joint-sites-zoom-lite0"] = replace(
         "kept whole; p=0.5): the field of view varies between sites and scanner presets"
     ),
 )
+# Fifth round, more than one seed: one run's held-out-site malignant AUC moves by up to 0.07 with
+# the seed alone (training/reports/sites-seeds/ensemble-gain.md), as much as recipes differ. The
+# Lite1 encoder tied zoom-lite0 on BUS-BRA held out with one seed (0.767 against 0.775) and called
+# fewer of its lesions normal; seeds 1 and 2 of it, trained on BUSI alone and scored on BUS-BRA,
+# beside zoom-lite0's three. Written down before those runs: zoom-lite1 becomes the candidate for
+# the next fold runs (held-out-site runs alone ship nothing) if, over seeds 0-2, its mean BUS-BRA
+# malignant AUC is higher than zoom-lite0's (0.775, 0.771, 0.704: 0.750) and its mean malignant
+# sensitivity is not lower (0.476, 0.606, 0.456: 0.513).
 PRESETS["joint-sites-zoom-lite1"] = replace(
     PRESETS["joint-sites-zoom-lite0"],
     encoder="efficientnet_lite1",
