@@ -62,6 +62,8 @@ def test_shipped_manifests_expose_their_typed_fields():
     figures = joint.headline_figures
     assert figures.source == "cross_validation" and figures.n_images == 2498  # 5 folds pooled
     assert joint.training.preset == "joint-sites-zoom-lite0" and joint.training.epochs == 8
+    # model.pt's answers recorded, so the service checks model.onnx without starting model.pt
+    assert joint.extra["probe"]["file"] == "probe.npz" and joint.extra["probe"]["batches"] == 2
     segmenter = by_task[TASK_SEGMENTATION]
     assert segmenter.output.mask.threshold == 0.5 and segmenter.output.classes is None
     assert segmenter.headline_figures.lesion_dice == pytest.approx(0.7317, abs=1e-4)
