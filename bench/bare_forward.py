@@ -1,7 +1,8 @@
 """The bare forward of an artifact's model file, as a new user would time it, driven over stdin.
 
 A separate process from the service and from the load generator, one per runtime
-(`--runtime`, default torchscript), one preprocessed batch-1 input per model:
+(`--runtime`, default torchscript), one preprocessed input per model, batch 1 unless a command
+asks for more (that image repeated):
 
 - torchscript: model.pt as shared.inference.load_module loads it (`torch.jit.load`, `eval()`),
   `torch.inference_mode()`, flush-denormal on, `torch.set_num_threads(threads)`;
@@ -13,6 +14,7 @@ A separate process from the service and from the load generator, one per runtime
 bench/bench_service.py starts it, then sends one JSON object per line and reads one back:
 
     {"model": "<path>", "threads": 2, "forwards": 20}  ->  {"latencies": [seconds, ...]}
+    {"model": "<path>", "threads": 2, "forwards": 20, "batch": 4}  ->  the same, 4 images a forward
     {"quit": true}
 
 `model` is the model.pt or model.onnx of a verified artifact; its manifest gives the
@@ -65,26 +67,26 @@ class TorchScriptForwards:
 
         torch.set_flush_denormal(True)
         self.torch, self.png = torch, png
-        self.loaded: dict[str, Forward] = {}
+        self.loaded: dict[tuple[str, int], Forward] = {}
         self.threads_now = 0
 
-    def forward(self, path: str, threads: int) -> Forward:
+    def forward(self, path: str, threads: int, batch: int = 1) -> Forward:
         torch = self.torch
-        if path not in self.loaded:
+        if (path, batch) not in self.loaded:
             info = artifact_of(Path(path))
             module = load_module(info)
-            batch = torch.from_numpy(preprocessed(info, self.png))
-            self.loaded[path] = lambda: module(batch)
+            x = torch.from_numpy(np.repeat(preprocessed(info, self.png), batch, axis=0))
+            self.loaded[path, batch] = lambda: module(x)
             with torch.inference_mode():
                 for _ in range(_SETTLE):  # the profiling executor specialises on the second call
-                    self.loaded[path]()
+                    self.loaded[path, batch]()
         if threads != self.threads_now:
             self.threads_now = threads
             torch.set_num_threads(threads)
             with torch.inference_mode():
                 for _ in range(_SETTLE):
-                    self.loaded[path]()
-        return self.loaded[path]
+                    self.loaded[path, batch]()
+        return self.loaded[path, batch]
 
     def timed(self, forward: Forward, forwards: int) -> list[float]:
         with self.torch.inference_mode():
@@ -98,18 +100,18 @@ class OnnxRuntimeForwards:
     def __init__(self, png: bytes) -> None:
         self.png = png
         self.models: dict[str, tuple[OnnxSessions, np.ndarray]] = {}
-        self.settled: set[tuple[str, int]] = set()
+        self.settled: set[tuple[str, int, int]] = set()
 
-    def forward(self, path: str, threads: int) -> Forward:
+    def forward(self, path: str, threads: int, batch: int = 1) -> Forward:
         if path not in self.models:
             info = artifact_of(Path(path))
             self.models[path] = (OnnxSessions.from_file(Path(path)), preprocessed(info, self.png))
-        sessions, batch = self.models[path]
+        sessions, x = self.models[path]
         session, name = sessions.session(threads)
-        feed = {name: batch}
+        feed = {name: np.repeat(x, batch, axis=0)}
         forward: Forward = lambda: session.run(None, feed)  # noqa: E731
-        if (path, threads) not in self.settled:
-            self.settled.add((path, threads))
+        if (path, threads, batch) not in self.settled:
+            self.settled.add((path, threads, batch))
             for _ in range(_SETTLE):
                 forward()
         return forward
@@ -142,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
         command = json.loads(line)
         if command.get("quit"):
             break
-        forward = runner.forward(command["model"], command["threads"])
+        forward = runner.forward(command["model"], command["threads"], command.get("batch", 1))
         latencies = runner.timed(forward, command["forwards"])
         sys.stdout.write(json.dumps({"latencies": latencies}) + "\n")
         sys.stdout.flush()

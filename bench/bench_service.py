@@ -8,7 +8,10 @@ a second such process times the bare ONNX Runtime forward of that file too. Then
 alternates the bare forwards and the service so that drift of a shared machine hits both alike:
 each round sends a synthetic 256x256 grayscale PNG to /classify, /segment and /diagnose with 1
 and N concurrent keep-alive clients, and times each bare forward at 1 thread and at all usable
-CPUs (the better of the two is the yardstick). Reports per-round ratios and their median (the
+CPUs (the better of the two is the yardstick), and once more the fastest runtime's forward for
+/classify at the service's batch size (MAX_BATCH_SIZE, at most N) on all CPUs: its images per
+second over the batch-1 loop are what batching alone can give the N-client throughput on these
+cores (a row without a target). Reports per-round ratios and their median (the
 issue's targets against the bare TorchScript fp32 forward; the same ratios against the bare
 ONNX Runtime forward as extra rows without a target), p50/p99, throughput, what runtime the
 service says it serves, and its resident memory. Then a bounded load test: `--load-clients`
@@ -76,6 +79,11 @@ TARGETS = {
     "rss_after_warmup_mib": ("<=", 600.0, "resident memory after warm-up, MiB"),
 }
 BEST = "best"  # the yardstick of the targets: per round, the faster bare runtime
+# The most batching can give the N-client throughput on these cores, for reading its target: the
+# bare forward /classify needs, of as many images as the service groups, in images per second,
+# over the best bare batch-1 loop (no target).
+CEILING = "classify_bare_batch_ceiling"
+DEFAULT_MAX_BATCH = 4  # service.settings MAX_BATCH_SIZE's default
 RUNTIME_TORCHSCRIPT = "torchscript"  # the yardstick of the targets: model.pt, fp32
 RUNTIME_SETTING = "INFERENCE_RUNTIME"
 
@@ -326,9 +334,10 @@ class BareForward:
             cwd=REPO,
         )
 
-    def time(self, model: Path, threads: int, forwards: int) -> Sample:
+    def time(self, model: Path, threads: int, forwards: int, batch: int = 1) -> Sample:
+        """`forwards` timed forwards of `batch` images each (Sample.latencies per forward)."""
         assert self.process.stdin and self.process.stdout
-        command = {"model": str(model), "threads": threads, "forwards": forwards}
+        command = {"model": str(model), "threads": threads, "forwards": forwards, "batch": batch}
         self.process.stdin.write(json.dumps(command) + "\n")
         self.process.stdin.flush()
         line = self.process.stdout.readline()
@@ -456,6 +465,7 @@ def main(args: argparse.Namespace) -> int:
     process, base_url = start_service(model_dir, extra_env, log_file)
     bare: dict[str, BareForward] = {}  # per runtime
     thread_options = sorted({1, available_cpus()})
+    batch_max = min(args.clients, int(extra_env.get("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH)))
     http: dict[tuple[str, int], list[Sample]] = {}
     # per runtime and task: the better thread count of each round, and each thread count's p50s
     forward: dict[str, dict[str, list[Sample]]] = {}
@@ -504,6 +514,13 @@ def main(args: argparse.Namespace) -> int:
                         if task not in best or sample.p50 < best[task].p50:
                             best[task] = sample
                     forward.setdefault(runtime, {}).setdefault(task, []).append(best[task])
+            if "/classify" in args.endpoints and batch_max > 1:
+                ceiling = batching_ceiling(
+                    bare, model_files, best_of_round, versions, batch_max, max(thread_options),
+                    args.forwards,
+                )  # fmt: skip
+                if ceiling is not None:
+                    ratios.setdefault(CEILING, []).append(ceiling)
             for endpoint in args.endpoints:
                 # the yardstick of each runtime that has every forward the endpoint needs
                 bare_p50 = {}
@@ -601,6 +618,33 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def batching_ceiling(
+    bare: dict[str, BareForward],
+    model_files: dict[str, dict[str, Path]],
+    best_of_round: dict[str, dict[str, Sample]],
+    versions: dict[str, str],
+    batch: int,
+    threads: int,
+    forwards: int,
+) -> float | None:
+    """Images per second of the bare `batch`-image forward /classify needs, in the runtime whose
+    batch-1 forward was fastest this round, at `threads` threads, times that batch-1 p50; None
+    when /classify needs more than one forward (a pair of models)."""
+    fastest = None
+    for runtime, files in model_files.items():
+        needed = bare_forwards(versions, "/classify", best_of_round[runtime])
+        if len(needed) != 1 or needed[0] not in files:
+            return None
+        p50 = best_of_round[runtime][needed[0]].p50
+        if fastest is None or p50 < fastest[0]:
+            fastest = (p50, runtime, files[needed[0]])
+    if fastest is None:
+        return None
+    p50, runtime, path = fastest
+    sample = bare[runtime].time(path, threads, forwards, batch)
+    return batch / sample.p50 * p50
+
+
 def ratio_key(endpoint: str, one_client: bool, runtime: str) -> str:
     """`classify_p50_1_client`, `classify_throughput_n_clients`, ...: against the best bare
     runtime (the targets); against one runtime's bare forward, suffixed `_vs_<runtime>`."""
@@ -622,6 +666,11 @@ def ratio_label(key: str) -> str:
         return f"/{endpoint} p50 at 1 client / {bare} forward p50"
     if measure == "throughput_n_clients":
         return f"/{endpoint} throughput at N clients / {bare} batch-1 loop"
+    if key == CEILING:
+        return (
+            "bare batched forward /classify needs (as many images as the service groups), images "
+            "per second / best bare batch-1 loop: what batching alone can give"
+        )
     if base.startswith("bare_") and base.endswith("_torchscript_over_onnxruntime"):
         task = base.removeprefix("bare_").removesuffix("_torchscript_over_onnxruntime")
         return f"bare torchscript forward p50 / bare onnxruntime forward p50, {task}"
@@ -685,7 +734,7 @@ def runtime_line(runtime: dict) -> str:
 
 def verdict(key: str, value: float) -> str:
     if key not in TARGETS:
-        return "no target" if "onnxruntime" in key else ""
+        return "no target" if "onnxruntime" in key or key == CEILING else ""
     op, target, _ = TARGETS[key]
     met = value <= target if op == "<=" else value >= target
     return f"{op} {target:g}: {'met' if met else 'NOT met'}"

@@ -65,6 +65,9 @@ def test_bench_interleaves_http_and_bare_forwards_and_the_load_test_sees_only_20
         "startup_s",
     }  # fmt: skip
     assert all(len(v) == 2 for v in report["ratios_per_round"].values())
+    # batches of 2 (--clients 2) through the bare forward: what batching alone could give
+    assert report["ratios"]["classify_bare_batch_ceiling"] > 0
+    assert "what batching alone can give | " in md.read_text()
     assert report["load_test"]["only_200_and_503"], report["load_test"]["statuses"]
     assert report["rss_peak_mib"] >= report["rss_after_warmup_mib"] > 0
     assert report["batch_sizes"]["classification_forwards"] > 0
