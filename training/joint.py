@@ -148,6 +148,10 @@ PRESETS["joint-sites-zoom-lite0"] = replace(
 # the next fold runs (held-out-site runs alone ship nothing) if, over seeds 0-2, its mean BUS-BRA
 # malignant AUC is higher than zoom-lite0's (0.775, 0.771, 0.704: 0.750) and its mean malignant
 # sensitivity is not lower (0.476, 0.606, 0.456: 0.513).
+# Seeds 0-2 (training/reports/sites-seeds/lite1-ensemble-gain.md): malignant AUC 0.767, 0.726,
+# 0.746 (mean 0.746 against 0.750), sensitivity 0.507, 0.631, 0.582 (mean 0.573 against 0.513):
+# not adopted (its AUC is not higher; it calls more of BUS-BRA's lesions malignant at the argmax,
+# which ranks them no better).
 PRESETS["joint-sites-zoom-lite1"] = replace(
     PRESETS["joint-sites-zoom-lite0"],
     encoder="efficientnet_lite1",
