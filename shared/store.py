@@ -87,6 +87,12 @@ class ArtifactInfo:
         return str(self.metadata["sha256"])
 
     @property
+    def runtime_files(self) -> dict[str, Path]:
+        """Each runtime file the manifest names (model.onnx, classify.onnx, ...) by its name, as
+        publish_artifact takes them (verify_artifact has checked their sha256)."""
+        return {v.file: self.runtime_path(v) for v in self.manifest.runtimes}
+
+    @property
     def probe_path(self) -> Path | None:
         """The probe file (shared.probe) when the manifest records one (verify_artifact has
         checked its sha256), else None."""
@@ -117,6 +123,26 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _copy_synced(source: Path, target: Path) -> None:
+    with Path(source).open("rb") as src, Path(target).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def derived_metadata(info: ArtifactInfo, change: str) -> dict[str, Any]:
+    """`info`'s manifest for a new version of the same files plus `change`: a new created_at,
+    `derived_from` naming the source, every runtime entry without its sha256 (publish_artifact
+    fills in each entry's file and sha256 again) and no version."""
+    metadata = {k: v for k, v in info.metadata.items() if k != "version"}
+    metadata["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    metadata["derived_from"] = {"version": info.version, "sha256": info.sha256, "change": change}
+    if "runtimes" in metadata:
+        entries = metadata["runtimes"]
+        metadata["runtimes"] = [{k: v for k, v in e.items() if k != "sha256"} for e in entries]
+    return metadata
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -206,24 +232,15 @@ def publish_artifact(
 
     staging = Path(tempfile.mkdtemp(prefix=f".publish-{version}-", dir=task_dir))
     try:
-        with Path(model_file).open("rb") as src, (staging / MODEL_FILE).open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
+        _copy_synced(Path(model_file), staging / MODEL_FILE)
         if sha256_file(staging / MODEL_FILE) != manifest.sha256:
             raise ArtifactIntegrityError("model file changed while it was being published")
         for variant in manifest.runtimes:
-            source = runtime_files[variant.file]
-            with source.open("rb") as src, (staging / variant.file).open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
+            _copy_synced(runtime_files[variant.file], staging / variant.file)
             if sha256_file(staging / variant.file) != variant.sha256:
                 raise ArtifactIntegrityError(f"{variant.file} changed while it was being published")
         if probe_file is not None:
-            shutil.copyfile(probe_file, staging / PROBE_FILE)
-            with (staging / PROBE_FILE).open("rb") as fh:
-                os.fsync(fh.fileno())
+            _copy_synced(Path(probe_file), staging / PROBE_FILE)
             if sha256_file(staging / PROBE_FILE) != fields_in[PROBE_KEY]["sha256"]:
                 raise ArtifactIntegrityError(f"{PROBE_FILE} changed while it was being published")
         body = json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
@@ -261,10 +278,7 @@ def copy_artifact(source_dir: Path, model_dir: Path, task: str, version: str) ->
         runtime_files = [v.file for v in source.manifest.runtimes]
         probe = [PROBE_FILE] if source.probe_path is not None else []
         for name in (MODEL_FILE, *runtime_files, *probe, MANIFEST_FILE):  # the manifest last
-            with (source.path / name).open("rb") as src, (staging / name).open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
+            _copy_synced(source.path / name, staging / name)
         os.chmod(staging, 0o755)
         _fsync_dir(staging)
         os.rename(staging, target)

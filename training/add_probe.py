@@ -15,14 +15,12 @@ import argparse
 import json
 import logging
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.labels import TASK_DIAGNOSIS, TASKS
 from shared.probe import PROBE_KEY, probe_inputs, write_probe
 from shared.store import (
-    ArtifactInfo,
+    derived_metadata,
     new_version_name,
     publish_artifact,
     verify_artifact,
@@ -37,31 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "add-probe",
         "Publish a model again with model.pt's answers on fixed inputs (not promoted).",
     )
-    cli.add_flag(parser, "--model-dir", default=Path("models"))
-    parser.add_argument("--task", choices=TASKS, default=TASK_DIAGNOSIS, help="default: diagnosis")
-    parser.add_argument("--version", required=True, help="the source version (folder name)")
-    parser.add_argument(
-        "--output-model-dir", type=Path, default=None,
-        help="where to publish the new version (default: --model-dir)",
-    )  # fmt: skip
-    parser.add_argument("--new-version", default=None, help="default: UTC time")
+    cli.add_republish_flags(parser)
     cli.add_flag(parser, "--threads", default=0)
     return parser
-
-
-def derived_metadata(info: ArtifactInfo, probe: dict[str, Any]) -> dict[str, Any]:
-    metadata = {k: v for k, v in info.metadata.items() if k != "version"}
-    metadata["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    metadata["derived_from"] = {
-        "version": info.version,
-        "sha256": info.sha256,
-        "change": "adds model.pt's answers on fixed inputs for the check at load (probe.npz)",
-    }
-    metadata[PROBE_KEY] = probe
-    if "runtimes" in metadata:  # publish_artifact fills in each entry's file and sha256 again
-        entries = metadata["runtimes"]
-        metadata["runtimes"] = [{k: v for k, v in e.items() if k != "sha256"} for e in entries]
-    return metadata
 
 
 def add_probe_main(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,14 +51,16 @@ def add_probe_main(args: argparse.Namespace) -> dict[str, Any]:
     answers = model_pt_answers(info, inputs)
     output_dir = Path(args.output_model_dir or args.model_dir)
     version = args.new_version or new_version_name()
-    runtime_files = {v.file: info.runtime_path(v) for v in info.manifest.runtimes}
+    metadata = derived_metadata(
+        info, "adds model.pt's answers on fixed inputs for the check at load (probe.npz)"
+    )
+    metadata[PROBE_KEY] = probe_entry(len(inputs))
     with tempfile.TemporaryDirectory(prefix="add-probe-") as tmp:
         probe_file = Path(tmp) / "probe.npz"
         write_probe(probe_file, inputs, answers)
         publish_artifact(
-            output_dir, info.task, version, info.model_path,
-            derived_metadata(info, probe_entry(len(inputs))),
-            runtime_files=runtime_files, probe_file=probe_file,
+            output_dir, info.task, version, info.model_path, metadata,
+            runtime_files=info.runtime_files, probe_file=probe_file,
         )  # fmt: skip
     published = verify_artifact(output_dir, info.task, version)
     log.info("published %s %s with model.pt's probe to %s (a candidate: promote it to serve)",

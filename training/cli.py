@@ -79,6 +79,26 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
 }
 
 
+def add_republish_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a command that publishes a verified version again as a new one (export-onnx,
+    drift-reference, add-probe): --model-dir, --task, --version, --output-model-dir and
+    --new-version."""
+    from shared.labels import TASK_DIAGNOSIS, TASKS
+
+    add_flag(parser, "--model-dir", default=Path("models"))
+    parser.add_argument("--task", choices=TASKS, default=TASK_DIAGNOSIS, help="default: diagnosis")
+    parser.add_argument("--version", required=True, help="the source version (folder name)")
+    parser.add_argument(
+        "--output-model-dir",
+        type=Path,
+        default=None,
+        help="where to publish the new version (default: --model-dir)",
+    )
+    parser.add_argument(
+        "--new-version", default=None, help="the new version's name (default: UTC time)"
+    )
+
+
 def add_flag(
     parser: argparse.ArgumentParser,
     flag: str,

@@ -26,7 +26,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +41,15 @@ from shared.drift import (
     probability_quantity,
 )
 from shared.inference import InferenceModel, load_artifact, predict
-from shared.labels import TASK_DIAGNOSIS, TASKS
 from shared.postprocessing import lesion_geometry
 from shared.quality import DEFAULT_DETECTOR_FILE, feature_quality, load_detector
-from shared.store import ArtifactInfo, new_version_name, publish_artifact, verify_artifact
+from shared.store import (
+    ArtifactInfo,
+    derived_metadata,
+    new_version_name,
+    publish_artifact,
+    verify_artifact,
+)
 from training import cli
 
 log = logging.getLogger(__name__)
@@ -56,18 +60,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "drift-reference",
         "Publish a model again with the drift reference of its training sites (not promoted).",
     )
-    cli.add_flag(parser, "--model-dir", default=Path("models"))
-    parser.add_argument("--task", choices=TASKS, default=TASK_DIAGNOSIS, help="default: diagnosis")
-    parser.add_argument("--version", required=True, help="the source version (folder name)")
+    cli.add_republish_flags(parser)
     cli.add_flag(
         parser, "--data-path", required=True, nargs="+",
         help="one folder per training site (BUS-BRA's with bus_data.csv)",
     )  # fmt: skip
-    parser.add_argument(
-        "--output-model-dir", type=Path, default=None,
-        help="where to publish the new version (default: --model-dir)",
-    )  # fmt: skip
-    parser.add_argument("--new-version", default=None, help="default: UTC time")
     parser.add_argument(
         "--limit", type=int, default=0, help="at most N images per site, spread (default: all)"
     )
@@ -121,18 +118,10 @@ def site_values(
     return values
 
 
-def derived_metadata(info: ArtifactInfo, reference: dict[str, Any]) -> dict[str, Any]:
-    metadata = {k: v for k, v in info.metadata.items() if k != "version"}
-    metadata["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    metadata["derived_from"] = {
-        "version": info.version,
-        "sha256": info.sha256,
-        "change": "adds the drift reference of its training sites",
-    }
+def with_reference(info: ArtifactInfo, reference: dict[str, Any]) -> dict[str, Any]:
+    """The source's manifest for its new version, carrying `reference`."""
+    metadata = derived_metadata(info, "adds the drift reference of its training sites")
     metadata[MANIFEST_FIELD] = reference
-    if "runtimes" in metadata:  # publish_artifact fills in each entry's file and sha256 again
-        entries = metadata["runtimes"]
-        metadata["runtimes"] = [{k: v for k, v in e.items() if k != "sha256"} for e in entries]
     return metadata
 
 
@@ -183,11 +172,9 @@ def drift_reference_main(args: argparse.Namespace, command: str) -> dict[str, An
     version = args.new_version or new_version_name()
     # every runtime file the source carries (model.onnx, classify.onnx, ...) and its probe, byte
     # for byte
-    runtime_files = {v.file: info.runtime_path(v) for v in info.manifest.runtimes}
     publish_artifact(
-        Path(output_dir), info.task, version, info.model_path,
-        derived_metadata(info, document), runtime_files=runtime_files,
-        probe_file=info.probe_path,
+        Path(output_dir), info.task, version, info.model_path, with_reference(info, document),
+        runtime_files=info.runtime_files, probe_file=info.probe_path,
     )  # fmt: skip
     published = verify_artifact(Path(output_dir), info.task, version)
     log.info("published %s %s with its drift reference to %s (%d images in %.0f s; a "

@@ -49,7 +49,7 @@ from torch import nn
 from shared import inference
 from shared.calibration import Calibration
 from shared.errors import ArtifactError
-from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS, TASKS
+from shared.labels import CLASS_NAMES, TASK_DIAGNOSIS
 from shared.models.joint import JointEnsemble, JointFlipAverage
 from shared.onnx_runtime import OnnxSessions
 from shared.postprocessing import dice_iou
@@ -741,9 +741,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "Publish a model again with the same network for ONNX Runtime, validated against "
         "TorchScript fp32 (not promoted).",
     )
-    cli.add_flag(parser, "--model-dir", default=Path("models"))
-    parser.add_argument("--task", choices=TASKS, default=TASK_DIAGNOSIS, help="default: diagnosis")
-    parser.add_argument("--version", required=True, help="the source version (folder name)")
+    cli.add_republish_flags(parser)
     cli.add_flag(parser, "--data-path", required=True, help="the images to validate on")
     parser.add_argument(
         "--cv-dir",
@@ -757,15 +755,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--folds-file",
         default=None,
         help="of --cv-dir; none: training/splits/busi-5fold.json",
-    )
-    parser.add_argument(
-        "--output-model-dir",
-        type=Path,
-        default=None,
-        help="where to publish the new version (default: --model-dir)",
-    )
-    parser.add_argument(
-        "--new-version", default=None, help="the new version's name (default: UTC time)"
     )
     parser.add_argument(
         "--limit", type=int, default=0, help="score N images spread over the folder (default: all)"

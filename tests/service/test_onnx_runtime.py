@@ -152,29 +152,28 @@ def _no_model_pt_process(*args, **kwargs):
     raise AssertionError("model.pt was run for the check although the artifact has a probe")
 
 
-def test_with_a_probe_model_onnx_is_checked_without_running_model_pt(
-    serve, tmp_path, monkeypatch, caplog
+@pytest.mark.parametrize(
+    "onnx_module, runtime, logged",
+    [
+        (TinyJoint, RUNTIME_ONNX, "agrees with model.pt's answers recorded in probe.npz"),
+        # the probe holds model.pt's answers; model.onnx is another model
+        (
+            Disagreeing,
+            "torchscript",
+            "disagrees with model.pt's answers recorded in probe.npz by 1",
+        ),
+    ],
+)
+def test_with_a_probe_model_onnx_is_checked_against_it_without_running_model_pt(
+    serve, tmp_path, monkeypatch, caplog, onnx_module, runtime, logged
 ):
     models = tmp_path / "models"
-    publish_joint(models, "j1", TinyJoint(), validation(), probe_of=TinyJoint())
+    publish_joint(models, "j1", onnx_module(), validation(), probe_of=TinyJoint())
     monkeypatch.setattr(registry, "torchscript_outputs", _no_model_pt_process)
     with caplog.at_level(logging.INFO), serve(models) as client:
-        assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == RUNTIME_ONNX
+        assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == runtime
         assert diagnose(client, png(frame_with_lesion()[0]))["classification"]["label"]
-    assert "agrees with model.pt's answers recorded in probe.npz" in caplog.text
-
-
-def test_a_model_onnx_that_disagrees_with_its_probe_does_not_serve(
-    serve, tmp_path, monkeypatch, caplog
-):
-    models = tmp_path / "models"
-    # the probe holds model.pt's answers; model.onnx is another model
-    publish_joint(models, "j1", Disagreeing(), validation(), probe_of=TinyJoint())
-    monkeypatch.setattr(registry, "torchscript_outputs", _no_model_pt_process)
-    with caplog.at_level(logging.ERROR), serve(models) as client:
-        assert client.get("/models").json()["models"][TASK_DIAGNOSIS]["runtime"] == "torchscript"
-        assert client.get("/readyz").status_code == 200
-    assert "disagrees with model.pt's answers recorded in probe.npz by 1" in caplog.text
+    assert logged in caplog.text
 
 
 def test_an_artifact_without_model_onnx_runs_in_torchscript_quietly(serve, tmp_path, caplog):
