@@ -210,7 +210,7 @@ class ServedGraph(nn.Module):
     def _pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each network's pooled deepest encoder features of x (and its mirror when served so)."""
         both = torch.cat([x, torch.flip(x, dims=[-1])], dim=0) if self._flip else x
-        return [net.encoder(both)[-1].mean(dim=(2, 3)) for net in self._nets]
+        return [net.encode(both)[-1].mean(dim=(2, 3)) for net in self._nets]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) pooled deepest encoder features (each member's, side by side), averaged over

@@ -24,6 +24,8 @@ from torch import nn
 from shared.models.unet import decoder_blocks, freeze_stem, rename_lite0_state_dict
 
 ENCODERS: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# Added to a channel's variance before dividing by it: a blank image stays blank, not NaN.
+STANDARDISE_EPS = 1e-4
 
 
 def load_lite_imagenet_state_dict(encoder: str) -> dict[str, torch.Tensor]:
@@ -52,6 +54,9 @@ class JointUNet(nn.Module):
 
     `freeze_stem_stages` keeps the stem and that many first encoder stages at their ImageNet
     values (the dearest layers to back-propagate through on a CPU, and the least task-specific).
+    `image_standardise` standardises each image's channels to mean 0 and standard deviation 1
+    before the encoder (`encode`), so that a scanner's overall gain and offset never reach it;
+    it has no weights, so a state dict loads either way.
     """
 
     def __init__(
@@ -62,9 +67,13 @@ class JointUNet(nn.Module):
         pretrained: bool = False,
         freeze_stem_stages: int = 0,
         dropout: float = 0.2,
+        image_standardise: bool = False,
     ) -> None:
         super().__init__()
         import timm
+
+        self.image_standardise = image_standardise
+        self.standardise_eps = STANDARDISE_EPS
 
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}")
@@ -82,8 +91,17 @@ class JointUNet(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's features of x at strides 2-32 (x standardised per image and channel
+        first when the network was built so)."""
+        if self.image_standardise:
+            mean = x.mean(dim=(2, 3), keepdim=True)
+            spread = (x - mean).square().mean(dim=(2, 3), keepdim=True)
+            x = (x - mean) * torch.rsqrt(spread + self.standardise_eps)
+        return self.encoder(x)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features: list[torch.Tensor] = self.encoder(x)
+        features: list[torch.Tensor] = self.encode(x)
         deepest = features[-1]
         class_logits = self.classifier(self.dropout(deepest.mean(dim=(2, 3))))
         skips: list[torch.Tensor] = features[:-1][::-1]

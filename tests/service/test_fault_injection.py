@@ -218,6 +218,9 @@ def test_abandoned_requests_on_a_hanging_pacs_cost_nothing_and_hanging_up_frees_
             "MODEL_DIR": str(tiny_model_dir),
             "RESULTS_STOW_URL": pacs.url,
             "RESULTS_STOW_DEADLINE_S": "120",
+            # one try lasts as long as the whole delivery: on a slow machine the waves and the
+            # phase outlast the default 15 s try, whose retry would close its connection
+            "RESULTS_STOW_TIMEOUT_S": "120",
             "LOG_LEVEL": "WARNING",
         }
         with running_service(env, tmp_path / "service.log", timeout_s=300) as service:
