@@ -3,6 +3,8 @@ both compute the quality check on the encoder's pooled features, and the check's
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -54,6 +56,21 @@ def test_the_classify_graph_and_the_quality_score_agree_with_the_full_network(se
         got = session.run(None, {"x": x.numpy()})
         assert np.allclose(got[0], classes.numpy(), atol=1e-4)
         assert np.allclose(got[-1], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_the_classify_graph_standardises_as_the_network_does():
+    """A recipe that standardises each image inside the network (JointUNet.encode): the
+    classify-only graph, which runs the encoder itself, standardises too."""
+    preset = dataclasses.replace(PRESET, image_standardise=True)
+    torch.manual_seed(0)
+    served = export_onnx.eager_network(preset, joint.build_model(preset, False).state_dict())
+    x = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        classes, _ = served(x)
+        cut = export_onnx.ServedGraph(served, GRAPH_CLASSIFY)(x)[0]
+        unstandardised = export_onnx.eager_network(PRESET, served.state_dict())(x)[0]
+    torch.testing.assert_close(cut, classes, rtol=0, atol=1e-5)
+    assert not torch.allclose(unstandardised, classes, atol=1e-3)
 
 
 def test_export_onnx_ships_a_classify_graph_validated_against_the_full_one(world, tmp_path):  # noqa: F811

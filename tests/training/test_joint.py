@@ -65,6 +65,27 @@ def test_joint_model_outputs_and_flip_average_shapes():
     assert frozen and not any(frozen)
 
 
+def test_a_standardising_network_ignores_gain_and_offset_and_keeps_its_weights():
+    torch.manual_seed(0)
+    model = JointUNet(image_standardise=True).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        classes, masks = model(x)
+        brighter = model(x * 2.5 + 0.7)  # one scanner's gain and offset
+        scripted = torch.jit.script(model)(x)
+        blank = model(torch.zeros(1, 3, 64, 64))
+    torch.testing.assert_close(brighter[0], classes, rtol=0, atol=1e-3)
+    torch.testing.assert_close(brighter[1], masks, rtol=0, atol=1e-3)
+    torch.testing.assert_close(scripted[0], classes)  # what a published model.pt computes
+    assert all(torch.isfinite(t).all() for t in blank)
+    plain = JointUNet().eval()
+    plain.load_state_dict(model.state_dict())  # no weights of its own: one state dict for both
+    with torch.inference_mode():
+        assert not torch.allclose(plain(x)[0], classes, atol=1e-3)
+    preset = joint.get_preset("joint-sites-zoom-std-lite0")
+    assert joint.build_model(preset, pretrained=False).image_standardise
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_imagenet_weights_of_every_encoder_load_strictly(encoder):
