@@ -19,6 +19,7 @@ import struct
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -374,12 +375,21 @@ class Verdicts:
 
 
 def dciodvfy_all(tally: Tally, tmp_path: Path) -> Verdicts:
+    """dciodvfy's verdict on every object, the processes run a few at a time (each is a
+    separate program, so the checks are the same however many run at once)."""
+
+    def errors(numbered: tuple[int, tuple[str, str, bytes, str]]) -> list[str]:
+        i, (_, name, data, sop_class) = numbered  # numbered: no two share a file
+        safe = f"{i}-{hashlib.sha1(name.encode()).hexdigest()[:16]}"
+        return dciodvfy_errors(data, tmp_path, safe, IOD_OF_CLASS[sop_class])
+
     verdicts = Verdicts()
-    for source_name, name, data, sop_class in tally.objects:
-        safe = hashlib.sha1(name.encode()).hexdigest()[:16]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = list(pool.map(errors, enumerate(tally.objects)))
+    for (source_name, name, _, _), object_errors in zip(tally.objects, found, strict=True):
         source = tally.sources[source_name]
         ours = []
-        for error in dciodvfy_errors(data, tmp_path, safe, IOD_OF_CLASS[sop_class]):
+        for error in object_errors:
             if inherited(error, source):
                 verdicts.inherited[error.split(" - ")[1]] += 1
             else:
