@@ -236,6 +236,9 @@ PRESETS["joint-sites-adversarial-zoom-lite0"] = replace(
 # BUS-BRA; it becomes the candidate for the next fold runs if its mean BUS-BRA malignant AUC is
 # higher than zoom-lite0's (0.775, 0.771, 0.704: 0.750) and its mean malignant sensitivity is not
 # lower (0.476, 0.606, 0.456: 0.513).
+# Seeds 0-2 (training/reports/sites-seeds/std-ensemble-gain.md): malignant AUC 0.751, 0.745,
+# 0.699 (mean 0.732 against 0.750), sensitivity 0.456, 0.532, 0.460 (mean 0.483 against 0.513),
+# lesions called normal 0.46-0.61: not adopted.
 PRESETS["joint-sites-zoom-std-lite0"] = replace(
     PRESETS["joint-sites-zoom-lite0"],
     image_standardise=True,
