@@ -254,6 +254,9 @@ PRESETS["joint-sites-zoom-std-lite0"] = replace(
 # sixth rounds: seeds 0-2, each trained on BUSI alone and scored on BUS-BRA; it becomes the
 # candidate for the next fold runs if its mean BUS-BRA malignant AUC is higher than
 # zoom-lite0's (0.750) and its mean malignant sensitivity is not lower (0.513).
+# Seeds 0-2 (training/reports/sites-seeds/freeze4-ensemble-gain.md): malignant AUC 0.759, 0.730,
+# 0.670 (mean 0.720), sensitivity 0.386, 0.423, 0.323 (mean 0.377), lesions called normal
+# 0.58-0.66: not adopted.
 PRESETS["joint-sites-zoom-freeze4-lite0"] = replace(
     PRESETS["joint-sites-zoom-lite0"],
     freeze_stem_stages=4,
