@@ -273,6 +273,13 @@ PRESETS["joint-sites-zoom-freeze4-lite0"] = replace(
 # seventh rounds: seeds 0-2, each trained on BUSI alone and scored on BUS-BRA; it becomes the
 # candidate for the next fold runs if its mean BUS-BRA malignant AUC is higher than
 # zoom-lite0's (0.750) and its mean malignant sensitivity is not lower (0.513).
+# Seeds 0-2 (training/reports/sites-seeds/unweighted-ensemble-gain.md): malignant AUC 0.772,
+# 0.765, 0.773 (mean 0.770), sensitivity 0.544, 0.542, 0.511 (mean 0.532): the candidate for the
+# fold runs. Written down before them, the rule of the fourth round: it replaces
+# joint-sites-zoom-lite0 as the recipe of the five fold models if, over folds 0 and 1 together
+# (each scored as its run scores it, with the mirror; `python -m training fold-compare` against
+# the shipped recipe's runs of those folds), BUSI's accuracy is higher, no more of BUSI's normal
+# scans get a lesion, and neither site's malignant AUC is lower by more than 0.01.
 PRESETS["joint-sites-zoom-unweighted-lite0"] = replace(
     PRESETS["joint-sites-zoom-lite0"],
     class_weighted=False,
