@@ -280,6 +280,10 @@ PRESETS["joint-sites-zoom-freeze4-lite0"] = replace(
 # (each scored as its run scores it, with the mirror; `python -m training fold-compare` against
 # the shipped recipe's runs of those folds), BUSI's accuracy is higher, no more of BUSI's normal
 # scans get a lesion, and neither site's malignant AUC is lower by more than 0.01.
+# Folds 0 and 1 (training/reports/sites/unweighted-fold-compare.md): BUSI accuracy 0.760 against
+# 0.736, malignant AUC BUSI 0.922 against 0.911, BUS-BRA 0.909 against 0.916, but BUSI normals
+# given a lesion 5 of 44 against 4, and malignant sensitivity fell on both sites (BUS-BRA 0.715
+# against 0.831, BUSI 0.725 against 0.797): not adopted.
 PRESETS["joint-sites-zoom-unweighted-lite0"] = replace(
     PRESETS["joint-sites-zoom-lite0"],
     class_weighted=False,
