@@ -94,10 +94,8 @@ class JointUNet(nn.Module):
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's features of x at strides 2-32 (x standardised per image and channel
         first when the network was built so)."""
-        if self.image_standardise:
-            mean = x.mean(dim=(2, 3), keepdim=True)
-            spread = (x - mean).square().mean(dim=(2, 3), keepdim=True)
-            x = (x - mean) * torch.rsqrt(spread + self.standardise_eps)
+        if self.image_standardise:  # instance normalisation without weights: per image, channel
+            x = nn.functional.instance_norm(x, eps=self.standardise_eps)
         return self.encoder(x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
